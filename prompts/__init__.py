@@ -1,0 +1,1 @@
+"""Packaged prompt templates (installed as ``llmtags.templates``); see README, "Prompt templates"."""

@@ -1,0 +1,227 @@
+"""`llmtags` command line: a thin layer that parses options and calls the library.
+
+Options may also come from a TOML file (`--config FILE`): top-level keys apply to every command, a
+table named after a command (`[generate]`, `[eval]`, ...) to that command. Flags override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+class CliError(Exception):
+    pass
+
+
+# --- option groups shared by several commands -------------------------------------------------------
+
+
+def _add_input(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("input", nargs="?" if optional else None, help="JSONL, CSV or Parquet file, or - for stdin (JSONL)")
+    p.add_argument("--format", choices=["jsonl", "csv", "parquet"], help="input format (default: from the suffix)")
+    p.add_argument("--id-field", default="id")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--category-field", default="category")
+    p.add_argument("--tags-field", default="tags")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--base-model",
+        help="'embedded' (default), 'embedded-1.5b', a model directory, a .gguf file, or a hub id "
+        "(also $LLMTAGS_BASE_MODEL)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+
+def _add_prompt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--template", default="auto", help="auto (zh or en by text), zh, en, few_shot, or a .j2 file")
+    p.add_argument("--demos", help="labelled JSONL file with demonstrations for few-shot templates")
+    p.add_argument("--shots", type=int, default=4, help="how many demonstrations (default 4)")
+
+
+def _add_generation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--limit", type=int, help="tag only the first N valid records")
+
+
+def _fields(args: argparse.Namespace) -> Any:
+    from .records import Fields
+
+    return Fields(args.id_field, args.text_field, args.category_field, args.tags_field)
+
+
+def _tagging_options(args: argparse.Namespace) -> Any:
+    from .prompts import demos_from, load_template
+    from .records import load_labelled
+    from .tagger import TaggingOptions
+
+    template = args.template if args.template == "auto" else load_template(args.template)
+    demos = demos_from(load_labelled(args.demos), args.shots) if args.demos else ()
+    if template != "auto" and "demos" in template.source and not demos:
+        raise CliError(f"template {template.name!r} shows demonstrations: give --demos FILE")
+    return TaggingOptions(template, demos, getattr(args, "max_new_tokens", 64), getattr(args, "batch_size", 8))
+
+
+def _normaliser(args: argparse.Namespace) -> Any:
+    if not getattr(args, "vocab", None):
+        return None
+    from .vocab import Normaliser, Vocabulary
+
+    return Normaliser(Vocabulary.load(args.vocab), policy=args.policy, fuzzy_threshold=args.fuzzy_threshold)
+
+
+def _open_output(path: str | None, mode: str = "w") -> Any:
+    if path in (None, "-"):
+        return sys.stdout
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return open(path, mode, encoding="utf-8")
+
+
+# --- commands -------------------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .engine import TransformersEngine
+    from .tagger import tag_file
+
+    options = _tagging_options(args)
+    normaliser = _normaliser(args)
+    engine = TransformersEngine.load(args.base_model, device=args.device, dtype=args.dtype)
+    output = _open_output(args.output)
+    errors = _open_output(args.errors, "a") if args.errors else sys.stderr
+    try:
+        summary = tag_file(
+            args.input, output, engine, options, fmt=args.format, fields=_fields(args), limit=args.limit,
+            normaliser=normaliser, errors=errors, progress=not args.quiet,
+        )
+    finally:
+        for stream in (output, errors):
+            if stream not in (sys.stdout, sys.stderr):
+                stream.close()
+    for line in summary.lines():
+        print(f"llmtags: {line}", file=sys.stderr)
+    return 0
+
+
+def cmd_prompt_render(args: argparse.Namespace) -> int:
+    from .models import load_tokenizer_only
+    from .prompts import template_for
+    from .records import Record, RecordError, read_records
+    from .tagger import build_prompt
+
+    if args.text is not None:
+        from .records import clean_text
+
+        record = Record("cli", clean_text(args.text))
+    else:
+        if args.input is None:
+            raise CliError("give an input file or --text")
+        record = None
+        for n, item in enumerate(read_records(args.input, args.format, _fields(args))):
+            if isinstance(item, RecordError):
+                continue
+            if (args.id is not None and item.id == args.id) or (args.id is None and n == args.index):
+                record = item
+                break
+        if record is None:
+            raise CliError(f"no valid record with {'id ' + repr(args.id) if args.id else 'index ' + str(args.index)}")
+    options = _tagging_options(args)
+    tokenizer = load_tokenizer_only(args.base_model)
+    prompt = build_prompt(record, tokenizer, options)
+    template = template_for(record, options.template)
+    print(f"# record {record.id}, template {template.name} (sha256 {template.sha256[:12]}), "
+          f"{len(tokenizer(prompt, add_special_tokens=False)['input_ids'])} tokens", file=sys.stderr)
+    sys.stdout.write(prompt)
+    if record.tags:
+        print(f"# training target:\n{template.answer(record.tags)}", file=sys.stderr)
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------------------
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(prog="llmtags", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="TOML file of option defaults")
+    commands = parser.add_subparsers(dest="command", required=True)
+    leaves: dict[str, argparse.ArgumentParser] = {}
+
+    p = commands.add_parser("generate", help="tag the products of a file")
+    _add_input(p)
+    p.add_argument("-o", "--output", help="output JSONL (default stdout)")
+    p.add_argument("--errors", help="append bad-record reports here as JSONL (default stderr)")
+    _add_model(p)
+    _add_prompt(p)
+    _add_generation(p)
+    p.add_argument("--vocab", help="vocabulary file: normalise the tags against it")
+    p.add_argument("--policy", choices=["open", "closed"], default="open")
+    p.add_argument("--fuzzy-threshold", type=float, default=90.0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+    leaves["generate"] = p
+
+    prompt = commands.add_parser("prompt", help="prompt templates").add_subparsers(dest="prompt_command", required=True)
+    p = prompt.add_parser("render", help="show exactly what the model sees for one record")
+    _add_input(p, optional=True)
+    p.add_argument("--id", help="the record's id (default: the first record)")
+    p.add_argument("--index", type=int, default=0, help="the record's position among valid records")
+    p.add_argument("--text", help="render this product text instead of reading a file")
+    p.add_argument("--base-model")
+    _add_prompt(p)
+    p.set_defaults(func=cmd_prompt_render)
+    leaves["prompt render"] = p
+    return parser, leaves
+
+
+def _apply_config(argv: Sequence[str], leaves: dict[str, argparse.ArgumentParser]) -> None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return
+    try:
+        config = tomllib.loads(Path(known.config).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise CliError(f"cannot read config {known.config}: {exc}") from exc
+    top = {k.replace("-", "_"): v for k, v in config.items() if not isinstance(v, dict)}
+    for name, leaf in leaves.items():
+        section = config.get(name.split()[0], {})
+        section = section.get(name.split()[1], {}) if " " in name and isinstance(section, dict) else section
+        values = dict(top, **{k.replace("-", "_"): v for k, v in section.items() if not isinstance(v, dict)})
+        known_dests = {a.dest for a in leaf._actions}
+        leaf.set_defaults(**{k: v for k, v in values.items() if k in known_dests})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, leaves = build_parser()
+    from .models import ModelError
+    from .prompts import PromptError
+
+    try:
+        _apply_config(argv, leaves)
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except (CliError, ModelError, PromptError, FileNotFoundError, ValueError) as exc:
+        print(f"llmtags: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmtags: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

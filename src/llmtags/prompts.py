@@ -1,0 +1,177 @@
+"""Stage 2: render a record into chat messages with a Jinja2 template, then into the model's prompt.
+
+A template is a `.j2` file with three blocks:
+- `system`: the system message;
+- `user`: the user message, which sees the record's fields as plain variables;
+- `answer`: the assistant's reply for a list of `tags`, used as the training target, so training and
+  inference share one format.
+
+Product text is untrusted, so it only ever enters as a *variable* of a sandboxed environment, never as
+template source. Strings that look like chat-template control tokens are neutralised before rendering,
+so a product cannot close its own turn and speak as the system or the assistant.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .records import GoldTag, Record
+
+PACKAGED = ("zh", "en", "few_shot")
+BLOCKS = ("system", "user", "answer")
+
+_ENV = ImmutableSandboxedEnvironment(
+    undefined=StrictUndefined, keep_trailing_newline=False, trim_blocks=True, lstrip_blocks=True, autoescape=False
+)
+
+# Qwen's control tokens look like <|im_start|>; other chat formats use similar bracketed markers.
+_CONTROL_TOKEN_RE = re.compile(r"<\s*\|([^|<>]{0,40})\|\s*>")
+
+
+class PromptError(ValueError):
+    """A template that cannot be found, parsed or rendered."""
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(source: str) -> Any:
+    return _ENV.from_string(source)
+
+
+def neutralise(text: str) -> str:
+    """Make control-token look-alikes inert: `<|im_end|>` becomes `<｜im_end｜>` (full-width bars).
+
+    The full-width bar keeps the text readable for the model while no tokenizer maps it to a special
+    token. Records are NFKC-cleaned on input (which would turn it back), so this runs at render time.
+    """
+    return _CONTROL_TOKEN_RE.sub(lambda m: f"<｜{m.group(1)}｜>", text)
+
+
+def _first_tag_form(tag: GoldTag) -> str:
+    return tag[0] if isinstance(tag, list) else tag
+
+
+def detect_lang(text: str) -> str:
+    """'zh' when the text holds any CJK ideograph, else 'en'."""
+    return "zh" if any("CJK" in unicodedata.name(ch, "") for ch in text if ord(ch) > 0x2E7F) else "en"
+
+
+@dataclass(frozen=True)
+class Demo:
+    """A labelled example shown to the model (few-shot)."""
+
+    text: str
+    tags: list[str]
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    name: str
+    source: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.source.encode("utf-8")).hexdigest()
+
+    def _render_block(self, block: str, variables: dict[str, Any]) -> str:
+        try:
+            template = _compile(self.source)
+            if block not in template.blocks:
+                raise PromptError(f"template {self.name!r} has no '{{% block {block} %}}'")
+            return "".join(template.blocks[block](template.new_context(variables))).strip()
+        except TemplateError as exc:
+            raise PromptError(f"template {self.name!r}: {exc}") from exc
+
+    def variables(
+        self, record: Record, demos: Sequence[Demo] = (), candidates: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        """Everything a template may use. All product-derived strings are neutralised."""
+        return {
+            "text": neutralise(record.text),
+            "category": neutralise(record.category) if record.category else None,
+            "schema": [neutralise(s) for s in record.schema] if record.schema else None,
+            "lang": record.lang or detect_lang(record.text),
+            "demos": [Demo(neutralise(d.text), [neutralise(t) for t in d.tags]) for d in demos],
+            "candidates": [neutralise(c) for c in candidates],
+        }
+
+    def messages(
+        self, record: Record, demos: Sequence[Demo] = (), candidates: Sequence[str] = ()
+    ) -> list[dict[str, str]]:
+        variables = self.variables(record, demos, candidates)
+        messages = []
+        system = self._render_block("system", variables)
+        if system:
+            messages.append({"role": "system", "content": system})
+        messages.append({"role": "user", "content": self._render_block("user", variables)})
+        return messages
+
+    def answer(self, tags: Sequence[GoldTag]) -> str:
+        """The assistant reply for gold `tags` (any-of groups give their first form)."""
+        return self._render_block("answer", {"tags": [neutralise(_first_tag_form(t)) for t in tags]})
+
+    def check(self) -> None:
+        """Parse the template and require its blocks, so a typo fails before a long run starts."""
+        try:
+            template = _compile(self.source)
+        except TemplateError as exc:
+            raise PromptError(f"template {self.name!r}: {exc}") from exc
+        missing = [b for b in BLOCKS if b not in template.blocks]
+        if missing:
+            raise PromptError(f"template {self.name!r} lacks block(s): {', '.join(missing)}")
+
+
+def load_template(name_or_path: str | Path) -> PromptTemplate:
+    """A packaged template by name ('zh', 'en', 'few_shot') or a `.j2` file path."""
+    name = str(name_or_path)
+    if name in PACKAGED:
+        source = resources.files("llmtags.templates").joinpath(f"{name}.j2").read_text(encoding="utf-8")
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise PromptError(f"no template {name!r}: give one of {', '.join(PACKAGED)} or a .j2 file path")
+        source = path.read_text(encoding="utf-8")
+        name = path.stem
+    template = PromptTemplate(name, source)
+    template.check()
+    return template
+
+
+def template_for(record: Record, choice: str | PromptTemplate) -> PromptTemplate:
+    """Resolve 'auto' per record: the Chinese default for Chinese text, the English one otherwise."""
+    if isinstance(choice, PromptTemplate):
+        return choice
+    if choice == "auto":
+        return load_template(record.lang or detect_lang(record.text))
+    return load_template(choice)
+
+
+def demos_from(records: Sequence[Record], k: int, lang: str | None = None) -> list[Demo]:
+    """The first k labelled records (of `lang`, when given) as demonstrations, in file order."""
+    demos = []
+    for record in records:
+        if not record.tags or (lang and (record.lang or detect_lang(record.text)) != lang):
+            continue
+        demos.append(Demo(record.text, [_first_tag_form(t) for t in record.tags]))
+        if len(demos) == k:
+            break
+    return demos
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The exact string the model sees: the messages through the model's own chat template."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def chat_template_hash(tokenizer: Any) -> str:
+    return hashlib.sha256((tokenizer.chat_template or "").encode("utf-8")).hexdigest()

@@ -1,0 +1,100 @@
+"""Base-model resolution and the embedded-model cache, without reading real weights."""
+
+import hashlib
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from llmtags import models
+from llmtags.models import EmbeddedModel, ModelError, cache_root, embedded_gguf, resolve_base_model
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMTAGS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _fake_chunks(tmp_path, monkeypatch, parts: list[bytes], sha256: str) -> str:
+    for i, data in enumerate(parts, start=1):
+        path = tmp_path / f"part{i}.bin"
+        path.write_bytes(data)
+        module = types.ModuleType(f"fake_chunks_part{i}")
+        module.get_part_path = lambda path=path: str(path)
+        monkeypatch.setitem(sys.modules, f"fake_chunks_part{i}", module)
+    fake = EmbeddedModel("fake", "fake_chunks_part", "fake-chunks-part", len(parts), sha256, "pip install fake")
+    monkeypatch.setitem(models.EMBEDDED, "fake", fake)
+    return "fake"
+
+
+def test_cache_root_honours_overrides(monkeypatch, tmp_path):
+    monkeypatch.delenv("LLMTAGS_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_root() == tmp_path / "llmtags"
+    monkeypatch.setenv("LLMTAGS_CACHE", str(tmp_path / "x"))
+    assert cache_root() == tmp_path / "x"
+
+
+def test_chunks_are_joined_in_order_and_verified(tmp_path, monkeypatch, cache):
+    parts = [b"first-", b"second-", b"third"]
+    name = _fake_chunks(tmp_path, monkeypatch, parts, hashlib.sha256(b"".join(parts)).hexdigest())
+    path = embedded_gguf(name)
+    assert path.read_bytes() == b"first-second-third"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_hash_mismatch_fails_clearly_and_leaves_no_file(tmp_path, monkeypatch, cache):
+    name = _fake_chunks(tmp_path, monkeypatch, [b"tampered"], "0" * 64)
+    with pytest.raises(ModelError, match="sha256 .* expected 0{64}.*reinstall"):
+        embedded_gguf(name)
+    assert list((cache / "gguf").iterdir()) == []
+
+
+def test_missing_chunk_package_names_the_install(tmp_path, monkeypatch, cache):
+    monkeypatch.setitem(models.EMBEDDED, "absent", EmbeddedModel("a", "no_such_chunk_", "no-such-chunk-", 2, "0" * 64, "pip install x"))
+    with pytest.raises(ModelError, match="no-such-chunk-1 is not installed: pip install x"):
+        embedded_gguf("absent")
+
+
+def test_unreadable_gguf_is_a_model_error(tmp_path, cache):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ModelError, match="cannot read GGUF"):
+        resolve_base_model(str(bad))
+    assert not (cache / "models").exists() or not any((cache / "models").iterdir())
+
+
+def test_resolution_rules(tmp_path, cache, monkeypatch):
+    with pytest.raises(ModelError, match="unknown base model"):
+        resolve_base_model("not a model")
+    with pytest.raises(ModelError, match="without config.json"):
+        resolve_base_model(str(tmp_path))
+    hub = resolve_base_model("Qwen/Qwen2.5-0.5B-Instruct")
+    assert hub.is_hub and hub.identity == "hub:Qwen/Qwen2.5-0.5B-Instruct"
+    (tmp_path / "config.json").write_text("{}")
+    local = resolve_base_model(str(tmp_path))
+    assert not local.is_hub and local.identity.startswith("dir:")
+    monkeypatch.setenv("LLMTAGS_BASE_MODEL", "Org/Model")
+    assert resolve_base_model(None).location == "Org/Model"
+
+
+def test_4bit_on_cpu_is_refused_with_a_reason(tiny_model_dir):
+    with pytest.raises(ModelError, match="CUDA"):
+        models.load_model(resolve_base_model(str(tiny_model_dir)), device="cpu", load_in_4bit=True)
+
+
+def test_nothing_but_safetensors_is_loaded(tmp_path, tiny_model_dir):
+    import shutil
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    weights = pickled / "model.safetensors"
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(weights), pickled / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ModelError):
+        models.load_model(resolve_base_model(str(pickled)), device="cpu")
