@@ -1,0 +1,106 @@
+"""A persistent cache of generations, so re-running one changed prompt template regenerates only it.
+
+The key is the exact prompt string (which already holds the template, the record, the demonstrations
+and the chat template), plus the model's identity, the adapter and the decoding settings. The store is
+one SQLite file in the llmtags cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .engine import Generation
+
+
+def generation_key(prompt: str, model_identity: str, adapter: str | None, max_new_tokens: int) -> str:
+    payload = json.dumps([model_identity, adapter, max_new_tokens, prompt], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class GenerationCache:
+    def __init__(self, path: str | Path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path))
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS generations (key TEXT PRIMARY KEY, text TEXT, prompt_tokens INT,"
+            " new_tokens INT, seconds REAL)"
+        )
+
+    def get(self, key: str) -> tuple[Generation, float] | None:
+        row = self.db.execute(
+            "SELECT text, prompt_tokens, new_tokens, seconds FROM generations WHERE key = ?", (key,)
+        ).fetchone()
+        return (Generation(row[0], row[1], row[2]), row[3]) if row else None
+
+    def put(self, key: str, generation: Generation, seconds: float) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?)",
+            (key, generation.text, generation.prompt_tokens, generation.new_tokens, seconds),
+        )
+        self.db.commit()
+
+
+class CachedEngine:
+    """An engine front that answers from the cache and loads the real engine only on a miss.
+
+    `seconds` records, per prompt, the generation time it cost when it was generated (its batch's
+    time shared evenly), so reports of time per product stay true on cached re-runs.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        load_engine: Callable[[], Any],
+        cache: GenerationCache,
+        model_identity: str,
+        adapter: str | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self._load_engine = load_engine
+        self._engine: Any = None
+        self.cache = cache
+        self.model_identity = model_identity
+        self.adapter = adapter
+        self.seconds: dict[str, float] = {}
+        self.misses = 0
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        batch_size: int = 8,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[Generation]:
+        keys = [generation_key(p, self.model_identity, self.adapter, max_new_tokens) for p in prompts]
+        results: list[Generation | None] = []
+        for key in keys:
+            hit = self.cache.get(key)
+            results.append(hit[0] if hit else None)
+            if hit:
+                self.seconds[key] = hit[1]
+        if on_batch and any(r is not None for r in results):
+            on_batch(sum(r is not None for r in results))
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            if self._engine is None:
+                self._engine = self._load_engine()
+            self.misses += len(missing)
+            start = time.perf_counter()
+            generated = self._engine.generate(
+                [prompts[i] for i in missing], max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=on_batch
+            )
+            per_prompt = (time.perf_counter() - start) / len(missing)
+            for i, generation in zip(missing, generated):
+                results[i] = generation
+                self.seconds[keys[i]] = per_prompt
+                self.cache.put(keys[i], generation, per_prompt)
+        return [r for r in results if r is not None]
+
+    def seconds_for(self, prompt: str, max_new_tokens: int) -> float:
+        return self.seconds.get(generation_key(prompt, self.model_identity, self.adapter, max_new_tokens), 0.0)
