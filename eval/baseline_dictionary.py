@@ -9,39 +9,19 @@ stays outside the repository; where the folder is absent the script says so and 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from common import DATASETS, REPO, SETS, data_dir_or_skip, meta_lines, run_meta, split_paths, write_outputs
+
 from llmtags.baselines import DictionaryTagger
 from llmtags.records import Record, load_labelled
 from llmtags.report import EvalReport
 
-REPO = Path(__file__).resolve().parent.parent
-SETS = ("zh-taobao-ner", "en-oa-mine", "en-ae-110k", "en-wdc-pave")
-MACHINE = "2 CPU cores, no GPU"
 # Sanity anchor: the project's reference figure for this baseline is on the first 100 Taobao test titles.
 ANCHOR_SET, ANCHOR_N = "zh-taobao-ner", 100
-
-
-def _date() -> str:
-    try:
-        return subprocess.run(["date"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return datetime.datetime.now().astimezone().strftime("%a %b %d %H:%M:%S %Z %Y")
-
-
-def _command() -> str:
-    python = sys.executable
-    if python.startswith(os.getcwd() + os.sep):
-        python = os.path.relpath(python)
-    return shlex.join([python, *sys.argv])
 
 
 def _evaluate(name: str, train: list[Record], test: list[Record], n_boot: int, seed: int) -> dict[str, Any]:
@@ -86,9 +66,7 @@ def _markdown(results: list[dict[str, Any]], anchor: dict[str, Any] | None, meta
         "match first, non-overlapping, Latin/digit values on word boundaries, each under its most frequent",
         "training attribute. No model. Train → test of each set.",
         "",
-        f"- command: `{meta['command']}`",
-        f"- machine: {meta['machine']}",
-        f"- date: {meta['date']}",
+        *meta_lines(meta),
         f"- scoring: micro P/R/F1 over `Attribute:value` tags (typed) and over values only; macro F1 over "
         f"gold attributes; 95% CI by percentile bootstrap over records ({meta['n_boot']} resamples, "
         f"seed {meta['seed']}). No normalisation.",
@@ -114,24 +92,22 @@ def _markdown(results: list[dict[str, Any]], anchor: dict[str, Any] | None, meta
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets")
+    parser.add_argument("--data", type=Path, default=DATASETS)
     parser.add_argument("--out", type=Path, default=REPO / "eval" / "baseline_dictionary")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    if not args.data.is_dir():
-        print(f"skipped: benchmark data folder {args.data} is absent (see its README for the sets)")
+    if not data_dir_or_skip(args.data):
         return 0
-    meta = {"command": _command(), "machine": MACHINE, "date": _date(), "n_boot": args.n_boot, "seed": args.seed}
+    meta = {**run_meta(), "n_boot": args.n_boot, "seed": args.seed}
     results: list[dict[str, Any]] = []
     anchor = None
     for name in SETS:
-        train_path, test_path = args.data / name / "train.jsonl", args.data / name / "test.jsonl"
-        if not (train_path.is_file() and test_path.is_file()):
-            print(f"skipped {name}: {train_path} or {test_path} missing")
+        paths = split_paths(args.data, name, "train", "test")
+        if paths is None:
             continue
-        train, test = load_labelled(train_path), load_labelled(test_path)
+        train, test = load_labelled(paths[0]), load_labelled(paths[1])
         result = _evaluate(name, train, test, args.n_boot, args.seed)
         results.append(result)
         print(" | ".join(_row(result)))
@@ -147,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = {**meta, "sets": {r["name"]: as_json(r) for r in results},
             "anchor": None if anchor is None else as_json(anchor)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    args.out.with_suffix(".md").write_text(_markdown(results, anchor, meta), encoding="utf-8")
-    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+    write_outputs(args.out, data, _markdown(results, anchor, meta))
     return 0
 
 

@@ -32,3 +32,7 @@ def test_parse_tags(text, tags):
 def test_bounds():
     assert len(parse_tags("\n".join(f"Tag:{i}" for i in range(500)))) == MAX_TAGS
     assert len(clean_tag("Brand:" + "x" * 1000)) == MAX_TAG_CHARS
+
+
+def test_brackets_inside_values_survive():
+    assert parse_tags("Size:7 UK (US Women's 9 M)\n【品牌:理肤泉】") == ["Size:7 UK (US Women's 9 M)", "品牌:理肤泉"]

@@ -26,13 +26,17 @@ class CliError(Exception):
 # --- option groups shared by several commands -------------------------------------------------------
 
 
-def _add_input(p: argparse.ArgumentParser, optional: bool = False) -> None:
-    p.add_argument("input", nargs="?" if optional else None, help="JSONL, CSV or Parquet file, or - for stdin (JSONL)")
-    p.add_argument("--format", choices=["jsonl", "csv", "parquet"], help="input format (default: from the suffix)")
+def _add_fields(p: argparse.ArgumentParser) -> None:
     p.add_argument("--id-field", default="id")
     p.add_argument("--text-field", default="text")
     p.add_argument("--category-field", default="category")
     p.add_argument("--tags-field", default="tags")
+
+
+def _add_input(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("input", nargs="?" if optional else None, help="JSONL, CSV or Parquet file, or - for stdin (JSONL)")
+    p.add_argument("--format", choices=["jsonl", "csv", "parquet"], help="input format (default: from the suffix)")
+    _add_fields(p)
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -150,6 +154,92 @@ def cmd_prompt_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_vocab(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vocab", help="vocabulary file (JSONL or plain list): normalise tags against it")
+    p.add_argument("--policy", choices=["open", "closed"], default="open",
+                   help="open: keep unknown tags, marked new; closed: map them to the nearest entry or drop them")
+    p.add_argument("--fuzzy-threshold", type=float, default=90.0, help="rapidfuzz ratio needed for a fuzzy match")
+
+
+def _write_report(report: Any, args: argparse.Namespace) -> None:
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(report.to_json(worst=args.errors_k or 20), ensure_ascii=False, indent=1))
+    markdown = report.to_markdown(worst=args.errors_k or 0)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown + "\n", encoding="utf-8")
+    print(markdown)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import cached_engine, generate_and_score, labelled_records, score_files
+
+    normaliser = _normaliser(args)
+    if args.pred:
+        if not args.gold:
+            raise CliError("--pred needs --gold")
+        report = score_files(args.gold, args.pred, normaliser)
+    elif args.data:
+        records = labelled_records(args.data, args.limit, _fields(args))
+        engine = cached_engine(args.base_model, args.device, args.dtype)
+        report, results = generate_and_score(records, engine, _tagging_options(args), normaliser, args.data,
+                                             progress=not args.quiet)
+        if args.save_predictions:
+            with _open_output(args.save_predictions) as out:
+                for result in results:
+                    out.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
+    else:
+        raise CliError("give --gold FILE --pred FILE, or --data FILE to generate and score")
+    _write_report(report, args)
+    return 0
+
+
+def cmd_prompt_compare(args: argparse.Namespace) -> int:
+    from .evaluate import cached_engine, compare_templates, labelled_records
+    from .prompts import load_template
+
+    if len(args.templates) < 2:
+        raise CliError("give at least two templates to compare")
+    templates = [load_template(t) for t in args.templates]
+    records = labelled_records(args.data, args.limit, _fields(args))
+    options = _tagging_options(args)
+    engine = cached_engine(args.base_model, args.device, args.dtype)
+    comparison = compare_templates(records, templates, engine, options, _normaliser(args), progress=not args.quiet)
+    markdown = comparison.to_markdown(disagreements=args.show)
+    if args.report:
+        Path(args.report).write_text(json.dumps(comparison.to_json(), ensure_ascii=False, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown + "\n", encoding="utf-8")
+    print(markdown)
+    print(f"llmtags: {engine.misses} generations, the rest from the cache", file=sys.stderr)
+    return 0
+
+
+def cmd_vocab_build(args: argparse.Namespace) -> int:
+    from .records import load_labelled
+    from .vocab import Vocabulary, build_vocabulary
+
+    if args.list:
+        vocab = Vocabulary.load(args.input)
+    else:
+        vocab = build_vocabulary(load_labelled(args.input, _fields(args)))
+    vocab.save(args.output)
+    print(f"llmtags: {len(vocab)} tags over {len(vocab.attributes())} attributes written to {args.output}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_vocab_show(args: argparse.Namespace) -> int:
+    from .vocab import Vocabulary
+
+    vocab = Vocabulary.load(args.vocab_file)
+    print(f"{len(vocab)} tags, attributes: {', '.join(str(a) for a in vocab.attributes())}")
+    for entry in list(vocab)[: args.top]:
+        aliases = f"  (aliases: {', '.join(entry.aliases)})" if entry.aliases else ""
+        print(f"{entry.count:>6}  {entry.tag}{aliases}")
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------------------
 
 
@@ -166,9 +256,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_model(p)
     _add_prompt(p)
     _add_generation(p)
-    p.add_argument("--vocab", help="vocabulary file: normalise the tags against it")
-    p.add_argument("--policy", choices=["open", "closed"], default="open")
-    p.add_argument("--fuzzy-threshold", type=float, default=90.0)
+    _add_vocab(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
     leaves["generate"] = p
@@ -183,6 +271,54 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_prompt(p)
     p.set_defaults(func=cmd_prompt_render)
     leaves["prompt render"] = p
+
+    p = prompt.add_parser("compare", help="run templates on the same labelled records and compare them")
+    p.add_argument("templates", nargs="+", help="template names (zh, en, few_shot) or .j2 files")
+    p.add_argument("--data", required=True, help="labelled JSONL (e.g. a dev split)")
+    _add_fields(p)
+    _add_model(p)
+    p.add_argument("--demos", help="labelled JSONL file with demonstrations for few-shot templates")
+    p.add_argument("--shots", type=int, default=4)
+    _add_generation(p)
+    _add_vocab(p)
+    p.add_argument("--show", type=int, default=10, help="how many disagreeing records to print")
+    p.add_argument("--report", help="write the comparison as JSON here")
+    p.add_argument("--markdown", help="write the tables as Markdown here")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_prompt_compare, template="auto")
+    leaves["prompt compare"] = p
+
+    p = commands.add_parser("eval", help="score predictions against gold tags, or generate and score")
+    p.add_argument("--gold", help="labelled JSONL")
+    p.add_argument("--pred", help="predictions from llmtags generate")
+    p.add_argument("--data", help="labelled file: generate with the model, then score")
+    p.add_argument("--format", choices=["jsonl", "csv", "parquet"])
+    _add_fields(p)
+    _add_model(p)
+    _add_prompt(p)
+    _add_generation(p)
+    _add_vocab(p)
+    p.add_argument("--errors", dest="errors_k", type=int, default=0, metavar="K", help="list the K worst records")
+    p.add_argument("--report", help="write the full report as JSON here")
+    p.add_argument("--markdown", help="write the tables as Markdown here")
+    p.add_argument("--save-predictions", help="with --data: write the generated predictions here")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+    leaves["eval"] = p
+
+    vocab = commands.add_parser("vocab", help="tag vocabularies").add_subparsers(dest="vocab_command", required=True)
+    p = vocab.add_parser("build", help="collect the tags of a labelled set (or read a plain list) into a vocabulary")
+    p.add_argument("input", help="labelled JSONL/CSV/Parquet, or with --list a plain list of tags")
+    p.add_argument("-o", "--output", required=True, help="vocabulary JSONL to write")
+    p.add_argument("--list", action="store_true", help="the input is a plain list: one tag per line, TAB, aliases|...")
+    _add_fields(p)
+    p.set_defaults(func=cmd_vocab_build)
+    leaves["vocab build"] = p
+    p = vocab.add_parser("show", help="summarise a vocabulary file (JSONL or plain list)")
+    p.add_argument("vocab_file")
+    p.add_argument("--top", type=int, default=20)
+    p.set_defaults(func=cmd_vocab_show)
+    leaves["vocab show"] = p
     return parser, leaves
 
 

@@ -370,6 +370,27 @@ def _interval(counts: np.ndarray, n: int, seed: int, confidence: float) -> tuple
     return float(low), float(high)
 
 
+def bootstrap_prf_counts(
+    counts: Sequence[RecordCounts], n: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of micro precision, recall and F1, all from the same resampled records."""
+    if not counts:
+        nan = (float("nan"), float("nan"))
+        return {"precision": nan, "recall": nan, "f1": nan}
+    matrix = np.array([[c.tp, c.fp, c.fn] for c in counts], dtype=np.float64).reshape(-1, 3)
+    sums = _resampled_sums([matrix], n, seed)[0]
+    tp, fp, fn = sums.T
+    # Same empty-denominator convention as prf(): an empty ratio is 1 when its other side is empty too.
+    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), np.where(fn > 0, 0.0, 1.0))
+    recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), np.where(fp > 0, 0.0, 1.0))
+    tail = (1 - confidence) / 2 * 100
+    out = {}
+    for name, values in (("precision", precision), ("recall", recall), ("f1", _f1_of_sums(sums))):
+        low, high = np.percentile(values, [tail, 100 - tail])
+        out[name] = (float(low), float(high))
+    return out
+
+
 @dataclass
 class PairedResult:
     """System b against system a on the same records: delta_f1 = F1(b) - F1(a)."""

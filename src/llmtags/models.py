@@ -267,7 +267,9 @@ def load_model(resolved: ResolvedModel, device: str = "auto", dtype: str = "auto
     """Load weights from safetensors only (never pickle), with no remote code."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
     device = pick_device(device)
     kwargs: dict[str, Any] = {
         "dtype": pick_dtype(dtype, device),

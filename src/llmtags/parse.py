@@ -15,7 +15,8 @@ MAX_TAG_CHARS = 100
 # Separators of a one-line list, including inline numbering: "1. a 2. b".
 _INLINE_SEPARATORS = re.compile(r"[,，、;；#|]+|\s+(?=\d{1,3}[.)]\s)")
 _NUMBERING = re.compile(r"^\s*(?:[-*•·>]+|\(?\d{1,3}[.)、:：]|\(?[a-zA-Z][.)](?=\s))\s*")
-_QUOTES = "\"'`“”‘’「」『』[]【】{}()（）"
+_QUOTES = "\"'`“”‘’「」『』"
+_BRACKETS = {"[": "]", "【": "】", "(": ")", "（": "）", "{": "}"}
 _KEY_VALUE = re.compile(r"^\s*([^:：]{1,40}?)\s*[:：]\s*(.+?)\s*$")
 
 
@@ -54,6 +55,9 @@ def clean_tag(raw: str) -> str:
     """Strip numbering, bullets, quotes and spaces; normalise the separator to ':'."""
     tag = _NUMBERING.sub("", raw.strip().lstrip("#"))
     tag = tag.strip().strip(_QUOTES).strip()
+    # A bracket pair around the whole tag is decoration; a bracket inside a value ("9 M (US)") is not.
+    while len(tag) > 1 and _BRACKETS.get(tag[0]) == tag[-1]:
+        tag = tag[1:-1].strip()
     match = _KEY_VALUE.match(tag)
     if match:
         attribute = match.group(1).strip().strip(_QUOTES).strip()

@@ -156,13 +156,16 @@ def template_for(record: Record, choice: str | PromptTemplate) -> PromptTemplate
     return load_template(choice)
 
 
-def demos_from(records: Sequence[Record], k: int, lang: str | None = None) -> list[Demo]:
-    """The first k labelled records (of `lang`, when given) as demonstrations, in file order."""
+def demos_from(records: Sequence[Record], k: int, lang: str | None = None, max_chars: int = 300) -> list[Demo]:
+    """The first k labelled records (of `lang`, when given) as demonstrations, in file order.
+
+    Demonstration texts are cut to `max_chars`: k long descriptions would otherwise crowd the prompt.
+    """
     demos = []
     for record in records:
         if not record.tags or (lang and (record.lang or detect_lang(record.text)) != lang):
             continue
-        demos.append(Demo(record.text, [_first_tag_form(t) for t in record.tags]))
+        demos.append(Demo(record.text[:max_chars], [_first_tag_form(t) for t in record.tags]))
         if len(demos) == k:
             break
     return demos

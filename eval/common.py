@@ -1,0 +1,68 @@
+"""What every benchmark script under eval/ shares: where the data is, how a run is described, and
+how results are written (JSON plus a Markdown table, with the command, machine and date)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DATASETS = REPO.parent / "shared" / "datasets"
+SETS = ("zh-taobao-ner", "en-oa-mine", "en-ae-110k", "en-wdc-pave")
+
+
+def machine() -> str:
+    cores = os.cpu_count()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)}, {cores} CPU cores"
+    except ImportError:
+        pass
+    return f"{cores} CPU cores ({platform.machine()}), no GPU"
+
+
+def run_meta() -> dict[str, Any]:
+    python = sys.executable
+    if python.startswith(os.getcwd() + os.sep):
+        python = os.path.relpath(python)
+    return {
+        "command": shlex.join([python, *sys.argv]),
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def meta_lines(meta: dict[str, Any]) -> list[str]:
+    return [f"- command: `{meta['command']}`", f"- machine: {meta['machine']}", f"- date: {meta['date']}"]
+
+
+def split_paths(data: Path, name: str, *splits: str) -> list[Path] | None:
+    """The split files of one set, or None (with a message) when any is absent."""
+    paths = [data / name / f"{split}.jsonl" for split in splits]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        print(f"skipped {name}: {', '.join(map(str, missing))} missing")
+        return None
+    return paths
+
+
+def data_dir_or_skip(data: Path) -> bool:
+    if data.is_dir():
+        return True
+    print(f"skipped: benchmark data folder {data} is absent (see its README for the sets)")
+    return False
+
+
+def write_outputs(out: Path, data: dict[str, Any], markdown: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    out.with_suffix(".md").write_text(markdown.rstrip() + "\n", encoding="utf-8")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")

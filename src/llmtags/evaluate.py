@@ -1,0 +1,232 @@
+"""Stage 6 and the analyst's loop: score predictions against gold, and compare prompt templates.
+
+- `score_files` scores an existing predictions file against a labelled file.
+- `generate_and_score` generates (through the generation cache) and scores in one go.
+- `compare_templates` runs several templates on the same records and compares them pairwise with a
+  paired bootstrap; with the cache, re-running after editing one template regenerates only that one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .metrics import bootstrap_prf_counts, paired_bootstrap
+from .records import Record, RecordError
+from .report import EvalReport
+from .tagger import TaggingOptions, TagResult, build_prompt, tag_records
+
+
+def read_predictions(path: str | Path, errors: Any = None) -> dict[str, list[str]]:
+    """id → tags from a `llmtags generate` output file. Bad lines are reported and skipped."""
+    errors = errors or sys.stderr
+    predictions: dict[str, list[str]] = {}
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+                tags = row["tags"]
+                if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                    raise TypeError("tags must be a list of strings")
+                predictions[str(row["id"])] = tags
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                reason = {KeyError: f"missing field {exc}", json.JSONDecodeError: f"malformed JSON: {exc}"}.get(
+                    type(exc), str(exc))
+                print(f"llmtags: {path}: {RecordError(number, None, reason)}", file=errors)
+    return predictions
+
+
+def score_predictions(
+    records: Sequence[Record],
+    predictions: Sequence[Sequence[str]],
+    normaliser: Any = None,
+    name: str = "",
+    seed: int = 0,
+) -> EvalReport:
+    """An EvalReport of raw predictions and, given a normaliser, of the normalised ones too."""
+    normalised = [normaliser.apply(list(p)) for p in predictions] if normaliser is not None else None
+    return EvalReport.from_records(list(records), [list(p) for p in predictions], normalised, name=name, seed=seed)
+
+
+def score_files(gold: str | Path, pred: str | Path, normaliser: Any = None, errors: Any = None) -> EvalReport:
+    from .records import load_labelled
+
+    errors = errors or sys.stderr
+    records = [r for r in load_labelled(gold) if r.tags is not None]
+    predictions = read_predictions(pred, errors)
+    missing = [r.id for r in records if r.id not in predictions]
+    if missing:
+        print(f"llmtags: {len(missing)} gold records have no prediction (scored as empty), e.g. {missing[:3]}",
+              file=errors)
+    return score_predictions(records, [predictions.get(r.id, []) for r in records], normaliser, name=str(pred))
+
+
+# --- generation through the cache ----------------------------------------------------------------------
+
+
+def cached_engine(base_model: str | None, device: str = "auto", dtype: str = "auto", cache_path: Path | None = None) -> Any:
+    """A CachedEngine for `base_model`: the tokenizer now, the model only when a prompt misses the cache."""
+    from .cache import CachedEngine, GenerationCache
+    from .engine import TransformersEngine
+    from .models import EMBEDDED, DEFAULT_BASE_MODEL, cache_root, load_tokenizer_only, resolve_base_model
+
+    spec = base_model or os.environ.get("LLMTAGS_BASE_MODEL") or DEFAULT_BASE_MODEL
+    identity = f"sha256:{EMBEDDED[spec].sha256}" if spec in EMBEDDED else resolve_base_model(spec).identity
+    cache = GenerationCache(cache_path or cache_root() / "generations.sqlite")
+    return CachedEngine(
+        load_tokenizer_only(spec),
+        lambda: TransformersEngine.load(spec, device=device, dtype=dtype),
+        cache,
+        identity,
+    )
+
+
+def run_generation(
+    records: Sequence[Record], engine: Any, options: TaggingOptions, progress: bool = True, desc: str = "tagging"
+) -> list[TagResult]:
+    from tqdm import tqdm
+
+    with tqdm(total=len(records), unit="product", desc=desc, disable=not progress, file=sys.stderr) as bar:
+        return list(tag_records(records, engine, options, on_batch=bar.update))
+
+
+def generation_seconds(records: Sequence[Record], engine: Any, options: TaggingOptions) -> list[float]:
+    """Per record, the generation time it cost when generated (kept by the cache across re-runs)."""
+    if not hasattr(engine, "seconds_for"):
+        return []
+    return [engine.seconds_for(build_prompt(r, engine.tokenizer, options), options.max_new_tokens) for r in records]
+
+
+def generate_and_score(
+    records: Sequence[Record],
+    engine: Any,
+    options: TaggingOptions,
+    normaliser: Any = None,
+    name: str = "",
+    progress: bool = True,
+) -> tuple[EvalReport, list[TagResult]]:
+    results = run_generation(records, engine, options, progress)
+    return score_predictions(records, [r.tags for r in results], normaliser, name), results
+
+
+# --- prompt comparison ---------------------------------------------------------------------------------
+
+
+@dataclass
+class VariantResult:
+    name: str
+    template_sha256: str
+    report: EvalReport
+    results: list[TagResult]
+    seconds_per_product: float
+    prompt_tokens: float  # mean per product
+    new_tokens: float  # mean per product
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        micro = self.report.scores(self.report.final_view, "typed").micro
+        return {
+            "template": self.name,
+            "sha256": self.template_sha256[:12],
+            "precision": micro.precision,
+            "recall": micro.recall,
+            "f1": micro.f1,
+            "ci95": {k: list(v) for k, v in self.intervals.items()},
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "seconds_per_product": self.seconds_per_product,
+        }
+
+
+@dataclass
+class Comparison:
+    variants: list[VariantResult]
+    paired: list[dict[str, Any]]  # each variant against the first
+    disagreements: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"variants": [v.row() for v in self.variants], "paired": self.paired, "disagreements": self.disagreements}
+
+    def to_markdown(self, disagreements: int = 10) -> str:
+        def ci(v: VariantResult, key: str) -> str:
+            low, high = v.intervals[key]
+            return f"{v.row()[key]:.3f} [{low:.3f}, {high:.3f}]"
+
+        lines = [
+            "| template | F1 [95% CI] | precision [95% CI] | recall [95% CI] | prompt tok | new tok | s/product |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for v in self.variants:
+            lines.append(f"| {v.name} ({v.template_sha256[:8]}) | {ci(v, 'f1')} | {ci(v, 'precision')} | "
+                         f"{ci(v, 'recall')} | {v.prompt_tokens:.0f} | {v.new_tokens:.1f} | {v.seconds_per_product:.2f} |")
+        if self.paired:
+            lines += ["", "| comparison | ΔF1 | 95% CI | p | significant |", "|---|---|---|---|---|"]
+            for p in self.paired:
+                lines.append(f"| {p['b']} − {p['a']} | {p['delta_f1']:+.3f} | [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] "
+                             f"| {p['p_value']:.3f} | {'yes' if p['significant'] else 'no'} |")
+        if self.disagreements:
+            lines += ["", f"Records where the variants disagree ({len(self.disagreements)}; "
+                      f"first {min(disagreements, len(self.disagreements))}):", ""]
+            header = "| id | text | gold | " + " | ".join(v.name for v in self.variants) + " |"
+            lines += [header, "|" + "---|" * (3 + len(self.variants))]
+            for d in self.disagreements[:disagreements]:
+                cells = [d["id"], d["text"][:60], "; ".join(d["gold"])] + ["; ".join(t) for t in d["predictions"]]
+                lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        return "\n".join(lines)
+
+
+def compare_templates(
+    records: Sequence[Record],
+    templates: Sequence[Any],
+    engine: Any,
+    options: TaggingOptions,
+    normaliser: Any = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> Comparison:
+    """Run each template on the same records; paired bootstrap of each against the first."""
+    variants = []
+    for template in templates:
+        variant_options = replace(options, template=template)
+        report, results = generate_and_score(records, engine, variant_options, normaliser, template.name, progress)
+        seconds = generation_seconds(records, engine, variant_options)
+        counts = report.views[report.final_view]["typed"].counts
+        variants.append(VariantResult(
+            template.name, template.sha256, report, results,
+            sum(seconds) / len(seconds) if seconds else 0.0,
+            sum(r.prompt_tokens for r in results) / max(len(results), 1),
+            sum(r.new_tokens for r in results) / max(len(results), 1),
+            bootstrap_prf_counts(counts, seed=seed),
+        ))
+    paired = []
+    golds = [r.tags or [] for r in records]
+    first = variants[0]
+    for other in variants[1:]:
+        result = paired_bootstrap(golds, first.report.preds[first.report.final_view],
+                                  other.report.preds[other.report.final_view], seed=seed)
+        paired.append({"a": first.name, "b": other.name, **result.to_json()})
+    disagreements = []
+    for i, record in enumerate(records):
+        predictions = [v.report.preds[v.report.final_view][i] for v in variants]
+        if len({tuple(sorted(p)) for p in predictions}) > 1:
+            gold = [g if isinstance(g, str) else "/".join(g) for g in golds[i]]
+            disagreements.append({"id": record.id, "text": record.text, "gold": gold, "predictions": predictions})
+    return Comparison(variants, paired, disagreements)
+
+
+def labelled_records(path: str | Path, limit: int | None = None, fields: Any = None) -> list[Record]:
+    """The labelled records of a file, first `limit` of them; refuses a file with no gold tags."""
+    from .records import Fields, load_labelled
+
+    records = [r for r in load_labelled(path, fields or Fields()) if r.tags is not None][:limit]
+    if not records:
+        raise ValueError(f"{path}: no labelled records (a 'tags' field is needed for evaluation)")
+    return records
+
