@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import time
 
-from llmtags.baselines import DictionaryTagger, normalise_for_match
+from llmtags.baselines import DictionaryTagger
+from llmtags.spans import normalise_for_match
 from llmtags.metrics import score
 from llmtags.records import Record
 

@@ -7,45 +7,12 @@ training attribute.
 
 from __future__ import annotations
 
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from llmtags.metrics import canonical, split_tag
-
-_END = ""  # trie key marking the end of a value; no character of a normalised text is empty
-
-
-def _is_cjk(ch: str) -> bool:
-    return "\u2e80" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff" or "\U00020000" <= ch <= "\U0003134f"
-
-
-def _is_word_char(ch: str) -> bool:
-    # CJK characters are letters to Python but are not separated by spaces, so they count as
-    # boundaries: 'ka' stands alone in '理肤泉ka舒缓'.
-    return ch.isalnum() and not _is_cjk(ch)
-
-
-def normalise_for_match(text: str) -> tuple[str, list[int]]:
-    """Text compared character by character as the evaluator does (NFKC, case folded; whitespace as
-    single spaces), with the original index of every output character so spans map back."""
-    if text.isascii():
-        lowered = text.lower()
-        chars = [" " if ch.isspace() else ch for ch in lowered]
-        return "".join(chars), list(range(len(text)))
-    out: list[str] = []
-    origin: list[int] = []
-    for i, ch in enumerate(text):
-        mapped = " " if ch.isspace() else unicodedata.normalize("NFKC", ch).casefold()
-        out.append(mapped)
-        origin.extend([i] * len(mapped))
-    return "".join(out), origin
-
-
-def _value_key(value: str) -> str:
-    normalised, _ = normalise_for_match(value)
-    return " ".join(normalised.split())
+from llmtags.spans import ValueIndex, value_key
 
 
 class DictionaryTagger:
@@ -53,13 +20,7 @@ class DictionaryTagger:
 
     def __init__(self, values: dict[str, str | None], word_boundaries: bool = True) -> None:
         self.values = values
-        self.word_boundaries = word_boundaries
-        self._trie: dict[str, Any] = {}
-        for key in values:
-            node = self._trie
-            for ch in key:
-                node = node.setdefault(ch, {})
-            node[_END] = key
+        self.index = ValueIndex(values, word_boundaries)
 
     @classmethod
     def from_records(
@@ -81,7 +42,7 @@ class DictionaryTagger:
             for item in record.tags or []:
                 for form in [item] if isinstance(item, str) else item:
                     attribute, value = split_tag(form)
-                    key = _value_key(value)
+                    key = value_key(value)
                     if len(key) >= max(min_length, 1) and any(ch.isalnum() for ch in key):
                         by_value.setdefault(key, Counter())[attribute] += 1
         values: dict[str, str | None] = {}
@@ -94,45 +55,13 @@ class DictionaryTagger:
     def __len__(self) -> int:
         return len(self.values)
 
-    def _candidates(self, norm: str) -> list[tuple[int, int, str]]:
-        """Every (start, end, key) where a known value occurs, boundaries respected."""
-        found: list[tuple[int, int, str]] = []
-        n = len(norm)
-        for start in range(n):
-            if self.word_boundaries and start > 0 and _is_word_char(norm[start]) and _is_word_char(norm[start - 1]):
-                continue  # a value starting with a word character cannot start inside a word
-            node = self._trie
-            end = start
-            while end < n:
-                node = node.get(norm[end])
-                if node is None:
-                    break
-                end += 1
-                key = node.get(_END)
-                if key is None:
-                    continue
-                if self.word_boundaries and end < n and _is_word_char(norm[end - 1]) and _is_word_char(norm[end]):
-                    continue
-                found.append((start, end, key))
-        return found
-
     def tag(self, text: str) -> list[str]:
-        """Tags in text order, each canonical tag once."""
-        norm, origin = normalise_for_match(text)
-        # Longest first over the whole text, so 'La Roche-Posay' wins over 'Roche' and over a shorter
-        # value that merely starts earlier.
-        chosen: list[tuple[int, int, str]] = []
-        taken = [False] * len(norm)
-        for start, end, key in sorted(self._candidates(norm), key=lambda c: (c[0] - c[1], c[0])):
-            if any(taken[start:end]):
-                continue
-            taken[start:end] = [True] * (end - start)
-            chosen.append((start, end, key))
+        """Tags in text order, each canonical tag once, spelled as the text spells them."""
         tags: list[str] = []
         seen: set[str] = set()
-        for start, end, key in sorted(chosen):
-            span = text[origin[start] : origin[end - 1] + 1].strip()
-            attribute = self.values[key]
+        for match in self.index.longest_matches(text):
+            span = text[match.start : match.end].strip()
+            attribute = self.values[match.key]
             tag = span if attribute is None else f"{attribute}:{span}"
             if canonical(tag) not in seen:
                 seen.add(canonical(tag))

@@ -87,16 +87,20 @@ class CachedEngine:
         if on_batch and any(r is not None for r in results):
             on_batch(sum(r is not None for r in results))
         missing = [i for i, r in enumerate(results) if r is None]
-        if missing:
-            if self._engine is None:
-                self._engine = self._load_engine()
-            self.misses += len(missing)
-            start = time.perf_counter()
+        if missing and self._engine is None:
+            self._engine = self._load_engine()
+        # Misses go to the engine one batch at a time, longest first as the engine would order them,
+        # and each batch is stored at once: a run killed midway keeps all it finished.
+        missing.sort(key=lambda i: -len(prompts[i]))
+        for start in range(0, len(missing), batch_size):
+            batch = missing[start : start + batch_size]
+            began = time.perf_counter()
             generated = self._engine.generate(
-                [prompts[i] for i in missing], max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=on_batch
+                [prompts[i] for i in batch], max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=on_batch
             )
-            per_prompt = (time.perf_counter() - start) / len(missing)
-            for i, generation in zip(missing, generated):
+            per_prompt = (time.perf_counter() - began) / len(batch)
+            self.misses += len(batch)
+            for i, generation in zip(batch, generated):
                 results[i] = generation
                 self.seconds[keys[i]] = per_prompt
                 self.cache.put(keys[i], generation, per_prompt)

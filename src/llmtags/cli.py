@@ -49,16 +49,21 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
 
-def _add_prompt(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--template", default="auto", help="auto (zh or en by text), zh, en, few_shot, or a .j2 file")
+def _add_prompt(p: argparse.ArgumentParser, template: bool = True) -> None:
+    if template:
+        p.add_argument("--template", default="auto", help="auto (zh or en by text), zh, en, few_shot, or a .j2 file")
     p.add_argument("--demos", help="labelled JSONL file with demonstrations for few-shot templates")
     p.add_argument("--shots", type=int, default=4, help="how many demonstrations (default 4)")
+    p.add_argument("--candidates", metavar="VOCAB",
+                   help="offer the model the entries of this vocabulary (or labelled file) found in each text")
 
 
 def _add_generation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--limit", type=int, help="tag only the first N valid records")
+    p.add_argument("--chunk-size", type=int, default=64,
+                   help="records generated between two appends to the output (default 64)")
 
 
 def _fields(args: argparse.Namespace) -> Any:
@@ -76,7 +81,13 @@ def _tagging_options(args: argparse.Namespace) -> Any:
     demos = demos_from(load_labelled(args.demos), args.shots) if args.demos else ()
     if template != "auto" and "demos" in template.source and not demos:
         raise CliError(f"template {template.name!r} shows demonstrations: give --demos FILE")
-    return TaggingOptions(template, demos, getattr(args, "max_new_tokens", 64), getattr(args, "batch_size", 8))
+    candidates = None
+    if getattr(args, "candidates", None):
+        from .candidates import CandidateFinder, load_candidate_vocabulary
+
+        candidates = CandidateFinder(load_candidate_vocabulary(args.candidates))
+    return TaggingOptions(template, demos, getattr(args, "max_new_tokens", 64), getattr(args, "batch_size", 8),
+                          getattr(args, "chunk_size", 64), candidates=candidates)
 
 
 def _normaliser(args: argparse.Namespace) -> Any:
@@ -98,26 +109,21 @@ def _open_output(path: str | None, mode: str = "w") -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from functools import partial
+
     from .engine import TransformersEngine
-    from .tagger import tag_file
+    from .tagger import tag_chunks, tag_file
 
     options = _tagging_options(args)
-    normaliser = _normaliser(args)
     engine = TransformersEngine.load(args.base_model, device=args.device, dtype=args.dtype)
-    output = _open_output(args.output)
-    errors = _open_output(args.errors, "a") if args.errors else sys.stderr
-    try:
-        summary = tag_file(
-            args.input, output, engine, options, fmt=args.format, fields=_fields(args), limit=args.limit,
-            normaliser=normaliser, errors=errors, progress=not args.quiet,
-        )
-    finally:
-        for stream in (output, errors):
-            if stream not in (sys.stdout, sys.stderr):
-                stream.close()
+    tag = partial(tag_chunks, engine=engine, options=options, normaliser=_normaliser(args))
+    summary = tag_file(
+        args.input, args.output, lambda records, on_batch: tag(records, on_batch=on_batch), fmt=args.format,
+        fields=_fields(args), limit=args.limit, errors=args.errors, resume=args.resume, progress=not args.quiet,
+    )
     for line in summary.lines():
         print(f"llmtags: {line}", file=sys.stderr)
-    return 0
+    return 130 if summary.interrupted else 0
 
 
 def cmd_prompt_render(args: argparse.Namespace) -> int:
@@ -253,6 +259,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_input(p)
     p.add_argument("-o", "--output", help="output JSONL (default stdout)")
     p.add_argument("--errors", help="append bad-record reports here as JSONL (default stderr)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip records already in the output (same id and text) and append the rest")
     _add_model(p)
     _add_prompt(p)
     _add_generation(p)
@@ -277,8 +285,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--data", required=True, help="labelled JSONL (e.g. a dev split)")
     _add_fields(p)
     _add_model(p)
-    p.add_argument("--demos", help="labelled JSONL file with demonstrations for few-shot templates")
-    p.add_argument("--shots", type=int, default=4)
+    _add_prompt(p, template=False)
     _add_generation(p)
     _add_vocab(p)
     p.add_argument("--show", type=int, default=10, help="how many disagreeing records to print")

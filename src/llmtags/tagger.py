@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from .parse import parse_tags
@@ -27,7 +28,8 @@ class TagResult:
     truncated: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.record.id, "tags": self.tags, "raw": self.raw}
+        out: dict[str, Any] = {"id": self.record.id, "text_hash": self.record.text_hash, "tags": self.tags,
+                               "raw": self.raw}
         if self.details:
             out["normalisation"] = self.details
         return out
@@ -39,17 +41,25 @@ class TaggingOptions:
     demos: Sequence[Demo] = ()
     max_new_tokens: int = 64
     batch_size: int = 8
-    chunk_size: int = 256  # records generated between writes; bounds memory and lost work on a crash
+    # Records generated between two appends to the output: a few batches, so prompts sort by length
+    # within a chunk, while a crash loses at most one chunk of work.
+    chunk_size: int = 64
     # Product text beyond this many characters is cut before prompting: titles and the head of a
     # description carry the tags, and a 1 MB description must not blow up the model's context.
     max_text_chars: int = 2000
+    candidates: Any = None  # a CandidateFinder: vocabulary entries found in the text go into the prompt
 
 
-def build_prompt(record: Record, tokenizer: Any, options: TaggingOptions) -> str:
+def build_prompt(record: Record, tokenizer: Any, options: TaggingOptions, training: bool = False) -> str:
+    """The exact prompt for `record`. With `training`, candidates that exist only because of this
+    record's own gold tags are left out, so training prompts look like test prompts."""
     if len(record.text) > options.max_text_chars:
         record = replace(record, text=record.text[: options.max_text_chars])
     template = template_for(record, options.template)
-    return render_prompt(tokenizer, template.messages(record, options.demos))
+    candidates = (
+        options.candidates.tags(record.text, record.tags or () if training else ()) if options.candidates else ()
+    )
+    return render_prompt(tokenizer, template.messages(record, options.demos, candidates))
 
 
 def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -63,6 +73,23 @@ def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield chunk
 
 
+def tag_chunks(
+    records: Iterable[Record],
+    engine: Any,
+    options: TaggingOptions = TaggingOptions(),
+    normaliser: Any = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Iterator[list[TagResult]]:
+    """Tag `records` with `engine` (anything with `.tokenizer` and `.generate(prompts, ...)`), one
+    list of results per chunk of `options.chunk_size` records, in input order."""
+    for chunk in _chunks(records, options.chunk_size):
+        prompts = [build_prompt(record, engine.tokenizer, options) for record in chunk]
+        generations = engine.generate(
+            prompts, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, on_batch=on_batch
+        )
+        yield [to_result(record, generation, options, normaliser) for record, generation in zip(chunk, generations)]
+
+
 def tag_records(
     records: Iterable[Record],
     engine: Any,
@@ -70,21 +97,20 @@ def tag_records(
     normaliser: Any = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Iterator[TagResult]:
-    """Tag `records` with `engine` (anything with `.tokenizer` and `.generate(prompts, ...)`)."""
-    for chunk in _chunks(records, options.chunk_size):
-        prompts = [build_prompt(record, engine.tokenizer, options) for record in chunk]
-        generations = engine.generate(
-            prompts, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, on_batch=on_batch
-        )
-        for record, generation in zip(chunk, generations):
-            tags = parse_tags(generation.text)
-            result = TagResult(record, tags, generation.text, generation.prompt_tokens, generation.new_tokens,
-                               truncated=len(record.text) > options.max_text_chars)
-            if normaliser is not None:
-                normalised = normaliser.normalise(tags)
-                result.tags = [n.tag for n in normalised if n.layer != "dropped"]
-                result.details = [n.to_json() for n in normalised]
-            yield result
+    for chunk in tag_chunks(records, engine, options, normaliser, on_batch):
+        yield from chunk
+
+
+def to_result(record: Record, generation: Any, options: TaggingOptions, normaliser: Any = None) -> TagResult:
+    """Parse (and normalise) one generation."""
+    tags = parse_tags(generation.text)
+    result = TagResult(record, tags, generation.text, generation.prompt_tokens, generation.new_tokens,
+                       truncated=len(record.text) > options.max_text_chars)
+    if normaliser is not None:
+        normalised = normaliser.normalise(tags)
+        result.tags = [n.tag for n in normalised if n.kept]
+        result.details = [n.to_json() for n in normalised]
+    return result
 
 
 @dataclass
@@ -95,6 +121,8 @@ class RunSummary:
     duplicates: int = 0
     empty: int = 0  # records for which the model produced no tag
     truncated: int = 0  # records whose text was cut to TaggingOptions.max_text_chars
+    resumed: int = 0  # records found done in the output of an earlier run, and skipped
+    interrupted: bool = False
     prompt_tokens: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
@@ -105,29 +133,67 @@ class RunSummary:
 
     def lines(self) -> list[str]:
         rate = f"{self.products_per_second:.2f} products/s, {self.new_tokens / max(self.seconds, 1e-9):.1f} tokens/s"
-        return [
+        lines = [
             f"tagged {self.tagged} of {self.read} records in {self.seconds:.1f} s ({rate})",
             f"skipped {self.errors} bad records and {self.duplicates} exact duplicates; "
             f"{self.empty} records got no tag; {self.truncated} long texts were truncated",
         ]
+        if self.resumed:
+            lines.append(f"resumed: {self.resumed} records were already done")
+        if self.interrupted:
+            lines.append("interrupted: the output holds whole records only; run again with --resume to finish")
+        return lines
+
+
+def completed_records(path: str | Path) -> set[tuple[str, str]]:
+    """(id, text_hash) of every complete line of an earlier output; a torn last line is cut off."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        # A run killed mid-write leaves a partial line: drop it, so the file ends on a whole record.
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+        data = data[: data.rfind(b"\n") + 1]
+    done = set()
+    for line in data.splitlines():
+        row = json.loads(line)
+        done.add((str(row["id"]), row.get("text_hash", "")))
+    return done
+
+
+def _append(stream: Any, lines: list[str], sync: bool) -> None:
+    """One write per chunk, flushed (and with `sync`, on disk) before the next chunk starts."""
+    import os
+
+    stream.write("".join(lines))
+    stream.flush()
+    if sync:
+        os.fsync(stream.fileno())
 
 
 def tag_file(
     source: str,
-    output: Any,
-    engine: Any,
-    options: TaggingOptions = TaggingOptions(),
+    output: str | None,
+    tag: Callable[[Iterable[Record], Callable[[int], None]], Iterator[list[TagResult]]],
     *,
     fmt: str | None = None,
     fields: Any = None,
     limit: int | None = None,
-    normaliser: Any = None,
-    errors: Any = None,
+    errors: str | None = None,
+    resume: bool = False,
     progress: bool = True,
 ) -> RunSummary:
-    """Tag every record of `source` ("-" for stdin), writing one JSON line per record to `output`.
+    """Tag every record of `source` ("-" for stdin) into the JSONL file `output` (None or "-": stdout).
 
-    Bad records go to `errors` (a text stream, one JSON line each) and are skipped; the run goes on.
+    `tag(records, on_batch)` yields lists of results, e.g. `partial(tag_chunks, engine=..., options=...)`.
+    Each list is appended in one write and synced, so a killed run leaves whole lines only. With
+    `resume`, records already in `output` (same id and text hash) are skipped and the rest appended:
+    the file then equals that of an uninterrupted run. Bad records are appended to `errors` (JSONL;
+    default stderr) and skipped. Ctrl-C stops after the chunk in flight is dropped, with a summary.
     """
     import itertools
     import json
@@ -138,16 +204,27 @@ def tag_file(
 
     from .records import Fields, ReadStats, RecordError, count_records, read_records
 
+    to_stdout = output in (None, "-")
+    if resume and to_stdout:
+        raise ValueError("--resume needs an output file (-o FILE)")
+    done = completed_records(output) if resume else set()
+    reported = {line for line in Path(errors).read_text(encoding="utf-8").splitlines()} if (
+        resume and errors and Path(errors).is_file()) else set()
     stats = ReadStats()
     summary = RunSummary()
-    errors = errors if errors is not None else sys.stderr
+    if not to_stdout:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+    out = sys.stdout if to_stdout else open(output, "a" if resume else "w", encoding="utf-8")
+    err = open(errors, "a", encoding="utf-8") if errors else sys.stderr
 
     def valid_records() -> Iterator[Record]:
         for item in read_records(source, fmt, fields or Fields(), stats=stats):
             if isinstance(item, RecordError):
-                errors.write(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
-                if errors is not sys.stderr:
-                    tqdm.write(f"llmtags: skipped {item}", file=sys.stderr)
+                line = json.dumps(item.to_json(), ensure_ascii=False)
+                if line not in reported:
+                    err.write(line + "\n")
+                    if errors:
+                        tqdm.write(f"llmtags: skipped {item}", file=sys.stderr)
                 continue
             yield item
 
@@ -155,16 +232,33 @@ def tag_file(
     if limit is not None:
         total = min(total, limit) if total is not None else limit
     records = itertools.islice(valid_records(), limit)
+
+    def pending() -> Iterator[Record]:
+        for record in records:
+            if (record.id, record.text_hash) in done:
+                summary.resumed += 1
+                bar.update(1)
+            else:
+                yield record
+
     start = time.perf_counter()
-    with tqdm(total=total, unit="product", desc="tagging", disable=not progress, file=sys.stderr) as bar:
-        for result in tag_records(records, engine, options, normaliser, on_batch=bar.update):
-            output.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
-            summary.tagged += 1
-            summary.empty += not result.tags
-            summary.truncated += result.truncated
-            summary.prompt_tokens += result.prompt_tokens
-            summary.new_tokens += result.new_tokens
-            output.flush()
+    try:
+        with tqdm(total=total, unit="product", desc="tagging", disable=not progress, file=sys.stderr) as bar:
+            for chunk in tag(pending(), bar.update):
+                _append(out, [json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in chunk], sync=not to_stdout)
+                for result in chunk:
+                    summary.tagged += 1
+                    summary.empty += not result.tags
+                    summary.truncated += result.truncated
+                    summary.prompt_tokens += result.prompt_tokens
+                    summary.new_tokens += result.new_tokens
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        if not to_stdout:
+            out.close()
+        if errors:
+            err.close()
     summary.seconds = time.perf_counter() - start
     summary.read, summary.errors, summary.duplicates = stats.read, stats.errors, stats.duplicates
     return summary
