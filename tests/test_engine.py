@@ -52,3 +52,28 @@ def test_long_text_is_truncated_before_prompting(tiny_engine):
     assert prompt.count("长") == 50
     (result,) = list(tag_records([long_record], tiny_engine, options))
     assert result.truncated and result.prompt_tokens < 200
+
+
+def test_repeats_a_line():
+    from llmtags.engine import repeats_a_line
+
+    assert repeats_a_line("品牌:A\n产品词:B\n品牌:A\n")
+    assert not repeats_a_line("品牌:A\n产品词:B\n品牌:A")  # the last line is not complete yet
+    assert not repeats_a_line("品牌:A\n产品词:B\n")
+    assert not repeats_a_line("品牌:A\n\n产品词:B\n")
+
+
+def test_loop_stop_ends_only_the_looping_row(tiny_engine):
+    import torch
+
+    from llmtags.engine import LoopStop
+
+    tokenizer = tiny_engine.tokenizer
+    prompt = tokenizer("prompt", add_special_tokens=False)["input_ids"]
+    looping = tokenizer("A:1\nB:2\nA:1\n", add_special_tokens=False)["input_ids"]
+    fine = tokenizer("A:1\nB:2\nC:1\n", add_special_tokens=False)["input_ids"]
+    assert len(looping) == len(fine)
+    rows = [prompt + r for r in (looping, fine)]
+    stop = LoopStop(tokenizer, prompt_length=len(prompt))
+    done = stop(torch.tensor(rows), None)
+    assert done.tolist() == [True, False]

@@ -18,8 +18,12 @@ from typing import Any
 from .engine import Generation
 
 
+# Bump when the decoding rule changes (it changes what a prompt generates), so stale entries miss.
+DECODING = "greedy, stop at end of turn or a repeated line"
+
+
 def generation_key(prompt: str, model_identity: str, adapter: str | None, max_new_tokens: int) -> str:
-    payload = json.dumps([model_identity, adapter, max_new_tokens, prompt], ensure_ascii=False)
+    payload = json.dumps([DECODING, model_identity, adapter, max_new_tokens, prompt], ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 

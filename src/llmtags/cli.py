@@ -111,15 +111,20 @@ def _open_output(path: str | None, mode: str = "w") -> Any:
 def cmd_generate(args: argparse.Namespace) -> int:
     from functools import partial
 
+    from .cli_train import adapter_tagger, wants_adapters
     from .engine import TransformersEngine
     from .tagger import tag_chunks, tag_file
 
-    options = _tagging_options(args)
-    engine = TransformersEngine.load(args.base_model, device=args.device, dtype=args.dtype)
-    tag = partial(tag_chunks, engine=engine, options=options, normaliser=_normaliser(args))
+    options, normaliser = _tagging_options(args), _normaliser(args)
+    if wants_adapters(args):
+        tag = adapter_tagger(args, options, normaliser)
+    else:
+        engine = TransformersEngine.load(args.base_model, device=args.device, dtype=args.dtype)
+        chunks = partial(tag_chunks, engine=engine, options=options, normaliser=normaliser)
+        tag = lambda records, on_batch: chunks(records, on_batch=on_batch)  # noqa: E731
     summary = tag_file(
-        args.input, args.output, lambda records, on_batch: tag(records, on_batch=on_batch), fmt=args.format,
-        fields=_fields(args), limit=args.limit, errors=args.errors, resume=args.resume, progress=not args.quiet,
+        args.input, args.output, tag, fmt=args.format, fields=_fields(args), limit=args.limit,
+        errors=args.errors, resume=args.resume, progress=not args.quiet,
     )
     for line in summary.lines():
         print(f"llmtags: {line}", file=sys.stderr)
@@ -250,6 +255,8 @@ def cmd_vocab_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    from .cli_train import add_adapter_options, add_train_commands
+
     parser = argparse.ArgumentParser(prog="llmtags", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="TOML file of option defaults")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -265,6 +272,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_prompt(p)
     _add_generation(p)
     _add_vocab(p)
+    add_adapter_options(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
     leaves["generate"] = p
@@ -326,6 +334,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--top", type=int, default=20)
     p.set_defaults(func=cmd_vocab_show)
     leaves["vocab show"] = p
+
+    leaves.update(add_train_commands(commands))
     return parser, leaves
 
 
@@ -357,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _apply_config(argv, leaves)
         args = parser.parse_args(argv)
+        args.argv = argv  # so an adapter's llmtags.json records the exact command
         return args.func(args)
     except (CliError, ModelError, PromptError, FileNotFoundError, ValueError) as exc:
         print(f"llmtags: error: {exc}", file=sys.stderr)

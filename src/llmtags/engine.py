@@ -21,6 +21,40 @@ class Generation:
     new_tokens: int
 
 
+def repeats_a_line(text: str) -> bool:
+    """True when the last complete line of `text` already appeared above it: the model is looping.
+
+    Tags come one per line, so a repeated line can only add a duplicate tag (which the parser drops
+    anyway) and is the usual start of a loop that would run to `max_new_tokens`.
+    """
+    lines = [line.strip() for line in text.split("\n")]
+    complete = [line for line in lines[:-1] if line]
+    return len(complete) >= 2 and complete[-1] in complete[:-1]
+
+
+class LoopStop:
+    """A transformers stopping criterion: ends each row whose newest line repeats an earlier one.
+
+    Only rows whose last token holds a newline are decoded, so the check costs little per step."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int):
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+        self._newline_ids: set[int] = {
+            i for token, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([token])
+        }
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row in range(input_ids.shape[0]):
+            if int(input_ids[row, -1]) in self._newline_ids:
+                text = self.tokenizer.decode(input_ids[row, self.prompt_length :], skip_special_tokens=True)
+                done[row] = repeats_a_line(text)
+        return done
+
+
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length, longest first (so memory peaks early)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -36,6 +70,8 @@ class TransformersEngine:
         self.resolved = resolved
         end_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
         self.stop_token_ids = sorted(i for i in end_ids if isinstance(i, int) and i >= 0)
+        self.stop_on_repeat = True
+        self._loop_stop: LoopStop | None = None
 
     @classmethod
     def load(
@@ -62,6 +98,7 @@ class TransformersEngine:
     ) -> list[Generation]:
         """Greedy completions of `prompts`, in input order. `on_batch(n)` is called after each batch."""
         import torch
+        from transformers import StoppingCriteriaList
 
         if not prompts:
             return []
@@ -71,6 +108,12 @@ class TransformersEngine:
         for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size):
             inputs = self.tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            stopping = StoppingCriteriaList()
+            if self.stop_on_repeat:
+                if self._loop_stop is None:
+                    self._loop_stop = LoopStop(self.tokenizer, 0)
+                self._loop_stop.prompt_length = inputs["input_ids"].shape[1]
+                stopping = StoppingCriteriaList([self._loop_stop])
             with torch.inference_mode():
                 output = self.model.generate(
                     **inputs,
@@ -79,6 +122,7 @@ class TransformersEngine:
                     num_beams=1,
                     eos_token_id=self.stop_token_ids,
                     pad_token_id=pad_id,
+                    stopping_criteria=stopping,
                 )
             new = output[:, inputs["input_ids"].shape[1] :].tolist()
             for row, index in enumerate(batch):

@@ -1,0 +1,209 @@
+"""`llmtags train` on the tiny random model: examples, masking, loss, saving, reloading, resuming, QLoRA.
+
+Training steps on the tiny model are dominated by its 151k-token output layer, so these tests use a
+short prompt template (`SHORT_TEMPLATE`) and few steps to stay well under a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmtags.records import Record, load_labelled
+from llmtags.tagger import TaggingOptions, build_prompt, tag_records
+from llmtags.train import TrainConfig, TrainError, build_examples, parse_layers, prepare_run, resolve_layers, train
+
+from conftest import DATASETS
+
+SHORT_TEMPLATE = """{% block system %}
+抽取标签。
+{% endblock %}
+{% block user %}
+{{ text }}
+{% endblock %}
+{% block answer %}
+{% for tag in tags %}
+{{ tag }}
+{% endfor %}
+{% endblock %}
+"""
+
+RECORDS = [
+    Record("r1", "兰蔻小黑瓶精华肌底液50ml", "美妆",
+           tags=["品牌:兰蔻", "产品词:精华肌底液", "型号:50ml"]),
+    Record("r2", "耐克男子跑步鞋 黑色", "运动", tags=["品牌:耐克", "产品词:跑步鞋"]),
+    Record("r3", "得力中性笔0.5mm 12支", "文具", tags=["品牌:得力", "产品词:中性笔", "型号:0.5mm"]),
+    Record("r4", "雅诗兰黛眼霜15ml", "美妆", tags=["品牌:雅诗兰黛", "产品词:眼霜", "型号:15ml"]),
+    Record("r5", "李宁篮球鞋 白色", "运动", tags=["品牌:李宁", "产品词:篮球鞋"]),
+    Record("r6", "晨光橡皮擦 4块装", "文具", tags=["品牌:晨光", "产品词:橡皮擦"]),
+    Record("r7", "无标签的商品", None, tags=None),  # unlabelled: not a training example
+]
+
+
+@pytest.fixture(scope="module")
+def short_template(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("templates") / "short.j2"
+    path.write_text(SHORT_TEMPLATE, encoding="utf-8")
+    return str(path)
+
+
+def _config(tiny_model_dir: Path, template: str, **overrides) -> TrainConfig:
+    values = dict(base_model=str(tiny_model_dir), template=template, rank=8, alpha=16, dropout=0.0, lr=2e-2,
+                  warmup_ratio=0.0, schedule="constant", batch_size=3, grad_accum=1, log_every=1, eval_every=0,
+                  eval_limit=3, max_new_tokens=12, device="cpu")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_config_from_toml_and_overrides(tmp_path):
+    path = tmp_path / "train.toml"
+    path.write_text('[train]\nrank = 8\nlayers = "top4"\nlr = 1e-4\ntarget-modules = ["q_proj", "v_proj"]\n')
+    config = TrainConfig.from_toml(path)
+    assert (config.rank, config.layers, config.lr, config.target_modules) == (8, 4, 1e-4, ["q_proj", "v_proj"])
+    merged = config.merged(rank=32, lr=None, layers="all")
+    assert (merged.rank, merged.lr, merged.layers) == (32, 1e-4, "all")
+    path.write_text("rank = 8\nlearning_rat = 1\n")
+    with pytest.raises(TrainError, match="learning_rat"):
+        TrainConfig.from_toml(path)
+    assert parse_layers("20,22-23") == [20, 22, 23]
+    assert resolve_layers(8, 24) == list(range(16, 24))
+    assert resolve_layers(8, 2) is None and resolve_layers("all", 24) is None
+    with pytest.raises(TrainError):
+        resolve_layers([30], 24)
+
+
+def test_examples_are_the_inference_prompt_and_the_prompt_is_masked(tiny_model_dir, tmp_path):
+    """The prompt trained on is token for token what generation sees; only the answer carries loss."""
+    records = RECORDS[:3] + [Record("en1", "Nike Air Zoom running shoe, black", tags=["Brand:Nike"])]
+    if (DATASETS / "zh-taobao-ner" / "train.jsonl").is_file():
+        records += load_labelled(DATASETS / "zh-taobao-ner" / "train.jsonl")[:2]
+    config = _config(tiny_model_dir, "auto", max_steps=1, max_length=400)
+    run = prepare_run(records, [], config, tmp_path / "out", progress=False)
+    tokenizer = run.tokenizer
+    examples = build_examples(records, tokenizer, "auto")
+    assert len(examples) == len(records)
+    dataset = run.trainer.train_dataset
+    assert len(dataset) == len(records)
+    for record, example, row in zip(records, examples, dataset):
+        assert example["prompt"] == build_prompt(record, tokenizer, TaggingOptions())
+        assert example["completion"].endswith("<|im_end|>")
+        prompt_ids = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
+        n = len(prompt_ids)
+        assert row["input_ids"][:n] == prompt_ids
+        assert row["labels"][:n] == [-100] * n
+        assert row["labels"][n:] == row["input_ids"][n:]
+        assert tokenizer.decode(row["input_ids"][n:]) == example["completion"]
+    # After collation, padding carries no loss either.
+    batch = next(iter(run.trainer.get_train_dataloader()))
+    assert ((batch["labels"] == -100) | (batch["attention_mask"] == 1)).all()
+    assert (batch["labels"] != -100).any()
+
+
+def test_training_prompts_offer_candidates_but_not_a_records_own_unseen_tags(tiny_engine, tmp_path):
+    from llmtags.candidates import CandidateFinder, load_candidate_vocabulary
+
+    labelled = tmp_path / "labelled.jsonl"
+    extra = Record("x", "兰蔻粉水", tags=["品牌:兰蔻"])  # 品牌:兰蔻 is seen twice, 产品词:精华肌底液 once
+    labelled.write_text("".join(json.dumps({"id": r.id, "text": r.text, "tags": r.tags}, ensure_ascii=False) + "\n"
+                                for r in RECORDS[:1] + [extra]), encoding="utf-8")
+    finder = CandidateFinder(load_candidate_vocabulary(str(labelled)))
+    (example,) = build_examples(RECORDS[:1], tiny_engine.tokenizer, "zh", finder)
+    assert "品牌:兰蔻" in example["prompt"] and "精华肌底液" not in example["prompt"].split("商品")[0]
+    inference = build_prompt(RECORDS[0], tiny_engine.tokenizer, TaggingOptions(template="zh", candidates=finder))
+    assert "产品词:精华肌底液" in inference  # at inference every vocabulary entry found is offered
+
+
+def test_training_lowers_the_loss_saves_an_adapter_and_reloads_it_identically(tiny_model_dir, short_template,
+                                                                             tmp_path):
+    from llmtags.adapters import AdapterSet, read_metadata
+    from llmtags.engine import TransformersEngine
+
+    out = tmp_path / "adapter"
+    # One batch holds all six examples, so every step's loss is measured on the same data.
+    config = _config(tiny_model_dir, short_template, max_steps=6, layers="all", lr=5e-2, batch_size=6)
+    result = train(RECORDS, [], config, out, "llmtags train test", data={"train": "RECORDS", "licence": "test"},
+                   progress=False)
+    losses = [loss for _, loss in result.losses]
+    assert len(losses) == 6 and result.global_step == 6
+    # A random 64-wide model over a 151k vocabulary can gain little more than a nat: ask for a clear drop.
+    assert losses[-1] < losses[0] - 0.2 and losses[-1] == min(losses), losses
+
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "llmtags.json"]
+    meta = read_metadata(out)
+    assert meta["base_model"]["spec"] == str(tiny_model_dir)
+    assert meta["template"]["name"] == "short" and len(meta["template"]["sha256"]) == 64
+    assert meta["command"] == "llmtags train test" and meta["data"]["licence"] == "test"
+    assert meta["hyperparameters"]["layers_to_transform"] is None and meta["hyperparameters"]["qlora"] is False
+
+    options = TaggingOptions(template=meta["template"]["spec"], max_new_tokens=12, batch_size=4)
+    result.model.eval()
+    trained = [r.raw for r in tag_records(RECORDS, TransformersEngine(result.model, result.tokenizer), options)]
+    reloaded_set = AdapterSet.load(str(tiny_model_dir), device="cpu")
+    reloaded_set.add(out, template=short_template)
+    reloaded = [r.raw for r in tag_records(RECORDS, reloaded_set.engine("adapter"), options)]
+    assert reloaded == trained
+    base = [r.raw for r in tag_records(RECORDS, reloaded_set.engine(None), options)]
+    assert base != trained  # the adapter changed the model
+
+
+def test_resume_continues_from_the_last_checkpoint_and_keeps_the_best_adapter(tiny_model_dir, short_template,
+                                                                              tmp_path):
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    class CountSteps(TrainerCallback):
+        steps: list[int] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps.append(state.global_step)
+
+    out = tmp_path / "resumable"
+    config = _config(tiny_model_dir, short_template, max_steps=4, save_every=2, eval_every=1, layers=1)
+    dev = RECORDS[:2]
+    with pytest.raises(KeyboardInterrupt):
+        train(RECORDS, dev, config, out, progress=False, callbacks=[Interrupt()])
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "llmtags.json").exists()
+    with pytest.raises(TrainError, match="--resume"):
+        train(RECORDS, dev, config, out, progress=False)
+
+    counter = CountSteps()
+    result = train(RECORDS, dev, config, out, progress=False, resume=True, callbacks=[counter])
+    assert result.start_step == 2 and result.global_step == 4
+    assert counter.steps == [3, 4]
+    # Evaluation by generation ran every step across the interruption; step 3's first evaluation, made after
+    # the checkpoint, was dropped when step 3 was trained again. The final adapter is the best one.
+    assert [e["step"] for e in result.evals] == [1, 2, 3, 4]
+    assert all(0.0 <= e["f1"] <= 1.0 and e["records"] == 2 for e in result.evals)
+    meta = json.loads((out / "llmtags.json").read_text())
+    assert meta["metrics"]["dev"]["f1"] == result.best["f1"] and meta["metrics"]["test"] is None
+    assert (out / "adapter_model.safetensors").read_bytes() == (out / "best" / "adapter_model.safetensors").read_bytes()
+    # Adapters sit on the top layer only (layers=1 of the tiny model's 2).
+    assert meta["hyperparameters"]["layers_to_transform"] == [1]
+    assert json.loads((out / "adapter_config.json").read_text())["layers_to_transform"] == [1]
+
+
+def test_qlora_trains_a_4bit_base_on_cuda(tiny_model_dir, short_template, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: QLoRA loads the base in 4 bits with bitsandbytes, which needs a GPU")
+    pytest.importorskip("bitsandbytes")
+    from llmtags.adapters import AdapterSet
+
+    out = tmp_path / "qlora"
+    config = _config(tiny_model_dir, short_template, max_steps=3, device="cuda", qlora="auto")
+    result = train(RECORDS, RECORDS[:2], config, out, progress=False)
+    assert result.metadata["hyperparameters"]["qlora"] is True
+    assert result.metadata["hyperparameters"]["compute_dtype"] == "bfloat16"
+    adapter_set = AdapterSet.load(str(tiny_model_dir), device="cuda", load_in_4bit=True)
+    adapter_set.add(out, template=short_template)
+    options = TaggingOptions(template=short_template, max_new_tokens=8)
+    assert len(list(tag_records(RECORDS[:2], adapter_set.engine("qlora"), options))) == 2
