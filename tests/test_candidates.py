@@ -60,3 +60,8 @@ def test_labelled_file_or_vocabulary_file(tmp_path):
     VOCAB.save(vocab_file)
     assert [e.tag for e in load_candidate_vocabulary(str(labelled))] == ["品牌:理肤泉"]
     assert len(load_candidate_vocabulary(str(vocab_file))) == len(VOCAB)
+
+
+def test_schema_limits_candidate_attributes():
+    finder = CandidateFinder(VOCAB)
+    assert finder.tags("法国理肤泉防晒霜", attributes=["品牌"]) == ["品牌:法国", "品牌:理肤泉"]

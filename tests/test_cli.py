@@ -71,3 +71,19 @@ def test_prompt_render_shows_the_chat_formatted_prompt(tmp_path, tiny_model_dir,
     assert "template en" in captured.err
     assert main(["prompt", "render", "--text", "理肤泉防晒霜", "--base-model", str(tiny_model_dir)]) == 0
     assert "商品：理肤泉防晒霜" in capsys.readouterr().out
+
+
+def test_generate_normalises_against_a_vocabulary(tmp_path, tiny_model_dir):
+    from llmtags.vocab import Vocabulary
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("品牌:理肤泉\nBrand:Diesel\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", str(_input(tmp_path)), "-o", str(out), "--base-model", str(tiny_model_dir),
+                 "--max-new-tokens", "6", "--vocab", str(vocab), "--policy", "closed", "-q"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    known = Vocabulary.load(vocab)
+    for row in rows:
+        assert all(tag in known for tag in row["tags"])  # closed: only vocabulary tags survive
+        assert all("layer" in detail for detail in row.get("normalisation", []))
+    assert any(row.get("normalisation") for row in rows)  # the random model's tags were seen and dropped

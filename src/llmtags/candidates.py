@@ -44,9 +44,13 @@ class CandidateFinder:
             entries.sort(key=lambda pair: -pair[0].count)  # the most frequent reading first
         self.index = ValueIndex(self.by_key)
 
-    def find(self, text: str, own_tags: Sequence[GoldTag] = ()) -> list[Candidate]:
-        """Candidates in text order; longer spans win when there are more than `max_candidates`."""
+    def find(
+        self, text: str, own_tags: Sequence[GoldTag] = (), attributes: Sequence[str] | None = None
+    ) -> list[Candidate]:
+        """Candidates in text order; longer spans win when there are more than `max_candidates`.
+        With `attributes` (a record's schema), only entries of those attributes are offered."""
         own = {canonical(form) for tag in own_tags for form in ([tag] if isinstance(tag, str) else tag)}
+        allowed = {canonical(a) for a in attributes} if attributes else None
         found: list[Candidate] = []
         seen: set[str] = set()
         for match in sorted(self.index.matches(text), key=lambda m: (m.start - m.end, m.start)):
@@ -54,13 +58,17 @@ class CandidateFinder:
                 key = canonical(entry.tag)
                 if key in seen or (entry.count <= 1 and key in own):
                     continue
+                if allowed is not None and canonical(entry.attribute or "") not in allowed:
+                    continue
                 seen.add(key)
                 found.append(Candidate(entry.tag, match.start, match.end, via))
         found = found[: self.max_candidates]
         return sorted(found, key=lambda c: (c.start, -c.end))
 
-    def tags(self, text: str, own_tags: Sequence[GoldTag] = ()) -> list[str]:
-        return [c.tag for c in self.find(text, own_tags)]
+    def tags(
+        self, text: str, own_tags: Sequence[GoldTag] = (), attributes: Sequence[str] | None = None
+    ) -> list[str]:
+        return [c.tag for c in self.find(text, own_tags, attributes)]
 
 
 def candidate_recall(golds: Sequence[Sequence[GoldTag]], candidates: Sequence[Sequence[str]]) -> float:

@@ -28,7 +28,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .records import GoldTag, Record
 
-PACKAGED = ("zh", "en", "few_shot")
+PACKAGED = ("zh", "en", "few_shot", "tuned")
 BLOCKS = ("system", "user", "answer")
 
 _ENV = ImmutableSandboxedEnvironment(

@@ -57,7 +57,8 @@ def build_prompt(record: Record, tokenizer: Any, options: TaggingOptions, traini
         record = replace(record, text=record.text[: options.max_text_chars])
     template = template_for(record, options.template)
     candidates = (
-        options.candidates.tags(record.text, record.tags or () if training else ()) if options.candidates else ()
+        options.candidates.tags(record.text, record.tags or () if training else (), record.schema)
+        if options.candidates else ()
     )
     return render_prompt(tokenizer, template.messages(record, options.demos, candidates))
 
