@@ -71,3 +71,37 @@ def test_changed_text_is_tagged_again(products, tiny_model_dir, reference, tmp_p
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == N + 1 and rows[-1]["id"] == "p0"
     assert "resumed: 23 records were already done" in result.stderr
+
+
+def test_ctrl_c_stops_with_whole_lines_and_resume_completes(products, tiny_model_dir, reference, tmp_path):
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    process = subprocess.Popen(_command(products, tiny_model_dir, out, errors), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while _lines(out) < 2 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "--resume" in stderr
+    partial = out.read_bytes()
+    assert partial.endswith(b"\n") and 2 <= partial.count(b"\n") < N, "interrupted after whole chunks only"
+    assert reference[0].startswith(partial)
+    subprocess.run(_command(products, tiny_model_dir, out, errors, "--resume"), check=True, capture_output=True)
+    assert out.read_bytes() == reference[0]
+    assert errors.read_bytes() == reference[1]
+
+
+@pytest.mark.parametrize("torn", [b'{"record": 1, "id": "a", "fie', '{"record": 1, "id": "理'.encode()[:-1]])
+def test_torn_errors_file_is_repaired_on_resume(tmp_path, torn):
+    """A kill can cut the errors file mid-line (even mid-character): resume cuts that line off and
+    reports the record again on a line of its own, once."""
+    from llmtags.tagger import TagResult, tag_file
+
+    source, out, errors = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    source.write_text('{"id": "a", "text": null}\n{"id": "b", "text": "ok"}\n{"id": "c", "text": 1}\n')
+    errors.write_bytes(torn)
+    summary = tag_file(str(source), str(out), lambda records, on_batch: ([TagResult(r, [], "")] for r in records),
+                       errors=str(errors), resume=True, progress=False)
+    assert summary.tagged == 1 and summary.errors == 2
+    rows = [json.loads(line) for line in errors.read_text(encoding="utf-8").splitlines()]
+    assert [(r["record"], r["id"]) for r in rows] == [(1, "a"), (3, "c")]

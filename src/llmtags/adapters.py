@@ -444,9 +444,11 @@ class AdapterEngine:
         return self.adapter_set._base_engine.count_tokens(prompts)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 64, batch_size: int = 8,
-                 on_batch: Callable[[int], None] | None = None) -> list[Any]:
+                 on_batch: Callable[[int], None] | None = None,
+                 constraints: Sequence[Any] | None = None) -> list[Any]:
         with self.adapter_set.active(self.adapter):
-            return self.adapter_set._base_engine.generate(prompts, max_new_tokens, batch_size, on_batch)
+            return self.adapter_set._base_engine.generate(prompts, max_new_tokens, batch_size, on_batch,
+                                                          constraints=constraints)
 
 
 # --- routing --------------------------------------------------------------------------------------------

@@ -22,9 +22,20 @@ from .engine import Generation
 DECODING = "greedy, stop at end of turn or a repeated line"
 
 
-def generation_key(prompt: str, model_identity: str, adapter: str | None, max_new_tokens: int) -> str:
-    payload = json.dumps([DECODING, model_identity, adapter, max_new_tokens, prompt], ensure_ascii=False)
+def generation_key(
+    prompt: str, model_identity: str, adapter: str | None, max_new_tokens: int, extra: str | None = None
+) -> str:
+    """`extra`: anything else that changes what the prompt generates (a constraint's `key()`); keys
+    without it are those of earlier versions, so unconstrained entries stay valid."""
+    fields: list[Any] = [DECODING, model_identity, adapter, max_new_tokens, prompt]
+    if extra is not None:
+        fields.append(extra)
+    payload = json.dumps(fields, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def _constraint_key(constraint: Any) -> str | None:
+    return constraint.key() if constraint is not None else None
 
 
 class GenerationCache:
@@ -80,8 +91,13 @@ class CachedEngine:
         max_new_tokens: int = 64,
         batch_size: int = 8,
         on_batch: Callable[[int], None] | None = None,
+        constraints: Sequence[Any] | None = None,
     ) -> list[Generation]:
-        keys = [generation_key(p, self.model_identity, self.adapter, max_new_tokens) for p in prompts]
+        """Like `TransformersEngine.generate`; a prompt's constraint (mode and a hash of what it
+        depends on) is part of its cache key."""
+        extras = [_constraint_key(c) for c in constraints] if constraints is not None else [None] * len(prompts)
+        keys = [generation_key(p, self.model_identity, self.adapter, max_new_tokens, extra)
+                for p, extra in zip(prompts, extras)]
         results: list[Generation | None] = []
         for key in keys:
             hit = self.cache.get(key)
@@ -99,8 +115,12 @@ class CachedEngine:
         for start in range(0, len(missing), batch_size):
             batch = missing[start : start + batch_size]
             began = time.perf_counter()
+            kwargs: dict[str, Any] = {}
+            if constraints is not None and any(constraints[i] is not None for i in batch):
+                kwargs["constraints"] = [constraints[i] for i in batch]
             generated = self._engine.generate(
-                [prompts[i] for i in batch], max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=on_batch
+                [prompts[i] for i in batch], max_new_tokens=max_new_tokens, batch_size=batch_size, on_batch=on_batch,
+                **kwargs,
             )
             per_prompt = (time.perf_counter() - began) / len(batch)
             self.misses += len(batch)
@@ -110,5 +130,6 @@ class CachedEngine:
                 self.cache.put(keys[i], generation, per_prompt)
         return [r for r in results if r is not None]
 
-    def seconds_for(self, prompt: str, max_new_tokens: int) -> float:
-        return self.seconds.get(generation_key(prompt, self.model_identity, self.adapter, max_new_tokens), 0.0)
+    def seconds_for(self, prompt: str, max_new_tokens: int, constraint: Any = None) -> float:
+        key = generation_key(prompt, self.model_identity, self.adapter, max_new_tokens, _constraint_key(constraint))
+        return self.seconds.get(key, 0.0)

@@ -64,6 +64,11 @@ def _add_generation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="tag only the first N valid records")
     p.add_argument("--chunk-size", type=int, default=64,
                    help="records generated between two appends to the output (default 64)")
+    p.add_argument("--constrain", choices=["free", "extract", "closed"], default="free",
+                   help="constrained decoding: free (a record's schema limits attribute names), extract (values "
+                   "are spans of the text), closed (lines are entries of --constrain-vocab) (default free)")
+    p.add_argument("--constrain-vocab", metavar="VOCAB",
+                   help="vocabulary (or labelled file) for --constrain closed (default: --vocab)")
 
 
 def _fields(args: argparse.Namespace) -> Any:
@@ -86,8 +91,17 @@ def _tagging_options(args: argparse.Namespace) -> Any:
         from .candidates import CandidateFinder, load_candidate_vocabulary
 
         candidates = CandidateFinder(load_candidate_vocabulary(args.candidates))
+    constrain, constrain_vocab = getattr(args, "constrain", "free"), None
+    if constrain == "closed":
+        from .candidates import load_candidate_vocabulary
+
+        path = getattr(args, "constrain_vocab", None) or getattr(args, "vocab", None)
+        if not path:
+            raise CliError("--constrain closed needs --constrain-vocab VOCAB (or --vocab)")
+        constrain_vocab = load_candidate_vocabulary(path)
     return TaggingOptions(template, demos, getattr(args, "max_new_tokens", 64), getattr(args, "batch_size", 8),
-                          getattr(args, "chunk_size", 64), candidates=candidates)
+                          getattr(args, "chunk_size", 64), candidates=candidates, constrain=constrain,
+                          constrain_vocab=constrain_vocab)
 
 
 def _normaliser(args: argparse.Namespace) -> Any:

@@ -2,7 +2,7 @@
 
 Prompts are sorted by token length before batching, so each batch pads little, and results are put
 back in input order. Decoding is greedy and bounded by `max_new_tokens`; it stops at the chat
-template's end-of-turn token.
+template's end-of-turn token. Per-prompt constraints (`constrain.py`) mask the tokens a row may take.
 """
 
 from __future__ import annotations
@@ -95,13 +95,20 @@ class TransformersEngine:
         max_new_tokens: int = 64,
         batch_size: int = 8,
         on_batch: Callable[[int], None] | None = None,
+        constraints: Sequence[Any] | None = None,
     ) -> list[Generation]:
-        """Greedy completions of `prompts`, in input order. `on_batch(n)` is called after each batch."""
+        """Greedy completions of `prompts`, in input order. `on_batch(n)` is called after each batch.
+
+        `constraints`: one `constrain.ConstraintSpec` (or None) per prompt; a batch holding any is
+        decoded through a `constrain.TagConstraintProcessor`, and a row cut by `max_new_tokens` inside
+        a line loses that incomplete line."""
         import torch
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         if not prompts:
             return []
+        if constraints is not None and len(constraints) != len(prompts):
+            raise ValueError(f"{len(constraints)} constraints for {len(prompts)} prompts")
         encoded = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         results: list[Generation | None] = [None] * len(prompts)
         pad_id = self.tokenizer.pad_token_id
@@ -114,6 +121,13 @@ class TransformersEngine:
                     self._loop_stop = LoopStop(self.tokenizer, 0)
                 self._loop_stop.prompt_length = inputs["input_ids"].shape[1]
                 stopping = StoppingCriteriaList([self._loop_stop])
+            processor = None
+            if constraints is not None and any(constraints[i] is not None for i in batch):
+                from .constrain import TagConstraintProcessor
+
+                processor = TagConstraintProcessor(
+                    self.tokenizer, [constraints[i] for i in batch], inputs["input_ids"].shape[1], self.stop_token_ids
+                )
             with torch.inference_mode():
                 output = self.model.generate(
                     **inputs,
@@ -123,15 +137,18 @@ class TransformersEngine:
                     eos_token_id=self.stop_token_ids,
                     pad_token_id=pad_id,
                     stopping_criteria=stopping,
+                    logits_processor=LogitsProcessorList([processor]) if processor is not None else None,
                 )
             new = output[:, inputs["input_ids"].shape[1] :].tolist()
+            keep = processor.finish(new) if processor is not None else [None] * len(batch)
             for row, index in enumerate(batch):
                 tokens = new[row]
                 for n, token in enumerate(tokens):
                     if token in self.stop_token_ids:
                         tokens = tokens[:n]
                         break
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                kept = tokens if keep[row] is None else tokens[: keep[row]]
+                text = self.tokenizer.decode(kept, skip_special_tokens=True)
                 results[index] = Generation(text, len(encoded[index]), len(tokens))
             if on_batch:
                 on_batch(len(batch))

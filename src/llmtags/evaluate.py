@@ -19,7 +19,7 @@ from typing import Any
 from .metrics import bootstrap_prf_counts, paired_bootstrap
 from .records import Record, RecordError
 from .report import EvalReport
-from .tagger import TaggingOptions, TagResult, build_prompt, tag_records
+from .tagger import TaggingOptions, TagResult, build_prompt, constraint_for, tag_records
 
 
 def read_predictions(path: str | Path, errors: Any = None) -> dict[str, list[str]]:
@@ -101,7 +101,8 @@ def generation_seconds(records: Sequence[Record], engine: Any, options: TaggingO
     """Per record, the generation time it cost when generated (kept by the cache across re-runs)."""
     if not hasattr(engine, "seconds_for"):
         return []
-    return [engine.seconds_for(build_prompt(r, engine.tokenizer, options), options.max_new_tokens) for r in records]
+    return [engine.seconds_for(build_prompt(r, engine.tokenizer, options), options.max_new_tokens,
+                               constraint=constraint_for(r, options)) for r in records]
 
 
 def generate_and_score(

@@ -171,8 +171,49 @@ def demos_from(records: Sequence[Record], k: int, lang: str | None = None, max_c
     return demos
 
 
+def _fullwidth(ch: str) -> str:
+    """The full-width look-alike of an ASCII punctuation mark ('<' becomes '＜')."""
+    return chr(ord(ch) + 0xFEE0) if "!" <= ch <= "~" else ch
+
+
+def _added_token_re(tokenizer: Any) -> re.Pattern[str] | None:
+    """A pattern for the tokenizer's markup-like added tokens (`<tool_call>`, `<s>`, `[INST]`, ...).
+
+    Tokens that are plain words (some tokenizers add vocabulary) are left alone: only those that
+    start and end with ASCII punctuation read as markup. Cached on the tokenizer.
+    """
+    cached = getattr(tokenizer, "_llmtags_added_token_re", False)
+    if cached is not False:
+        return cached
+    tokens = [t for t in getattr(tokenizer, "added_tokens_encoder", {}) or {}
+              if len(t) >= 3 and not t[0].isalnum() and not t[-1].isalnum() and t.isascii() and t.strip() == t]
+    pattern = re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True)))) if tokens else None
+    try:
+        tokenizer._llmtags_added_token_re = pattern
+    except AttributeError:
+        pass
+    return pattern
+
+
+def defuse_added_tokens(tokenizer: Any, text: str) -> str:
+    """Give every string the tokenizer would read as one of its added tokens full-width ends
+    (`<tool_call>` becomes `＜tool_call＞`), so it tokenises as plain text.
+
+    `neutralise` already handled the `<|...|>` shape in product fields; this catches the tokenizer's
+    other markup, e.g. Qwen's `<tool_call>` spelled `&lt;tool_call&gt;` in a scraped title.
+    """
+    pattern = _added_token_re(tokenizer)
+    if pattern is None:
+        return text
+    return pattern.sub(lambda m: _fullwidth(m.group(0)[0]) + m.group(0)[1:-1] + _fullwidth(m.group(0)[-1]), text)
+
+
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The exact string the model sees: the messages through the model's own chat template."""
+    """The exact string the model sees: the messages through the model's own chat template.
+
+    The messages cannot hold the tokenizer's own added tokens: only the chat template adds those.
+    """
+    messages = [dict(m, content=defuse_added_tokens(tokenizer, m["content"])) for m in messages]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

@@ -93,6 +93,16 @@ def _unescape_entity(match: re.Match[str]) -> str:
     return match.group(0) if decoded == f"&{body};" else decoded
 
 
+def _clean_char(ch: str) -> str:
+    category = unicodedata.category(ch)
+    if category[0] != "C" or ch in "\t\n":
+        return ch
+    # Format characters (zero-width space and joiners, bidi controls, soft hyphen, BOM, the invisible
+    # "tag" characters) sit inside words: drop them, so "Ni\u200bke" reads "Nike". Other control
+    # characters (NUL, ESC, unassigned or private-use code points, lone surrogates) become a space.
+    return "" if category == "Cf" else " "
+
+
 def clean_text(text: str) -> str:
     """NFKC, HTML tags and entities removed, control characters dropped, whitespace collapsed.
 
@@ -102,7 +112,7 @@ def clean_text(text: str) -> str:
     text = _TAG_RE.sub(" ", text)
     text = _ENTITY_RE.sub(_unescape_entity, text)
     text = unicodedata.normalize("NFKC", text)
-    text = "".join(ch if unicodedata.category(ch)[0] != "C" or ch in "\t\n" else " " for ch in text)
+    text = "".join(ch if ch.isprintable() else _clean_char(ch) for ch in text)
     return _SPACE_RE.sub(" ", text).strip()
 
 
@@ -130,35 +140,61 @@ def _as_tags(value: Any) -> list[GoldTag]:
     return tags
 
 
+def _decoded(value: Any) -> Any:
+    """Bytes (a Parquet binary column) as UTF-8 text; anything else unchanged."""
+    return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else value
+
+
 def row_to_record(row: Any, number: int, fields: Fields = Fields()) -> Record | RecordError:
     """Validate one raw row (a dict from JSON, CSV or Parquet) and build a cleaned Record."""
     if not isinstance(row, dict):
-        return RecordError(number, None, f"expected a JSON object, got {type(row).__name__}")
-    raw_id = row.get(fields.id)
+        kind = {"NoneType": "null", "str": "a string", "list": "an array", "int": "a number", "float": "a number",
+                "bool": "a boolean"}.get(type(row).__name__, type(row).__name__)
+        return RecordError(number, None, f"expected a JSON object, got {kind}")
+    try:
+        raw_id = _decoded(row.get(fields.id))
+    except UnicodeDecodeError as exc:
+        return RecordError(number, fields.id, f"invalid UTF-8 at byte {exc.start}")
+    if isinstance(raw_id, float) and raw_id != raw_id:
+        raw_id = None  # NaN: how pandas writes a missing value
     if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
         # An unlabelled catalogue may have no ids; the record number is stable within one input.
         if fields.id in row and raw_id is not None:
             return RecordError(number, fields.id, "empty id")
         raw_id = f"#{number}"
+    if isinstance(raw_id, float):
+        # A whole float is an integer id that went through a float column (1.0 from pandas, Parquet).
+        if not raw_id.is_integer():
+            return RecordError(number, fields.id, f"id must be a string or integer, got the float {raw_id!r}")
+        raw_id = int(raw_id)
     if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
         return RecordError(number, fields.id, f"id must be a string or integer, got {type(raw_id).__name__}")
     record_id = str(raw_id)
+    if not record_id.isprintable() and any(unicodedata.category(ch)[0] == "C" for ch in record_id):
+        # Ids are keys for joins and resume, never altered: one with NUL, ESC, newlines or zero-width
+        # characters is refused rather than silently changed.
+        return RecordError(number, fields.id, "id contains control or invisible characters", record_id)
     if fields.text not in row or row[fields.text] is None:
         return RecordError(number, fields.text, "missing text field", record_id)
-    raw_text = row[fields.text]
+    try:
+        raw_text = _decoded(row[fields.text])
+    except UnicodeDecodeError as exc:
+        return RecordError(number, fields.text, f"invalid UTF-8 at byte {exc.start}", record_id)
     if not isinstance(raw_text, str):
         return RecordError(number, fields.text, f"text must be a string, got {type(raw_text).__name__}", record_id)
     text = clean_text(raw_text)
     if not text:
         return RecordError(number, fields.text, "text is empty after cleaning", record_id)
     category = row.get(fields.category)
+    if isinstance(category, (bytes, bytearray)):
+        category = category.decode("utf-8", "replace")
     if category is not None and not isinstance(category, str):
         category = str(category)
     tags = None
     if row.get(fields.tags) is not None:
         try:
             tags = _as_tags(row[fields.tags])
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             return RecordError(number, fields.tags, str(exc), record_id)
     schema = row.get("schema")
     schema = [str(s) for s in schema] if isinstance(schema, list) else None
@@ -169,25 +205,111 @@ def row_to_record(row: Any, number: int, fields: Fields = Fields()) -> Record | 
 # --- readers --------------------------------------------------------------------------------------
 
 
-def _jsonl_rows(stream: io.BufferedIOBase) -> Iterator[tuple[int, Any]]:
+# Bytes that are not UTF-8 survive decoding as lone surrogates (errors="surrogateescape"), so the row
+# can still be parsed and the error can name the field (and id) that holds them.
+_ESCAPED_BYTES = re.compile("[\udc80-\udcff]")
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass
+class _Undecodable:
+    """A row that parsed only once its invalid UTF-8 bytes were escaped: reported, never read."""
+
+    row: Any
+    detail: str
+
+
+def _has_escaped_bytes(value: Any) -> bool:
+    if isinstance(value, str):
+        return _ESCAPED_BYTES.search(value) is not None
+    if isinstance(value, list):
+        return any(_has_escaped_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_escaped_bytes(k) or _has_escaped_bytes(v) for k, v in value.items())
+    return False
+
+
+def _undecodable_error(number: int, item: _Undecodable, fields: Fields) -> RecordError:
+    field = record_id = None
+    if isinstance(item.row, dict):
+        for key, value in item.row.items():
+            if _has_escaped_bytes(key) or _has_escaped_bytes(value):
+                field = None if _has_escaped_bytes(key) else str(key)
+                break
+        raw_id = item.row.get(fields.id)
+        if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) and not _has_escaped_bytes(raw_id):
+            record_id = str(raw_id)
+    return RecordError(number, field, f"invalid UTF-8 {item.detail}", record_id)
+
+
+def _id_hint(line: str, id_field: str) -> str | None:
+    """The id of a line that is not valid JSON, when it can be read off the line, to help find it."""
+    match = re.search(rf'"{re.escape(id_field)}"\s*:\s*("(?:[^"\\\n]|\\.){{0,200}}"|-?\d{{1,30}})(?=\s*[,}}])',
+                      line)
+    if not match:
+        return None
+    try:
+        value = json.loads(match.group(1))
+    except ValueError:
+        return None
+    return str(value) if not _has_escaped_bytes(str(value)) else None
+
+
+def _jsonl_rows(stream: io.BufferedIOBase, id_field: str = "id") -> Iterator[tuple[int, Any]]:
     for number, raw in enumerate(stream, start=1):
+        if raw.startswith(_BOM):  # at the start of the file, or of a file concatenated to it
+            raw = raw[len(_BOM):]
+        detail = None
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            yield number, RecordError(number, None, f"invalid UTF-8 at byte {exc.start}")
-            continue
+            line = raw.decode("utf-8", "surrogateescape")
+            detail = f"at byte {exc.start}"
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            # strict=False: a raw tab or other control character inside a string (pasted from a
+            # spreadsheet) is accepted, and cleaning drops it.
+            row = json.loads(line, strict=False)
         except json.JSONDecodeError as exc:
-            yield number, RecordError(number, None, f"malformed JSON: {exc.msg} at column {exc.colno}")
+            reason = f"invalid UTF-8 {detail}" if detail else f"malformed JSON: {exc.msg} (column {exc.colno})"
+            yield number, RecordError(number, None, reason, _id_hint(line, id_field))
+            continue
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit number; arrays nested 100,000 deep
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(":")[0]
+            yield number, RecordError(number, None, f"malformed JSON: {reason}", _id_hint(line, id_field))
+            continue
+        yield number, _Undecodable(row, detail) if detail else row
 
 
 def _csv_rows(stream: io.BufferedIOBase) -> Iterator[tuple[int, Any]]:
-    text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
-    for number, row in enumerate(csv.DictReader(text), start=1):
-        yield number, {k: v for k, v in row.items() if k is not None}
+    # The field size limit (128 kB by default) guards against a runaway quote, but a long description
+    # is no runaway: allow 64 MB, so it is read (and later truncated) instead of stopping the run.
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 26))
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    reader = csv.DictReader(text)
+    number = 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            number += 1
+            yield number, RecordError(number, None, f"malformed CSV: {exc}")
+            continue
+        number += 1
+        extra = row.pop(None, None)  # cells beyond the header: an unquoted comma shifted the row
+        if extra:
+            reason = f"{len(row) + len(extra)} cells where the header has {len(row)}: quote cells holding commas"
+            yield number, RecordError(number, None, reason)
+            continue
+        escaped = next((v for v in row.values() if isinstance(v, str) and _ESCAPED_BYTES.search(v)), None)
+        if escaped is not None:
+            byte = ord(_ESCAPED_BYTES.search(escaped).group(0)) - 0xDC00
+            yield number, _Undecodable(row, f"(byte 0x{byte:02x})")
+            continue
+        yield number, row
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -235,7 +357,7 @@ def read_records(
         return
     stream = sys.stdin.buffer if str(source) == "-" else open(source, "rb")
     try:
-        rows = _jsonl_rows(stream) if fmt == "jsonl" else _csv_rows(stream)
+        rows = _jsonl_rows(stream, fields.id) if fmt == "jsonl" else _csv_rows(stream)
         yield from _validated(rows, fields, dedupe, stats)
     finally:
         if stream is not sys.stdin.buffer:
@@ -245,18 +367,25 @@ def read_records(
 def _validated(
     rows: Iterable[tuple[int, Any]], fields: Fields, dedupe: bool, stats: ReadStats
 ) -> Iterator[Record | RecordError]:
-    seen: dict[str, str] = {}
+    # id -> digest of the cleaned text: a few dozen bytes per record, not the text itself.
+    seen: dict[str, bytes] = {}
     for number, row in rows:
-        item = row if isinstance(row, RecordError) else row_to_record(row, number, fields)
+        if isinstance(row, RecordError):
+            item: Record | RecordError = row
+        elif isinstance(row, _Undecodable):
+            item = _undecodable_error(number, row, fields)
+        else:
+            item = row_to_record(row, number, fields)
         if isinstance(item, Record) and dedupe:
             previous = seen.get(item.id)
-            if previous == item.text:
+            digest = hashlib.blake2b(item.text.encode("utf-8"), digest_size=16).digest()
+            if previous == digest:
                 stats.duplicates += 1
                 continue
             if previous is not None:
                 item = RecordError(number, fields.id, "duplicate id with different text", item.id)
             else:
-                seen[item.id] = item.text
+                seen[item.id] = digest
         if isinstance(item, RecordError):
             stats.errors += 1
         else:

@@ -10,11 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .parse import parse_tags
 from .prompts import Demo, PromptTemplate, render_prompt, template_for
 from .records import Record
+
+if TYPE_CHECKING:
+    from .constrain import ConstraintSpec
+    from .vocab import Vocabulary
 
 
 @dataclass
@@ -48,6 +52,10 @@ class TaggingOptions:
     # description carry the tags, and a 1 MB description must not blow up the model's context.
     max_text_chars: int = 2000
     candidates: Any = None  # a CandidateFinder: vocabulary entries found in the text go into the prompt
+    # Constrained decoding (constrain.py): "free" (only the record's schema limits attribute names),
+    # "extract" (values are spans of the text) or "closed" (lines are entries of `constrain_vocab`).
+    constrain: str = "free"
+    constrain_vocab: Vocabulary | None = None  # for "closed"
 
 
 def build_prompt(record: Record, tokenizer: Any, options: TaggingOptions, training: bool = False) -> str:
@@ -61,6 +69,23 @@ def build_prompt(record: Record, tokenizer: Any, options: TaggingOptions, traini
         if options.candidates else ()
     )
     return render_prompt(tokenizer, template.messages(record, options.demos, candidates))
+
+
+def constraint_for(record: Record, options: TaggingOptions) -> ConstraintSpec | None:
+    """The `constrain.ConstraintSpec` of `record` (None when nothing is constrained: free mode and no
+    schema), from the text as `build_prompt` cuts it."""
+    from .constrain import ConstraintSpec
+
+    if options.constrain == "free" and not record.schema:
+        return None
+    if options.constrain == "closed" and options.constrain_vocab is None:
+        raise ValueError("constrain='closed' needs a vocabulary (TaggingOptions.constrain_vocab)")
+    return ConstraintSpec(
+        options.constrain,
+        text=record.text[: options.max_text_chars] if options.constrain == "extract" else None,
+        schema=tuple(record.schema) if record.schema else None,
+        vocab=options.constrain_vocab if options.constrain == "closed" else None,
+    )
 
 
 def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
@@ -85,8 +110,12 @@ def tag_chunks(
     list of results per chunk of `options.chunk_size` records, in input order."""
     for chunk in _chunks(records, options.chunk_size):
         prompts = [build_prompt(record, engine.tokenizer, options) for record in chunk]
+        constraints = [constraint_for(record, options) for record in chunk]
+        # Engines without constrained decoding still serve unconstrained runs.
+        kwargs = {"constraints": constraints} if any(c is not None for c in constraints) else {}
         generations = engine.generate(
-            prompts, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, on_batch=on_batch
+            prompts, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, on_batch=on_batch,
+            **kwargs,
         )
         yield [to_result(record, generation, options, normaliser) for record, generation in zip(chunk, generations)]
 
@@ -146,21 +175,26 @@ class RunSummary:
         return lines
 
 
+def _whole_lines(path: str | Path) -> bytes:
+    """The bytes of a JSONL file up to its last newline, after cutting off (in the file too) a partial
+    last line left by a run killed mid-write; b"" when there is no file."""
+    path = Path(path)
+    if not path.is_file():
+        return b""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+        data = data[: data.rfind(b"\n") + 1]
+    return data
+
+
 def completed_records(path: str | Path) -> set[tuple[str, str]]:
     """(id, text_hash) of every complete line of an earlier output; a torn last line is cut off."""
     import json
 
-    path = Path(path)
-    if not path.is_file():
-        return set()
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        # A run killed mid-write leaves a partial line: drop it, so the file ends on a whole record.
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-        data = data[: data.rfind(b"\n") + 1]
     done = set()
-    for line in data.splitlines():
+    for line in _whole_lines(path).splitlines():
         row = json.loads(line)
         done.add((str(row["id"]), row.get("text_hash", "")))
     return done
@@ -209,8 +243,8 @@ def tag_file(
     if resume and to_stdout:
         raise ValueError("--resume needs an output file (-o FILE)")
     done = completed_records(output) if resume else set()
-    reported = {line for line in Path(errors).read_text(encoding="utf-8").splitlines()} if (
-        resume and errors and Path(errors).is_file()) else set()
+    # The errors file is written as bad records are read, so a killed run can leave half a line there too.
+    reported = set(_whole_lines(errors).decode("utf-8").splitlines()) if resume and errors else set()
     stats = ReadStats()
     summary = RunSummary()
     if not to_stdout:

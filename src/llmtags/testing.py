@@ -1,0 +1,40 @@
+"""A tiny random Qwen2 model for tests and soak runs: two layers, the real Qwen tokenizer.
+
+It runs the real generate path in about a second, and being random, its outputs differ from record
+to record. Shared by `tests/conftest.py` and `eval/soak.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def tiny_qwen2(out: str | Path, tokenizer_dir: str | Path | None = None, seed: int = 0) -> Path:
+    """Write a random 2-layer Qwen2 (safetensors) with the embedded model's tokenizer into `out`."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    if tokenizer_dir is None:
+        from .models import embedded_tokenizer_dir
+
+        tokenizer_dir = embedded_tokenizer_dir()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
