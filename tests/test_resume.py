@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-N = 24
+N = 150  # enough that an unloaded machine is still tagging when the test interrupts it
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_changed_text_is_tagged_again(products, tiny_model_dir, reference, tmp_p
     assert result.returncode == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == N + 1 and rows[-1]["id"] == "p0"
-    assert "resumed: 23 records were already done" in result.stderr
+    assert f"resumed: {N - 1} records were already done" in result.stderr
 
 
 def test_ctrl_c_stops_with_whole_lines_and_resume_completes(products, tiny_model_dir, reference, tmp_path):
