@@ -311,3 +311,34 @@ def test_generate_with_an_adapter_map_writes_each_records_adapter(registry, tiny
     args.device, args.dtype = "cpu", "auto"
     tag_file(str(data), str(out), adapter_tagger(args, OPTIONS), progress=False)
     assert ["adapter" in json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == [False] * 4
+
+
+def test_generate_defaults_to_the_adapters_template_and_candidates(tmp_path, capsys):
+    import argparse
+    import json
+
+    import pytest
+
+    from llmtags.cli_train import apply_adapter_defaults
+
+    root = tmp_path / "adapters"
+    (root / "zh").mkdir(parents=True)
+    vocab = tmp_path / "train.jsonl"
+    vocab.write_text('{"id": "1", "text": "理肤泉", "tags": ["品牌:理肤泉"]}\n', encoding="utf-8")
+    from llmtags.adapters import FORMAT_VERSION
+
+    meta = {"format": FORMAT_VERSION, "template": {"name": "tuned", "spec": "tuned"},
+            "vocabulary": {"candidates": {"path": str(vocab)}}}
+    (root / "zh" / "llmtags.json").write_text(json.dumps(meta))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # only their presence is checked here
+        (root / "zh" / name).write_text("{}")
+    args = argparse.Namespace(adapter="zh", adapters_root=str(root), template="auto", candidates=None)
+    apply_adapter_defaults(args)
+    assert (args.template, args.candidates) == ("tuned", str(vocab))
+    explicit = argparse.Namespace(adapter="zh", adapters_root=str(root), template="zh", candidates="mine.jsonl")
+    apply_adapter_defaults(explicit)
+    assert (explicit.template, explicit.candidates) == ("zh", "mine.jsonl")
+    vocab.unlink()
+    with pytest.raises(ValueError, match="absent here: give --candidates"):
+        apply_adapter_defaults(argparse.Namespace(adapter="zh", adapters_root=str(root), template="auto",
+                                                  candidates=None))

@@ -125,10 +125,11 @@ def _open_output(path: str | None, mode: str = "w") -> Any:
 def cmd_generate(args: argparse.Namespace) -> int:
     from functools import partial
 
-    from .cli_train import adapter_tagger, wants_adapters
+    from .cli_train import adapter_tagger, apply_adapter_defaults, wants_adapters
     from .engine import TransformersEngine
     from .tagger import tag_chunks, tag_file
 
+    apply_adapter_defaults(args)
     options, normaliser = _tagging_options(args), _normaliser(args)
     if wants_adapters(args):
         tag = adapter_tagger(args, options, normaliser)

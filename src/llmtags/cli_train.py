@@ -275,3 +275,22 @@ def adapter_tagger(args: argparse.Namespace, options: Any, normaliser: Any = Non
                                  normaliser=normaliser, on_batch=on_batch)
 
     return tag
+
+
+def apply_adapter_defaults(args: argparse.Namespace) -> None:
+    """With one --adapter, unset prompt options default to what the adapter was trained with: its
+    template (instead of 'auto') and its candidate vocabulary, so `generate --adapter NAME` just works."""
+    if not getattr(args, "adapter", None):
+        return
+    from .adapters import read_metadata, resolve_adapter
+
+    meta = read_metadata(resolve_adapter(args.adapter, getattr(args, "adapters_root", None)))
+    if getattr(args, "template", "auto") == "auto":
+        args.template = (meta.get("template") or {}).get("spec", "auto")
+    source = ((meta.get("vocabulary") or {}).get("candidates") or {}).get("path")
+    if source and not getattr(args, "candidates", None):
+        if not Path(source).is_file():
+            raise ValueError(f"adapter {args.adapter!r} was trained with candidates from {source}, which is "
+                             "absent here: give --candidates VOCAB (that file, or a vocabulary built from it)")
+        args.candidates = source
+        print(f"llmtags: adapter {args.adapter}: candidates from {source}", file=sys.stderr)
