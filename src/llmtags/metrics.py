@@ -85,16 +85,12 @@ def prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
     return precision, recall, f1
 
 
-@dataclass
-class RecordCounts:
-    """Matching outcome of one record. `matched` holds (gold form, prediction) pairs."""
+class _Ratios:
+    """precision / recall / f1 of a class with tp, fp and fn counts."""
 
-    tp: int = 0
-    fp: int = 0
-    fn: int = 0
-    matched: list[tuple[str, str]] = field(default_factory=list)
-    missed: list[GoldTag] = field(default_factory=list)  # gold tags (groups kept whole) not predicted
-    spurious: list[str] = field(default_factory=list)  # de-duplicated predictions matching no gold
+    tp: int
+    fp: int
+    fn: int
 
     @property
     def precision(self) -> float:
@@ -107,6 +103,18 @@ class RecordCounts:
     @property
     def f1(self) -> float:
         return prf(self.tp, self.fp, self.fn)[2]
+
+
+@dataclass
+class RecordCounts(_Ratios):
+    """Matching outcome of one record. `matched` holds (gold form, prediction) pairs."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    matched: list[tuple[str, str]] = field(default_factory=list)
+    missed: list[GoldTag] = field(default_factory=list)  # gold tags (groups kept whole) not predicted
+    spurious: list[str] = field(default_factory=list)  # de-duplicated predictions matching no gold
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -185,22 +193,10 @@ def match_record(gold: Sequence[GoldTag], pred: Sequence[str], typed: bool = Tru
 
 
 @dataclass
-class PRF:
+class PRF(_Ratios):
     tp: int = 0
     fp: int = 0
     fn: int = 0
-
-    @property
-    def precision(self) -> float:
-        return prf(self.tp, self.fp, self.fn)[0]
-
-    @property
-    def recall(self) -> float:
-        return prf(self.tp, self.fp, self.fn)[1]
-
-    @property
-    def f1(self) -> float:
-        return prf(self.tp, self.fp, self.fn)[2]
 
     @property
     def support(self) -> int:
