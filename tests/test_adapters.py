@@ -25,7 +25,7 @@ from llmtags.adapters import (
     resolve_adapter,
     route,
     show_adapter,
-    tag_records_routed,
+    tag_chunks_routed,
     validate_adapter_name,
     write_metadata,
 )
@@ -190,7 +190,7 @@ def test_switching_adapters_in_one_process_gives_each_record_its_own_adapters_ou
     for name in ("zh-beauty", "sports.v2"):
         adapter_set.add(name, template="auto", root=registry)
     adapter_map = AdapterMap({"美妆": "zh-beauty", "运动": "sports.v2"})  # others: the base model
-    routed = list(tag_records_routed(RECORDS, adapter_set, OPTIONS, adapter_map=adapter_map))
+    routed = [r for chunk in tag_chunks_routed(RECORDS, adapter_set, OPTIONS, adapter_map=adapter_map) for r in chunk]
     assert [r.record.id for r in routed] == [r.id for r in RECORDS]
     assert [r.adapter for r in routed] == ["zh-beauty", "sports.v2", None, "zh-beauty", "sports.v2", None, "sports.v2"]
 
@@ -203,7 +203,7 @@ def test_switching_adapters_in_one_process_gives_each_record_its_own_adapters_ou
     assert [r.raw for r in routed] == [expected[r.adapter][i] for i, r in enumerate(routed)]
 
     # One adapter for everything, then the base model again: the switches leave no trace.
-    only_sports = [r.raw for r in tag_records_routed(RECORDS, adapter_set, OPTIONS, adapter="sports.v2")]
+    only_sports = [r.raw for chunk in tag_chunks_routed(RECORDS, adapter_set, OPTIONS, adapter="sports.v2") for r in chunk]
     assert only_sports == sports
     assert [r.raw for r in tag_records(RECORDS, adapter_set.engine(None), OPTIONS)] == base
     with pytest.raises(AdapterError, match="not loaded"):

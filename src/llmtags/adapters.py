@@ -548,22 +548,6 @@ def tag_chunks_routed(
         yield results
 
 
-def tag_records_routed(
-    records: Iterable[Record],
-    adapter_set: AdapterSet,
-    options: Any = None,
-    *,
-    adapter: str | None = None,
-    adapter_map: AdapterMap | None = None,
-    normaliser: Any = None,
-    on_batch: Callable[[int], None] | None = None,
-) -> Iterator[Any]:
-    """Like `tagger.tag_records`, one result at a time, in input order (see `tag_chunks_routed`)."""
-    for chunk in tag_chunks_routed(records, adapter_set, options, adapter=adapter, adapter_map=adapter_map,
-                                   normaliser=normaliser, on_batch=on_batch):
-        yield from chunk
-
-
 @dataclass
 class RoutedTagResult(TagResult):
     """A TagResult and the adapter that produced it (None: the base model)."""
