@@ -295,7 +295,7 @@ def main() -> None:
         "",
         *meta_lines(meta),
         f"- generate: `llmtags {command_shown.split(' ', 2)[-1]}` (WORK: a temporary folder)",
-        f"- model: tiny random 2-layer Qwen2 (`llmtags.testing.tiny_qwen2`), 4 new tokens: the figures measure "
+        "- model: tiny random 2-layer Qwen2 (`llmtags.testing.tiny_qwen2`), 4 new tokens: the figures measure "
         "the pipeline, not a model",
         "",
         f"**{'PASSED' if ok else 'FAILED'}**: {args.records} input lines, {valid} valid records; "

@@ -6,6 +6,7 @@ trained: that is test_train's business, and random adapters are sure to change e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -30,6 +31,7 @@ from llmtags.adapters import (
     write_metadata,
 )
 from llmtags.models import ResolvedModel, resolve_base_model
+from llmtags.prompts import load_template
 from llmtags.records import Record
 from llmtags.tagger import TaggingOptions, tag_records
 
@@ -183,6 +185,21 @@ def test_category_map_routes_records(tmp_path):
         load_adapter_map(path)
 
 
+def test_language_map_routes_what_no_category_claims(tmp_path):
+    path = tmp_path / "map.toml"
+    path.write_text('[categories]\n"运动" = "sports.v2"\n[languages]\nzh = "zh-beauty"\nen = "general"\n',
+                    encoding="utf-8")
+    adapter_map = load_adapter_map(path)
+    assert adapter_map.adapter_names == ["sports.v2", "zh-beauty", "general"]
+    records = [Record("a", "理肤泉防晒霜", "美妆"), Record("b", "Nike Air Zoom", "Shoes"),
+               Record("c", "李宁跑步鞋", "运动"), Record("d", "no category, but lang says zh", lang="zh"),
+               Record("e", "无类目")]
+    assert route(records, adapter_map=adapter_map) == {"zh-beauty": [0, 3, 4], "general": [1], "sports.v2": [2]}
+    path.write_text('[languages]\nzh = 3\n', encoding="utf-8")
+    with pytest.raises(AdapterError, match=r"\[languages\] must map"):
+        load_adapter_map(path)
+
+
 def test_switching_adapters_in_one_process_gives_each_record_its_own_adapters_output(
     registry, tiny_model_dir, tiny_engine
 ):
@@ -201,6 +218,15 @@ def test_switching_adapters_in_one_process_gives_each_record_its_own_adapters_ou
     assert all(len({b, s, o}) == 3 for b, s, o in zip(beauty, sports, base))
     expected = {"zh-beauty": beauty, "sports.v2": sports, None: base}
     assert [r.raw for r in routed] == [expected[r.adapter][i] for i, r in enumerate(routed)]
+
+    # Adapters may differ in prompt options: each group is rendered with its own adapter's options.
+    en_options = dataclasses.replace(OPTIONS, template=load_template("en"))
+    own = [r.raw for chunk in tag_chunks_routed(RECORDS, adapter_set, OPTIONS, adapter_map=adapter_map,
+                                                options_by_adapter={"zh-beauty": en_options}) for r in chunk]
+    beauty_en = [r.raw for r in tag_records(RECORDS, adapter_set.engine("zh-beauty"), en_options)]
+    assert beauty_en != beauty
+    expected["zh-beauty"] = beauty_en
+    assert own == [expected[r.adapter][i] for i, r in enumerate(routed)]
 
     # One adapter for everything, then the base model again: the switches leave no trace.
     only_sports = [r.raw for chunk in tag_chunks_routed(RECORDS, adapter_set, OPTIONS, adapter="sports.v2") for r in chunk]
@@ -266,6 +292,9 @@ def test_train_flags_override_the_train_config_file(tmp_path):
     config = train_config_from_args(args)
     assert (config.rank, config.lr, config.layers, config.qlora, config.alpha) == (8, 5e-4, 4, False, 32)
     assert train_out_dir(args) == tmp_path / "zh-taobao"
+    args = parser.parse_args(["train", "oa.jsonl", "ae.jsonl", "--dev", "oa-dev.jsonl", "ae-dev.jsonl",
+                              "--name", "en-products", "--limit", "4"])
+    assert args.train == ["oa.jsonl", "ae.jsonl"] and args.dev == ["oa-dev.jsonl", "ae-dev.jsonl"] and args.limit == 4
     args = parser.parse_args(["train", "data.jsonl", "--name", "../escape"])
     with pytest.raises(AdapterError, match="invalid adapter name"):
         train_out_dir(args)
@@ -313,11 +342,41 @@ def test_generate_with_an_adapter_map_writes_each_records_adapter(registry, tiny
     assert ["adapter" in json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == [False] * 4
 
 
+def test_an_adapter_map_gives_each_adapter_its_own_template(tiny_model_dir, tmp_path):
+    from llmtags.cli_train import adapter_tagger, apply_adapter_defaults
+    from llmtags.cli import _tagging_options
+    from llmtags.tagger import tag_file
+
+    root = tmp_path / "adapters"
+    _make_adapter(tiny_model_dir, root / "zh-tuned", seed=3, template="tuned")
+    _make_adapter(tiny_model_dir, root / "en-auto", seed=4)
+    data = tmp_path / "products.jsonl"
+    data.write_text("".join(json.dumps({"id": r.id, "text": r.text}, ensure_ascii=False) + "\n"
+                            for r in RECORDS[5:7]), encoding="utf-8")  # one zh, one en, no categories
+    adapter_map = tmp_path / "map.toml"
+    adapter_map.write_text('[languages]\nzh = "zh-tuned"\nen = "en-auto"\n', encoding="utf-8")
+    parser, _ = _parser()
+
+    def run(*flags: str) -> list[dict]:
+        args = parser.parse_args(["generate", str(data), *flags, "--adapters-root", str(root)])
+        args.device, args.dtype, args.template, args.candidates = "cpu", "auto", "auto", None
+        args.demos, args.max_new_tokens, args.batch_size, args.chunk_size = None, 10, 3, 8
+        apply_adapter_defaults(args)
+        out = tmp_path / "tags.jsonl"
+        # A mismatched template would be refused: the zh adapter was trained with `tuned`, not `auto`.
+        tag_file(str(data), str(out), adapter_tagger(args, _tagging_options(args)), progress=False)
+        return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+    routed = run("--adapter-map", str(adapter_map))
+    assert [x["adapter"] for x in routed] == ["zh-tuned", "en-auto"]
+    assert routed[0]["raw"] == run("--adapter", "zh-tuned")[0]["raw"]
+    assert routed[1]["raw"] == run("--adapter", "en-auto")[1]["raw"]
+
+
 def test_generate_defaults_to_the_adapters_template_and_candidates(tmp_path, capsys):
     import argparse
     import json
 
-    import pytest
 
     from llmtags.cli_train import apply_adapter_defaults
 
@@ -338,7 +397,13 @@ def test_generate_defaults_to_the_adapters_template_and_candidates(tmp_path, cap
     explicit = argparse.Namespace(adapter="zh", adapters_root=str(root), template="zh", candidates="mine.jsonl")
     apply_adapter_defaults(explicit)
     assert (explicit.template, explicit.candidates) == ("zh", "mine.jsonl")
+    without = argparse.Namespace(adapter="zh", adapters_root=str(root), template="auto", candidates=None,
+                                 no_candidates=True)
+    apply_adapter_defaults(without)
+    assert (without.template, without.candidates) == ("tuned", None)
     vocab.unlink()
-    with pytest.raises(ValueError, match="absent here: give --candidates"):
-        apply_adapter_defaults(argparse.Namespace(adapter="zh", adapters_root=str(root), template="auto",
-                                                  candidates=None))
+    # Without the training data the adapter still runs, without candidates, and says so.
+    args = argparse.Namespace(adapter="zh", adapters_root=str(root), template="auto", candidates=None)
+    apply_adapter_defaults(args)
+    assert (args.template, args.candidates) == ("tuned", None)
+    assert "absent here: tagging without candidates" in capsys.readouterr().err

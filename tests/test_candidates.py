@@ -1,4 +1,4 @@
-from llmtags.candidates import CandidateFinder, candidate_recall, load_candidate_vocabulary
+from llmtags.candidates import CandidateFinder, candidate_recall, candidate_sources, load_candidate_vocabulary
 from llmtags.prompts import load_template
 from llmtags.records import Record
 from llmtags.tagger import TaggingOptions, build_prompt
@@ -60,6 +60,16 @@ def test_labelled_file_or_vocabulary_file(tmp_path):
     VOCAB.save(vocab_file)
     assert [e.tag for e in load_candidate_vocabulary(str(labelled))] == ["品牌:理肤泉"]
     assert len(load_candidate_vocabulary(str(vocab_file))) == len(VOCAB)
+    both = load_candidate_vocabulary(f"{labelled},{vocab_file}")
+    assert len(both) == len(VOCAB)
+    assert both.get("品牌:理肤泉").count == 1 + 5
+
+
+def test_a_file_name_with_a_comma_is_one_source(tmp_path):
+    odd = tmp_path / "a,b.jsonl"
+    odd.write_text('{"id": "1", "text": "理肤泉", "tags": ["品牌:理肤泉"]}\n', encoding="utf-8")
+    assert candidate_sources(str(odd)) == [str(odd)]
+    assert candidate_sources("x.jsonl, y.jsonl") == ["x.jsonl", "y.jsonl"]
 
 
 def test_schema_limits_candidate_attributes():

@@ -43,6 +43,23 @@ def test_generate_limit_and_stdout(tmp_path, tiny_model_dir, capsys):
     assert [r["id"] for r in rows] == ["a", "d"]
 
 
+def test_generate_explain_and_min_confidence(tmp_path, tiny_model_dir, capsys):
+    flags = ["--base-model", str(tiny_model_dir), "--limit", "2", "--max-new-tokens", "8", "-q"]
+    assert main(["generate", str(_input(tmp_path)), *flags, "--explain"]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert all(len(r["confidence"]) == len(r["tags"]) == len(r["evidence"]) for r in rows)
+    for row in rows:  # each record: its id, its text (evidence bracketed), then one line per tag
+        assert f"{row['id']}:" in captured.err
+        for tag, confidence in zip(row["tags"], row["confidence"]):
+            assert f"{confidence:.3f}  {tag}" in captured.err
+    assert main(["generate", str(_input(tmp_path)), *flags, "--min-confidence", "0.3"]) == 0
+    strict = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["tags"] for r in strict] == [[t for t, c in zip(r["tags"], r["confidence"]) if c >= 0.3] for r in rows]
+    assert [r.get("below_confidence", []) for r in strict] == [
+        [t for t, c in zip(r["tags"], r["confidence"]) if c < 0.3] for r in rows]
+
+
 def test_config_file_sets_defaults_and_flags_override(tmp_path, tiny_model_dir, capsys):
     config = tmp_path / "llmtags.toml"
     config.write_text(f'base-model = "{tiny_model_dir}"\n[generate]\nlimit = 1\nmax-new-tokens = 4\n')

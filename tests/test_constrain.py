@@ -15,7 +15,7 @@ import pytest
 
 from llmtags.constrain import ConstraintSpec, TagConstraintProcessor, TokenTable, token_table
 from llmtags.metrics import split_tag
-from llmtags.parse import clean_tag, parse_tags
+from llmtags.parse import clean_tag
 from llmtags.records import Record
 from llmtags.tagger import TaggingOptions, build_prompt, tag_records
 from llmtags.vocab import Vocabulary

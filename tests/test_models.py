@@ -3,7 +3,6 @@
 import hashlib
 import sys
 import types
-from pathlib import Path
 
 import pytest
 

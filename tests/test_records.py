@@ -1,5 +1,4 @@
 import io
-import json
 import sys
 
 import pytest
@@ -124,3 +123,10 @@ def test_shared_dataset_reads_without_errors():
     items = list(read_records(path))
     assert all(isinstance(i, Record) for i in items) and len(items) == 426
     assert all(i.tags for i in items)
+
+
+def test_interleave_alternates_then_drains_the_longer():
+    from llmtags.records import interleave
+
+    assert interleave([[1, 2, 3], ["a"]]) == [1, "a", 2, 3]
+    assert interleave([]) == []

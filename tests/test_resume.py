@@ -75,7 +75,9 @@ def test_changed_text_is_tagged_again(products, tiny_model_dir, reference, tmp_p
 
 def test_ctrl_c_stops_with_whole_lines_and_resume_completes(products, tiny_model_dir, reference, tmp_path):
     out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
-    process = subprocess.Popen(_command(products, tiny_model_dir, out, errors), stderr=subprocess.PIPE, text=True)
+    # A background job of a non-interactive shell inherits SIGINT ignored; give the child the default.
+    process = subprocess.Popen(_command(products, tiny_model_dir, out, errors), stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     deadline = time.time() + 120
     while _lines(out) < 2 and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)

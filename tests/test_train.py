@@ -207,3 +207,34 @@ def test_qlora_trains_a_4bit_base_on_cuda(tiny_model_dir, short_template, tmp_pa
     adapter_set.add(out, template=short_template)
     options = TaggingOptions(template=short_template, max_new_tokens=8)
     assert len(list(tag_records(RECORDS[:2], adapter_set.engine("qlora"), options))) == 2
+
+
+def test_data_description_records_every_training_file(tmp_path):
+    from llmtags.train import data_description
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("a\n")
+    b.write_text("b\n")
+    data = data_description(RECORDS, [], [str(a), str(b)], None, "test")
+    assert data["train"] == [str(a), str(b)]
+    assert len(data["train_sha256"]) == 2 and data["train_sha256"][0] != data["train_sha256"][1]
+
+
+def test_train_command_interleaves_several_files(tiny_model_dir, short_template, tmp_path):
+    from llmtags.adapters import read_metadata
+    from llmtags.cli import main
+
+    def write(path, records):
+        path.write_text("".join(json.dumps({"id": r.id, "text": r.text, "tags": r.tags}, ensure_ascii=False) + "\n"
+                                for r in records), encoding="utf-8")
+        return str(path)
+
+    first, second = write(tmp_path / "a.jsonl", RECORDS[:3]), write(tmp_path / "b.jsonl", RECORDS[3:6])
+    dev = write(tmp_path / "dev.jsonl", RECORDS[:2])
+    assert main(["train", first, second, "--dev", dev, "--out", str(tmp_path / "ad"), "--base-model",
+                 str(tiny_model_dir), "--template", short_template, "--max-steps", "1", "--batch-size", "4",
+                 "--grad-accum", "1", "--limit", "4", "--eval-every", "0", "--eval-limit", "1",
+                 "--max-new-tokens", "4", "--layers", "1", "-q"]) == 0
+    data = read_metadata(tmp_path / "ad")["data"]
+    assert data["train"] == [first, second] and data["dev"] == dev
+    assert data["train_records"] == 4 and len(data["train_sha256"]) == 2  # r1, r4, r2, r5: both files

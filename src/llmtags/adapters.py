@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import unicodedata
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from .models import ResolvedModel
-from .prompts import PACKAGED, PromptTemplate, chat_template_hash, load_template
+from .prompts import PACKAGED, PromptTemplate, chat_template_hash, detect_lang, load_template
 from .records import Record
 from .tagger import TagResult
 
@@ -215,12 +215,17 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def set_test_metrics(name_or_path: str | Path, metrics: dict[str, Any], root: str | Path | None = None) -> None:
-    """Fill the test-metrics slot of an adapter (for `llmtags eval --adapter NAME`)."""
+def set_metadata_entry(name_or_path: str | Path, keys: Sequence[str], value: Any, root: str | Path | None = None) -> Path:
+    """Store `value` at `keys` in an adapter's llmtags.json (`("metrics", "test")` from `llmtags eval
+    --record-to-adapter`, `("calibration",)` from `llmtags calibrate`); returns the adapter's path."""
     path = resolve_adapter(name_or_path, root)
     meta = read_metadata(path)
-    meta.setdefault("metrics", {})["test"] = metrics
+    slot = meta
+    for key in keys[:-1]:
+        slot = slot.setdefault(key, {})
+    slot[keys[-1]] = value
     write_metadata(path, meta)
+    return path
 
 
 @dataclass
@@ -456,29 +461,38 @@ class AdapterEngine:
 
 @dataclass
 class AdapterMap:
-    """Category → adapter name; records of other categories (or none) use `default` (None: base model)."""
+    """Category → adapter name, then language → adapter name; records matching neither use `default`
+    (None: the base model). A record's language is its `lang` field, else detected from its text."""
 
     categories: dict[str, str] = field(default_factory=dict)
     default: str | None = None
+    languages: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for adapter in [*self.categories.values(), *([self.default] if self.default else [])]:
+        for adapter in [*self.categories.values(), *self.languages.values(), *([self.default] if self.default else [])]:
             validate_adapter_name(adapter)
         self._folded = {_fold(k): v for k, v in self.categories.items()}
 
     @property
     def adapter_names(self) -> list[str]:
-        names = list(dict.fromkeys(self.categories.values()))
+        names = list(dict.fromkeys([*self.categories.values(), *self.languages.values()]))
         if self.default and self.default not in names:
             names.append(self.default)
         return names
 
-    def adapter_for(self, category: str | None) -> str | None:
-        if category is None:
-            return self.default
-        if category in self.categories:
-            return self.categories[category]
-        return self._folded.get(_fold(category), self.default)
+    def adapter_for(self, category: str | None, lang: str | None = None) -> str | None:
+        if category is not None:
+            if category in self.categories:
+                return self.categories[category]
+            if _fold(category) in self._folded:
+                return self._folded[_fold(category)]
+        if lang is not None and lang in self.languages:
+            return self.languages[lang]
+        return self.default
+
+    def adapter_for_record(self, record: Record) -> str | None:
+        lang = record.lang or (detect_lang(record.text) if self.languages else None)
+        return self.adapter_for(record.category, lang)
 
 
 def _fold(text: str) -> str:
@@ -486,22 +500,26 @@ def _fold(text: str) -> str:
 
 
 def load_adapter_map(path: str | Path) -> AdapterMap:
-    """Read a TOML adapter map: `[categories]` of `"category" = "adapter"`, and an optional `default`."""
+    """Read a TOML adapter map: `[categories]` of `"category" = "adapter"`, `[languages]` of
+    `zh = "adapter"`, and an optional `default`."""
     try:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise AdapterError(f"cannot read adapter map {path}: {exc}") from exc
-    unknown = set(data) - {"categories", "default"}
+    unknown = set(data) - {"categories", "languages", "default"}
     if unknown:
         raise AdapterError(f"adapter map {path}: unknown key(s) {', '.join(sorted(unknown))}; "
-                           "expected [categories] and default")
-    categories = data.get("categories", {})
-    if not isinstance(categories, dict) or not all(isinstance(v, str) for v in categories.values()):
-        raise AdapterError(f"adapter map {path}: [categories] must map category names to adapter names")
+                           "expected [categories], [languages] and default")
+    tables = {}
+    for key in ("categories", "languages"):
+        table = data.get(key, {})
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            raise AdapterError(f"adapter map {path}: [{key}] must map names to adapter names")
+        tables[key] = {str(k): v for k, v in table.items()}
     default = data.get("default")
     if default is not None and not isinstance(default, str):
         raise AdapterError(f"adapter map {path}: default must be an adapter name")
-    return AdapterMap({str(k): v for k, v in categories.items()}, default or None)
+    return AdapterMap(tables["categories"], default or None, tables["languages"])
 
 
 def route(
@@ -512,7 +530,7 @@ def route(
         raise AdapterError("give either one adapter or an adapter map, not both")
     groups: dict[str | None, list[int]] = {}
     for i, record in enumerate(records):
-        name = adapter_map.adapter_for(record.category) if adapter_map is not None else adapter
+        name = adapter_map.adapter_for_record(record) if adapter_map is not None else adapter
         groups.setdefault(name, []).append(i)
     return groups
 
@@ -526,23 +544,26 @@ def tag_chunks_routed(
     adapter_map: AdapterMap | None = None,
     normaliser: Any = None,
     on_batch: Callable[[int], None] | None = None,
+    options_by_adapter: Mapping[str | None, Any] | None = None,
 ) -> Iterator[list[Any]]:
-    """Like `tagger.tag_chunks`, but each record is generated with its own adapter.
+    """Like `tagger.tag_chunks`, but each record is generated with its own adapter (and that adapter's
+    entry of `options_by_adapter`, else `options`: adapters may differ in template and candidates).
 
     Records are taken in chunks of `options.chunk_size`; within a chunk they are grouped by adapter so
     every batch runs with one adapter active, and each chunk's results come back in input order, as
     `RoutedTagResult`s that know their adapter (and, with a map, name it in their JSON line).
     """
-    from .tagger import TaggingOptions, _chunks, tag_chunks
+    from .tagger import TaggingOptions, chunked, tag_chunks
 
     options = options or TaggingOptions()
-    for chunk in _chunks(records, options.chunk_size):
+    for chunk in chunked(records, options.chunk_size):
         results: list[Any] = [None] * len(chunk)
         for name, indices in route(chunk, adapter, adapter_map).items():
             group = [chunk[i] for i in indices]
             # One tag_chunks call per group: a group is never larger than a chunk.
-            group_results = [r for part in tag_chunks(group, adapter_set.engine(name), options, normaliser, on_batch)
-                             for r in part]
+            group_options = (options_by_adapter or {}).get(name, options)
+            group_results = [r for part in tag_chunks(group, adapter_set.engine(name), group_options, normaliser,
+                                                      on_batch) for r in part]
             for i, result in zip(indices, group_results):
                 results[i] = RoutedTagResult.of(result, name, show=adapter_map is not None)
         yield results

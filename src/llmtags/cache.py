@@ -44,19 +44,29 @@ class GenerationCache:
         self.db = sqlite3.connect(str(path))
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS generations (key TEXT PRIMARY KEY, text TEXT, prompt_tokens INT,"
-            " new_tokens INT, seconds REAL)"
+            " new_tokens INT, seconds REAL, token_info TEXT)"
         )
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(generations)")}
+        if "token_info" not in columns:  # a cache written before tags had confidences
+            self.db.execute("ALTER TABLE generations ADD COLUMN token_info TEXT")
 
     def get(self, key: str) -> tuple[Generation, float] | None:
+        """The stored generation; entries without token log-probabilities (older versions) miss, so
+        every cached result can give its tags a confidence."""
         row = self.db.execute(
-            "SELECT text, prompt_tokens, new_tokens, seconds FROM generations WHERE key = ?", (key,)
+            "SELECT text, prompt_tokens, new_tokens, seconds, token_info FROM generations WHERE key = ?", (key,)
         ).fetchone()
-        return (Generation(row[0], row[1], row[2]), row[3]) if row else None
+        if not row or row[4] is None:
+            return None
+        info = json.loads(row[4])
+        return Generation(row[0], row[1], row[2], info["logprobs"], info["ends"], info["end"]), row[3]
 
     def put(self, key: str, generation: Generation, seconds: float) -> None:
+        info = {"logprobs": generation.token_logprobs, "ends": generation.token_ends, "end": generation.end_logprob}
         self.db.execute(
-            "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?)",
-            (key, generation.text, generation.prompt_tokens, generation.new_tokens, seconds),
+            "INSERT OR REPLACE INTO generations (key, text, prompt_tokens, new_tokens, seconds, token_info)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (key, generation.text, generation.prompt_tokens, generation.new_tokens, seconds, json.dumps(info)),
         )
         self.db.commit()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from .metrics import canonical
 from .records import GoldTag
@@ -83,20 +84,35 @@ def candidate_recall(golds: Sequence[Sequence[GoldTag]], candidates: Sequence[Se
     return hit / total if total else 1.0
 
 
-def load_candidate_vocabulary(path: str) -> Vocabulary:
-    """A vocabulary file, or a labelled JSONL file whose gold tags are collected on the fly (a licence
-    may forbid shipping a vocabulary derived from a data set, but allow reading the set itself)."""
+def candidate_sources(spec: str) -> list[str]:
+    """The files behind a `--candidates` value: one path, or several joined by commas (a path that
+    exists as a file is taken whole, so a comma inside a real file name still works)."""
+    if Path(spec).is_file():
+        return [spec]
+    return [part.strip() for part in spec.split(",") if part.strip()]
+
+
+def load_candidate_vocabulary(spec: str) -> Vocabulary:
+    """Vocabulary files, or labelled JSONL files whose gold tags are collected on the fly (a licence
+    may forbid shipping a vocabulary derived from a data set, but allow reading the set itself).
+    Several comma-separated sources merge into one vocabulary."""
     import json
 
     from .records import load_labelled
     from .vocab import build_vocabulary
 
-    with open(path, encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "")
-    try:
-        row = json.loads(first)
-    except json.JSONDecodeError:
-        row = None
-    if isinstance(row, dict) and "tags" in row and "tag" not in row:
-        return build_vocabulary(load_labelled(path))
-    return Vocabulary.load(path)
+    merged = Vocabulary()
+    for path in candidate_sources(spec):
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and "tags" in row and "tag" not in row:
+            vocab = build_vocabulary(load_labelled(path))
+        else:
+            vocab = Vocabulary.load(path)
+        for entry in vocab:
+            merged.add(entry.tag, entry.count, entry.aliases)
+    return merged

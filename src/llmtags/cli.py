@@ -55,7 +55,10 @@ def _add_prompt(p: argparse.ArgumentParser, template: bool = True) -> None:
     p.add_argument("--demos", help="labelled JSONL file with demonstrations for few-shot templates")
     p.add_argument("--shots", type=int, default=4, help="how many demonstrations (default 4)")
     p.add_argument("--candidates", metavar="VOCAB",
-                   help="offer the model the entries of this vocabulary (or labelled file) found in each text")
+                   help="offer the model the entries of this vocabulary (or labelled file; several joined by "
+                   "commas) found in each text")
+    p.add_argument("--no-candidates", action="store_true",
+                   help="offer no candidates, even where the adapter was trained with them")
 
 
 def _add_generation(p: argparse.ArgumentParser) -> None:
@@ -69,6 +72,9 @@ def _add_generation(p: argparse.ArgumentParser) -> None:
                    "are spans of the text), closed (lines are entries of --constrain-vocab) (default free)")
     p.add_argument("--constrain-vocab", metavar="VOCAB",
                    help="vocabulary (or labelled file) for --constrain closed (default: --vocab)")
+    p.add_argument("--min-confidence", metavar="P",
+                   help="drop tags whose confidence is below P (0-1), or 'calibrated': the threshold "
+                   "`llmtags calibrate` stored in the --adapter; dropped tags are listed as below_confidence")
 
 
 def _fields(args: argparse.Namespace) -> Any:
@@ -87,7 +93,7 @@ def _tagging_options(args: argparse.Namespace) -> Any:
     if template != "auto" and "demos" in template.source and not demos:
         raise CliError(f"template {template.name!r} shows demonstrations: give --demos FILE")
     candidates = None
-    if getattr(args, "candidates", None):
+    if getattr(args, "candidates", None) and not getattr(args, "no_candidates", False):
         from .candidates import CandidateFinder, load_candidate_vocabulary
 
         candidates = CandidateFinder(load_candidate_vocabulary(args.candidates))
@@ -101,7 +107,32 @@ def _tagging_options(args: argparse.Namespace) -> Any:
         constrain_vocab = load_candidate_vocabulary(path)
     return TaggingOptions(template, demos, getattr(args, "max_new_tokens", 64), getattr(args, "batch_size", 8),
                           getattr(args, "chunk_size", 64), candidates=candidates, constrain=constrain,
-                          constrain_vocab=constrain_vocab)
+                          constrain_vocab=constrain_vocab, min_confidence=_min_confidence(args))
+
+
+def _min_confidence(args: argparse.Namespace) -> float | None:
+    value = getattr(args, "min_confidence", None)
+    if value is None:
+        return None
+    if value == "calibrated":
+        from .adapters import read_metadata, resolve_adapter
+
+        if not getattr(args, "adapter", None):
+            raise CliError("--min-confidence calibrated needs --adapter NAME (the threshold is stored there)")
+        calibration = read_metadata(resolve_adapter(args.adapter, getattr(args, "adapters_root", None))).get(
+            "calibration") or {}
+        if calibration.get("threshold") is None:
+            raise CliError(f"adapter {args.adapter!r} has no calibrated threshold: run llmtags calibrate first")
+        print(f"llmtags: adapter {args.adapter}: min confidence {calibration['threshold']:.3f} (calibrated for "
+              f"precision {calibration['target_precision']:.2f})", file=sys.stderr)
+        return float(calibration["threshold"])
+    try:
+        threshold = float(value)
+    except ValueError:
+        raise CliError(f"--min-confidence: expected a number between 0 and 1 or 'calibrated', got {value!r}") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise CliError(f"--min-confidence: {threshold} is not between 0 and 1")
+    return threshold
 
 
 def _normaliser(args: argparse.Namespace) -> Any:
@@ -131,12 +162,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     apply_adapter_defaults(args)
     options, normaliser = _tagging_options(args), _normaliser(args)
+    if args.workers:
+        return _generate_distributed(args, options, normaliser)
     if wants_adapters(args):
         tag = adapter_tagger(args, options, normaliser)
     else:
         engine = TransformersEngine.load(args.base_model, device=args.device, dtype=args.dtype)
         chunks = partial(tag_chunks, engine=engine, options=options, normaliser=normaliser)
         tag = lambda records, on_batch: chunks(records, on_batch=on_batch)  # noqa: E731
+    if args.explain:
+        tag = _explaining(tag)
     summary = tag_file(
         args.input, args.output, tag, fmt=args.format, fields=_fields(args), limit=args.limit,
         errors=args.errors, resume=args.resume, progress=not args.quiet,
@@ -144,6 +179,66 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for line in summary.lines():
         print(f"llmtags: {line}", file=sys.stderr)
     return 130 if summary.interrupted else 0
+
+
+def _generate_distributed(args: argparse.Namespace, options: Any, normaliser: Any) -> int:
+    from functools import partial
+
+    from .cli_train import adapter_tagger, wants_adapters
+    from .distributed import engine_tagger, tag_file_distributed
+
+    if args.output in (None, "-"):
+        raise CliError("--workers writes shards next to the output: give -o FILE")
+    if args.explain:
+        raise CliError("--explain shows results as they come: use it without --workers")
+    # Built inside each Ray worker, so every worker loads its own model replica.
+    make_tag = (partial(adapter_tagger, args, options, normaliser) if wants_adapters(args)
+                else partial(engine_tagger, args.base_model, options, args.device, args.dtype, normaliser))
+    summary = tag_file_distributed(
+        args.input, args.output, make_tag, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+        shard_size=args.shard_size, fmt=args.format, fields=_fields(args), limit=args.limit, errors=args.errors,
+        address=args.ray_address, progress=not args.quiet,
+    )
+    for line in summary.lines():
+        print(f"llmtags: {line}", file=sys.stderr)
+    return 0
+
+
+def _explaining(tag: Any) -> Any:
+    """Wrap a `tag(records, on_batch)` callable so each result is also shown, highlighted, on stderr."""
+    from tqdm import tqdm
+
+    def explained(records: Any, on_batch: Any) -> Any:
+        for chunk in tag(records, on_batch):
+            for result in chunk:
+                tqdm.write("\n".join(result.explain()), file=sys.stderr)
+            yield chunk
+
+    return explained
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate_files
+
+    calibration = calibrate_files(args.gold, args.pred, args.target_precision)
+    markdown = calibration.to_markdown()
+    print(markdown)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown, encoding="utf-8")
+    if args.report:
+        Path(args.report).write_text(json.dumps(calibration.to_json(), indent=1), encoding="utf-8")
+    if args.adapter:
+        from .adapters import set_metadata_entry
+
+        stored = {"threshold": calibration.threshold, "target_precision": calibration.target_precision,
+                  "ece": round(calibration.ece, 4), "dev": args.gold, "records": calibration.records,
+                  "at_threshold": None if calibration.at_threshold is None else vars(calibration.at_threshold)}
+        path = set_metadata_entry(args.adapter, ("calibration",), stored, getattr(args, "adapters_root", None))
+        print(f"llmtags: calibration stored in {path / 'llmtags.json'}", file=sys.stderr)
+    if calibration.threshold is None:
+        print(f"llmtags: no threshold reaches precision {args.target_precision}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_prompt_render(args: argparse.Namespace) -> int:
@@ -216,7 +311,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     out.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
     else:
         raise CliError("give --gold FILE --pred FILE, or --data FILE to generate and score")
+    if getattr(args, "candidates", None):
+        from .candidates import CandidateFinder, candidate_recall, load_candidate_vocabulary
+        from .records import load_labelled
+
+        finder = CandidateFinder(load_candidate_vocabulary(args.candidates))
+        gold_records = records if args.data else [r for r in load_labelled(args.gold) if r.tags is not None]
+        report.candidate_recall = candidate_recall([r.tags for r in gold_records],
+                                                   [finder.tags(r.text, attributes=r.schema) for r in gold_records])
     _write_report(report, args)
+    if args.record_to_adapter:
+        from .adapters import set_metadata_entry
+
+        typed = report.scores(report.final_view, "typed").micro
+        metrics = {"set": args.gold or args.data, "records": len(report.golds), "precision": round(typed.precision, 4),
+                   "recall": round(typed.recall, 4), "f1": round(typed.f1, 4),
+                   "f1_ci95": [round(x, 4) for x in report.ci95(report.final_view, "typed")],
+                   "value_f1": round(report.scores(report.final_view, "values").micro.f1, 4),
+                   "candidate_recall": report.candidate_recall, "report": args.markdown}
+        set_metadata_entry(args.record_to_adapter, ("metrics", "test"), metrics, getattr(args, "adapters_root", None))
     return 0
 
 
@@ -288,6 +401,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_generation(p)
     _add_vocab(p)
     add_adapter_options(p)
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="tag on a Ray cluster with N model replicas (a local one unless --ray-address); "
+                   "shards go to OUT.parts/, and a re-run skips the shards already done")
+    p.add_argument("--ray-address", help="Ray cluster to join (e.g. auto, or HEAD:6379; default: $RAY_ADDRESS, "
+                   "else a local cluster)")
+    p.add_argument("--shard-size", type=int, default=256, help="records per Ray task (default 256)")
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPU threads per Ray worker (default 1)")
+    p.add_argument("--explain", action="store_true",
+                   help="also show each product on stderr with its tags' evidence [bracketed] and confidences")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
     leaves["generate"] = p
@@ -332,9 +454,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--report", help="write the full report as JSON here")
     p.add_argument("--markdown", help="write the tables as Markdown here")
     p.add_argument("--save-predictions", help="with --data: write the generated predictions here")
+    p.add_argument("--record-to-adapter", metavar="NAME",
+                   help="store these figures as adapter NAME's test metrics in its llmtags.json")
+    p.add_argument("--adapters-root", help="adapter registry directory (default: $LLMTAGS_ADAPTERS, else ./adapters)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
     leaves["eval"] = p
+
+    p = commands.add_parser("calibrate", help="measure how well tag confidences match accuracy on labelled "
+                            "dev data, and pick a confidence threshold")
+    p.add_argument("--gold", required=True, help="labelled dev JSONL")
+    p.add_argument("--pred", required=True, help="llmtags generate output for the same records (with confidences)")
+    p.add_argument("--target-precision", type=float, default=0.9,
+                   help="pick the lowest threshold whose kept tags reach this precision (default 0.9)")
+    p.add_argument("--adapter", help="store the threshold in this adapter's llmtags.json, for "
+                   "generate --min-confidence calibrated")
+    p.add_argument("--adapters-root", help="adapter registry directory (default: $LLMTAGS_ADAPTERS, else ./adapters)")
+    p.add_argument("--markdown", help="write the reliability table as Markdown here")
+    p.add_argument("--report", help="write the calibration as JSON here")
+    p.set_defaults(func=cmd_calibrate)
+    leaves["calibrate"] = p
 
     vocab = commands.add_parser("vocab", help="tag vocabularies").add_subparsers(dest="vocab_command", required=True)
     p = vocab.add_parser("build", help="collect the tags of a labelled set (or read a plain list) into a vocabulary")

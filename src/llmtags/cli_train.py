@@ -76,8 +76,10 @@ def add_train_commands(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     leaves: dict[str, argparse.ArgumentParser] = {}
 
     p = subparsers.add_parser("train", help="fine-tune a LoRA adapter on labelled records")
-    p.add_argument("train", help="labelled training records (JSONL, CSV or Parquet)")
-    p.add_argument("--dev", help="labelled dev records: evaluated by generation, the best adapter is kept")
+    p.add_argument("train", nargs="+", help="labelled training records (JSONL, CSV or Parquet); several files "
+                   "are interleaved record by record, so --limit and every batch draw from all of them")
+    p.add_argument("--dev", nargs="+", help="labelled dev records (one file or several, interleaved like the "
+                   "training files): evaluated by generation, the best adapter is kept")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--name", help="save as this adapter in the registry (ADAPTERS_ROOT/NAME)")
     where.add_argument("--out", help="save the adapter in this directory instead")
@@ -184,11 +186,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = train_config_from_args(args)
     out = train_out_dir(args)
-    train_records = _read_labelled(args.train, args, "train")
+    from .records import interleave
+
+    train_records = interleave([_read_labelled(path, args, "train") for path in args.train])
     if args.limit is not None:
         train_records = train_records[: args.limit]
-    dev_records = _read_labelled(args.dev, args, "dev") if args.dev else []
-    data = data_description(train_records, dev_records, args.train, args.dev, args.licence)
+    dev_records = interleave([_read_labelled(path, args, "dev") for path in args.dev or []])
+    one_or_all = lambda paths: paths[0] if paths and len(paths) == 1 else paths  # noqa: E731
+    data = data_description(train_records, dev_records, one_or_all(args.train), one_or_all(args.dev), args.licence)
     result = train(train_records, dev_records, config, out, _command_line(args), data=data, vocab=args.vocab,
                    resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     for line in result.summary_lines():
@@ -242,39 +247,94 @@ def wants_adapters(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "adapter", None) or getattr(args, "adapter_map", None))
 
 
-def load_adapter_set(args: argparse.Namespace, template: Any) -> tuple[Any, Any]:
-    """The base model with the adapter(s) named by --adapter / --adapter-map attached and checked.
+def load_adapter_set(args: argparse.Namespace, template: Any, templates: dict[str, Any] | None = None
+                     ) -> tuple[Any, Any]:
+    """The base model with the adapter(s) named by --adapter / --adapter-map attached and checked
+    (each against `templates[name]` when given, else `template`).
 
     Without --base-model (and $LLMTAGS_BASE_MODEL), the base is the one the (first) adapter records.
     Returns (AdapterSet, AdapterMap or None).
     """
-    from .adapters import AdapterSet, load_adapter_map, read_metadata, resolve_adapter
+    from .adapters import AdapterSet, read_metadata, resolve_adapter
 
     root = getattr(args, "adapters_root", None)
-    adapter_map = load_adapter_map(args.adapter_map) if getattr(args, "adapter_map", None) else None
+    adapter_map = _adapter_map(args)
     names = adapter_map.adapter_names if adapter_map is not None else [args.adapter]
     base = getattr(args, "base_model", None) or os.environ.get("LLMTAGS_BASE_MODEL")
     if base is None and names:
         base = read_metadata(resolve_adapter(names[0], root)).get("base_model", {}).get("spec")
     adapter_set = AdapterSet.load(base, device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", "auto"))
     for name in names:
-        adapter_set.add(name, template=template, force=getattr(args, "force_adapter", False), root=root)
+        adapter_set.add(name, template=(templates or {}).get(name, template),
+                        force=getattr(args, "force_adapter", False), root=root)
     return adapter_set, adapter_map
+
+
+def _adapter_map(args: argparse.Namespace) -> Any:
+    from .adapters import load_adapter_map
+
+    return load_adapter_map(args.adapter_map) if getattr(args, "adapter_map", None) else None
 
 
 def adapter_tagger(args: argparse.Namespace, options: Any, normaliser: Any = None) -> Any:
     """The `tag(records, on_batch)` callable that `tagger.tag_file` takes, tagging with --adapter or
-    --adapter-map: each chunk's records are grouped by adapter, one base model serves them all."""
+    --adapter-map: each chunk's records are grouped by adapter, one base model serves them all.
+    With a map, each adapter gets its own template and candidates unless --template / --candidates
+    were given (with one --adapter, `apply_adapter_defaults` has already put them into `options`)."""
     from .adapters import tag_chunks_routed
 
-    adapter_set, adapter_map = load_adapter_set(args, options.template)
+    adapter_map = _adapter_map(args)
+    per_adapter = ({name: adapter_options(name, args, options) for name in adapter_map.adapter_names}
+                   if adapter_map is not None else {})
+    adapter_set, adapter_map = load_adapter_set(
+        args, options.template, {name: o.template for name, o in per_adapter.items()})
     adapter = None if adapter_map is not None else adapter_set.names[0]
 
     def tag(records: Any, on_batch: Any) -> Any:
         return tag_chunks_routed(records, adapter_set, options, adapter=adapter, adapter_map=adapter_map,
-                                 normaliser=normaliser, on_batch=on_batch)
+                                 normaliser=normaliser, on_batch=on_batch, options_by_adapter=per_adapter)
 
     return tag
+
+
+def adapter_prompt_defaults(name: str, args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(template spec, candidates source) that adapter `name` was trained with, for the options the
+    user left unset. A candidates source absent here is dropped with a warning (the adapter still
+    works, with lower recall), so `generate` runs on a machine without the training data."""
+    from .adapters import read_metadata, resolve_adapter
+    from .candidates import candidate_sources
+
+    meta = read_metadata(resolve_adapter(name, getattr(args, "adapters_root", None)))
+    template = None
+    if getattr(args, "template", "auto") == "auto":
+        template = (meta.get("template") or {}).get("spec")
+    source = ((meta.get("vocabulary") or {}).get("candidates") or {}).get("path")
+    if not source or getattr(args, "candidates", None) or getattr(args, "no_candidates", False):
+        return template, None
+    missing = [path for path in candidate_sources(source) if not Path(path).is_file()]
+    if missing:
+        print(f"llmtags: warning: adapter {name} was trained with vocabulary candidates from {source}, but "
+              f"{', '.join(missing)} is absent here: tagging without candidates, which lowers recall; "
+              "give --candidates VOCAB (that file, or a vocabulary built from it)", file=sys.stderr)
+        return template, None
+    print(f"llmtags: adapter {name}: candidates from {source}", file=sys.stderr)
+    return template, source
+
+
+def adapter_options(name: str, args: argparse.Namespace, options: Any) -> Any:
+    """`options` with adapter `name`'s own template and candidates filled in (see adapter_prompt_defaults)."""
+    import dataclasses
+
+    from .candidates import CandidateFinder, load_candidate_vocabulary
+    from .prompts import load_template
+
+    template, source = adapter_prompt_defaults(name, args)
+    changes: dict[str, Any] = {}
+    if template:
+        changes["template"] = template if template == "auto" else load_template(template)
+    if source:
+        changes["candidates"] = CandidateFinder(load_candidate_vocabulary(source))
+    return dataclasses.replace(options, **changes)
 
 
 def apply_adapter_defaults(args: argparse.Namespace) -> None:
@@ -282,15 +342,8 @@ def apply_adapter_defaults(args: argparse.Namespace) -> None:
     template (instead of 'auto') and its candidate vocabulary, so `generate --adapter NAME` just works."""
     if not getattr(args, "adapter", None):
         return
-    from .adapters import read_metadata, resolve_adapter
-
-    meta = read_metadata(resolve_adapter(args.adapter, getattr(args, "adapters_root", None)))
-    if getattr(args, "template", "auto") == "auto":
-        args.template = (meta.get("template") or {}).get("spec", "auto")
-    source = ((meta.get("vocabulary") or {}).get("candidates") or {}).get("path")
-    if source and not getattr(args, "candidates", None):
-        if not Path(source).is_file():
-            raise ValueError(f"adapter {args.adapter!r} was trained with candidates from {source}, which is "
-                             "absent here: give --candidates VOCAB (that file, or a vocabulary built from it)")
+    template, source = adapter_prompt_defaults(args.adapter, args)
+    if template:
+        args.template = template
+    if source:
         args.candidates = source
-        print(f"llmtags: adapter {args.adapter}: candidates from {source}", file=sys.stderr)

@@ -19,6 +19,40 @@ class Generation:
     text: str
     prompt_tokens: int
     new_tokens: int
+    # Per kept token: its log-probability under greedy decoding (after any constraint), and the
+    # character offset in `text` where it ends; `end_logprob` is that of the token that ended the
+    # reply (None when max_new_tokens cut it). They give each tag a confidence (grounding.py).
+    token_logprobs: list[float] | None = None
+    token_ends: list[int] | None = None
+    end_logprob: float | None = None
+
+
+class GreedyLogprobs:
+    """A logits processor placed last: records, per row and step, the log-probability of the token
+    greedy decoding picks (the arg-max of the final scores). It changes no score."""
+
+    def __init__(self) -> None:
+        self.steps: list[Any] = []
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        logits = scores.float()
+        self.steps.append((logits.max(dim=-1).values - torch.logsumexp(logits, dim=-1)).cpu())
+        return scores
+
+    def row(self, row: int, n: int) -> list[float]:
+        return [float(step[row]) for step in self.steps[:n]]
+
+
+def token_end_offsets(tokenizer: Any, tokens: Sequence[int], text: str) -> list[int]:
+    """Where each token's text ends in the decoded `text`: decoding prefixes, because a Chinese
+    character may span two byte-level tokens (the first then ends where the character does)."""
+    ends: list[int] = []
+    for i in range(1, len(tokens) + 1):
+        prefix = tokenizer.decode(tokens[:i], skip_special_tokens=True).rstrip("\ufffd")
+        ends.append(min(max(len(prefix), ends[-1] if ends else 0), len(text)))
+    return ends
 
 
 def repeats_a_line(text: str) -> bool:
@@ -128,6 +162,9 @@ class TransformersEngine:
                 processor = TagConstraintProcessor(
                     self.tokenizer, [constraints[i] for i in batch], inputs["input_ids"].shape[1], self.stop_token_ids
                 )
+            recorder = GreedyLogprobs()
+            processors = LogitsProcessorList([processor] if processor is not None else [])
+            processors.append(recorder)
             with torch.inference_mode():
                 output = self.model.generate(
                     **inputs,
@@ -137,19 +174,22 @@ class TransformersEngine:
                     eos_token_id=self.stop_token_ids,
                     pad_token_id=pad_id,
                     stopping_criteria=stopping,
-                    logits_processor=LogitsProcessorList([processor]) if processor is not None else None,
+                    logits_processor=processors,
                 )
             new = output[:, inputs["input_ids"].shape[1] :].tolist()
             keep = processor.finish(new) if processor is not None else [None] * len(batch)
             for row, index in enumerate(batch):
-                tokens = new[row]
+                tokens, stopped = new[row], False
                 for n, token in enumerate(tokens):
                     if token in self.stop_token_ids:
-                        tokens = tokens[:n]
+                        tokens, stopped = tokens[:n], True
                         break
                 kept = tokens if keep[row] is None else tokens[: keep[row]]
                 text = self.tokenizer.decode(kept, skip_special_tokens=True)
-                results[index] = Generation(text, len(encoded[index]), len(tokens))
+                logprobs = recorder.row(row, len(tokens) + 1)
+                end = logprobs[len(tokens)] if stopped and keep[row] is None else None
+                results[index] = Generation(text, len(encoded[index]), len(tokens), logprobs[: len(kept)],
+                                            token_end_offsets(self.tokenizer, kept, text), end)
             if on_batch:
                 on_batch(len(batch))
         return [r for r in results if r is not None]

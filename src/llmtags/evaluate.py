@@ -11,36 +11,48 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .metrics import bootstrap_prf_counts, paired_bootstrap
 from .records import Record, RecordError
 from .report import EvalReport
 from .tagger import TaggingOptions, TagResult, build_prompt, constraint_for, tag_records
 
+T = TypeVar("T")
 
-def read_predictions(path: str | Path, errors: Any = None) -> dict[str, list[str]]:
-    """id → tags from a `llmtags generate` output file. Bad lines are reported and skipped."""
+
+def read_prediction_rows(path: str | Path, convert: Callable[[dict[str, Any]], T], errors: Any = None) -> dict[str, T]:
+    """id → convert(row) for every line of a `llmtags generate` output file. A line that is not JSON,
+    lacks a field or fails `convert` (which raises TypeError or ValueError) is reported and skipped."""
     errors = errors or sys.stderr
-    predictions: dict[str, list[str]] = {}
+    found: dict[str, T] = {}
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             try:
                 row = json.loads(raw.decode("utf-8"))
-                tags = row["tags"]
-                if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-                    raise TypeError("tags must be a list of strings")
-                predictions[str(row["id"])] = tags
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                found[str(row["id"])] = convert(row)
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 reason = {KeyError: f"missing field {exc}", json.JSONDecodeError: f"malformed JSON: {exc}"}.get(
                     type(exc), str(exc))
                 print(f"llmtags: {path}: {RecordError(number, None, reason)}", file=errors)
-    return predictions
+    return found
+
+
+def _tags(row: dict[str, Any]) -> list[str]:
+    tags = row["tags"]
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise TypeError("tags must be a list of strings")
+    return tags
+
+
+def read_predictions(path: str | Path, errors: Any = None) -> dict[str, list[str]]:
+    """id → tags from a `llmtags generate` output file. Bad lines are reported and skipped."""
+    return read_prediction_rows(path, _tags, errors)
 
 
 def score_predictions(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 
 MAX_TAGS = 64  # a looping model must not flood one record's output
 MAX_TAG_CHARS = 100
@@ -68,22 +69,59 @@ def clean_tag(raw: str) -> str:
     return tag[:MAX_TAG_CHARS]
 
 
-def parse_tags(text: str, max_tags: int = MAX_TAGS) -> list[str]:
-    """Tags in order of first appearance, without duplicates, at most `max_tags`."""
-    pieces = _from_json(text)
-    if pieces is None:
-        lines = [line for line in text.splitlines() if line.strip()]
-        # One tag per line is the format the templates ask for; values may then hold commas
-        # ("Color:Black, Red" stays one tag). A single line is a separated list.
-        pieces = lines if len(lines) > 1 else _INLINE_SEPARATORS.split(text)
-    tags: list[str] = []
+# The line boundaries of str.splitlines.
+_LINE = re.compile(r"[^\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]+")
+
+
+@dataclass(frozen=True)
+class ParsedTag:
+    tag: str
+    # reply[start:end] is the piece the tag was read from (a line, a list item, or for JSON the value
+    # string); None when a JSON value cannot be found verbatim (escapes).
+    span: tuple[int, int] | None
+
+
+def _pieces(text: str) -> list[tuple[str, tuple[int, int] | None]]:
+    json_tags = _from_json(text)
+    if json_tags is not None:
+        located: list[tuple[str, tuple[int, int] | None]] = []
+        cursor = 0
+        for tag in json_tags:
+            value = tag.split(":", 1)[-1]
+            at = text.find(value, cursor) if value else -1
+            located.append((tag, (at, at + len(value)) if at >= 0 else None))
+            cursor = at + len(value) if at >= 0 else cursor
+        return located
+    lines = [(m.group(), (m.start(), m.end())) for m in _LINE.finditer(text) if m.group().strip()]
+    # One tag per line is the format the templates ask for; values may then hold commas
+    # ("Color:Black, Red" stays one tag). A single line is a separated list.
+    if len(lines) > 1:
+        return lines  # type: ignore[return-value]
+    pieces: list[tuple[str, tuple[int, int] | None]] = []
+    start = 0
+    for separator in _INLINE_SEPARATORS.finditer(text):
+        pieces.append((text[start : separator.start()], (start, separator.start())))
+        start = separator.end()
+    pieces.append((text[start:], (start, len(text))))
+    return pieces
+
+
+def parse_tag_spans(text: str, max_tags: int = MAX_TAGS) -> list[ParsedTag]:
+    """Tags in order of first appearance, without duplicates, at most `max_tags`, each with the
+    piece of the reply it came from."""
+    tags: list[ParsedTag] = []
     seen: set[str] = set()
-    for piece in pieces:
+    for piece, span in _pieces(text):
         tag = clean_tag(piece)
         if not tag or tag.endswith((":", "：")) or tag.casefold() in seen:
             continue
         seen.add(tag.casefold())
-        tags.append(tag)
+        tags.append(ParsedTag(tag, span))
         if len(tags) >= max_tags:
             break
     return tags
+
+
+def parse_tags(text: str, max_tags: int = MAX_TAGS) -> list[str]:
+    """Tags in order of first appearance, without duplicates, at most `max_tags`."""
+    return [parsed.tag for parsed in parse_tag_spans(text, max_tags)]

@@ -14,15 +14,17 @@ import json
 import re
 import sys
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 # A gold tag is one `Attribute:value` string, or a list of accepted surface forms of ONE tag (any-of).
 GoldTag = Union[str, list[str]]
 
 FORMATS = ("jsonl", "csv", "parquet")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -391,6 +393,15 @@ def _validated(
         else:
             stats.read += 1
         yield item
+
+
+def interleave(sources: Sequence[Sequence[T]]) -> list[T]:
+    """Round-robin over several lists (a, b, a, b, ..., then the rest of the longer), so that a prefix
+    of the result samples every source evenly."""
+    out: list[T] = []
+    for i in range(max((len(s) for s in sources), default=0)):
+        out.extend(s[i] for s in sources if i < len(s))
+    return out
 
 
 def load_labelled(path: str | Path, fields: Fields = Fields()) -> list[Record]:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from llmtags.grounding import highlight, tag_evidence
 from llmtags.metrics import (
     GoldTag,
     PairedResult,
@@ -81,6 +82,8 @@ class EvalReport:
                 scores = score_counts(counts, typed, self.categories)
                 ci = bootstrap_ci_counts(counts, n=n_boot, seed=seed)
                 self.views[view][scoring] = _View(counts, scores, ci)
+        # Share of gold tags among the vocabulary candidates offered in the prompts (set by the caller).
+        self.candidate_recall: float | None = None
         self.normalisation_delta: PairedResult | None = None
         if preds_normalised is not None and n:
             self.normalisation_delta = paired_bootstrap(
@@ -127,9 +130,13 @@ class EvalReport:
         rows = []
         for i in order[:k]:
             c = counts[i]
+            text = self.texts[i] if self.texts is not None else None
             rows.append({
                 "id": self.ids[i],
-                "text": self.texts[i] if self.texts is not None else None,
+                "text": text,
+                # The text with the evidence of each predicted tag in brackets (grounding.py).
+                "highlighted": None if text is None else highlight(
+                    text, [tag_evidence(text, tag) for tag in self.preds[view][i]]),
                 "category": self.categories[i] if self.categories is not None else None,
                 "f1": c.f1,
                 "tp": c.tp,
@@ -154,6 +161,7 @@ class EvalReport:
             if "normalised" in self.views
             else None,
             "normalisation_delta": None if self.normalisation_delta is None else self.normalisation_delta.to_json(),
+            "candidate_recall": self.candidate_recall,
             "worst_records": self.worst_records(worst),
         }
 
@@ -193,15 +201,19 @@ class EvalReport:
             lines += ["", f"Normalisation, typed micro F1: {d.f1_a:.3f} → {d.f1_b:.3f} (Δ {d.delta_f1:+.3f}, "
                       f"95% CI {_ci((d.low, d.high))}, p = {d.p_value:.3f}"
                       f"{', significant' if d.significant else ', not significant'})."]
+        if self.candidate_recall is not None:
+            lines += ["", f"Candidate recall: {self.candidate_recall:.3f} of gold tags were among the vocabulary "
+                      "candidates offered in the prompts."]
         if attributes:
             lines += ["", "### Per attribute (typed)", ""] + self._breakdown_table("per_attribute", "attribute")
         if categories and self.categories is not None:
             lines += ["", "### Per category (typed)", ""] + self._breakdown_table("per_category", "category")
         if worst:
-            lines += ["", f"### {worst} worst records ({self.final_view} predictions, typed)", ""]
+            lines += ["", f"### {worst} worst records ({self.final_view} predictions, typed)", "",
+                      "The text shows the evidence of the predicted tags in [brackets].", ""]
             lines += _table(
                 ["id", "F1", "text", "gold", "predicted", "missed", "spurious"],
-                [[r["id"], _f(r["f1"]), _clip(r["text"] or "", 120), _tags(r["gold"]), _tags(r["predicted"]),
+                [[r["id"], _f(r["f1"]), _clip(r["highlighted"] or "", 120), _tags(r["gold"]), _tags(r["predicted"]),
                   _tags(r["missed"]), _tags(r["spurious"])] for r in self.worst_records(worst)],
             )
         return "\n".join(lines) + "\n"

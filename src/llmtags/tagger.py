@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .parse import parse_tags
+from .parse import parse_tag_spans
 from .prompts import Demo, PromptTemplate, render_prompt, template_for
 from .records import Record
 
@@ -30,13 +30,27 @@ class TagResult:
     new_tokens: int = 0
     details: list[dict[str, Any]] = field(default_factory=list)  # per-tag normalisation, when a vocab is used
     truncated: bool = False
+    # Parallel to `tags` (grounding.py): the model's confidence, and the [start, end) offsets of the
+    # evidence in the record's text (None: inferred, not in the text).
+    confidences: list[float | None] = field(default_factory=list)
+    evidence: list[tuple[int, int] | None] = field(default_factory=list)
+    below_confidence: list[str] = field(default_factory=list)  # tags dropped by min_confidence
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.record.id, "text_hash": self.record.text_hash, "tags": self.tags,
+                               "confidence": [None if c is None else round(c, 3) for c in self.confidences],
+                               "evidence": [list(span) if span is not None else None for span in self.evidence],
                                "raw": self.raw}
+        if self.below_confidence:
+            out["below_confidence"] = self.below_confidence
         if self.details:
             out["normalisation"] = self.details
         return out
+
+    def explain(self) -> list[str]:
+        from .grounding import explain_lines
+
+        return [f"{self.record.id}:", *explain_lines(self.record.text, self.tags, self.confidences, self.evidence)]
 
 
 @dataclass
@@ -56,6 +70,7 @@ class TaggingOptions:
     # "extract" (values are spans of the text) or "closed" (lines are entries of `constrain_vocab`).
     constrain: str = "free"
     constrain_vocab: Vocabulary | None = None  # for "closed"
+    min_confidence: float | None = None  # drop tags the model is less sure of (grounding.py)
 
 
 def build_prompt(record: Record, tokenizer: Any, options: TaggingOptions, training: bool = False) -> str:
@@ -88,7 +103,7 @@ def constraint_for(record: Record, options: TaggingOptions) -> ConstraintSpec | 
     )
 
 
-def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+def chunked(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
     chunk: list[Record] = []
     for record in records:
         chunk.append(record)
@@ -108,7 +123,7 @@ def tag_chunks(
 ) -> Iterator[list[TagResult]]:
     """Tag `records` with `engine` (anything with `.tokenizer` and `.generate(prompts, ...)`), one
     list of results per chunk of `options.chunk_size` records, in input order."""
-    for chunk in _chunks(records, options.chunk_size):
+    for chunk in chunked(records, options.chunk_size):
         prompts = [build_prompt(record, engine.tokenizer, options) for record in chunk]
         constraints = [constraint_for(record, options) for record in chunk]
         # Engines without constrained decoding still serve unconstrained runs.
@@ -132,14 +147,28 @@ def tag_records(
 
 
 def to_result(record: Record, generation: Any, options: TaggingOptions, normaliser: Any = None) -> TagResult:
-    """Parse (and normalise) one generation."""
-    tags = parse_tags(generation.text)
-    result = TagResult(record, tags, generation.text, generation.prompt_tokens, generation.new_tokens,
-                       truncated=len(record.text) > options.max_text_chars)
+    """Parse, normalise and ground one generation."""
+    from .grounding import confidences_by_tag, tag_evidence
+
+    parsed = parse_tag_spans(generation.text)
+    by_raw = confidences_by_tag(parsed, generation)
+    result = TagResult(record, [p.tag for p in parsed], generation.text, generation.prompt_tokens,
+                       generation.new_tokens, truncated=len(record.text) > options.max_text_chars)
+    sources = [p.tag for p in parsed]
     if normaliser is not None:
-        normalised = normaliser.normalise(tags)
-        result.tags = [n.tag for n in normalised if n.kept]
+        normalised = normaliser.normalise(result.tags)
+        kept = [n for n in normalised if n.kept]
+        result.tags, sources = [n.tag for n in kept], [n.source for n in kept]
         result.details = [n.to_json() for n in normalised]
+    confidences = [by_raw.get(source) for source in sources]
+    if options.min_confidence is not None:
+        keep = [c is None or c >= options.min_confidence for c in confidences]
+        result.below_confidence = [t for t, k in zip(result.tags, keep) if not k]
+        result.tags = [t for t, k in zip(result.tags, keep) if k]
+        sources = [s for s, k in zip(sources, keep) if k]
+        confidences = [c for c, k in zip(confidences, keep) if k]
+    result.confidences = confidences
+    result.evidence = [tag_evidence(record.text, tag, source) for tag, source in zip(result.tags, sources)]
     return result
 
 

@@ -404,13 +404,15 @@ class TrainResult:
 def data_description(
     train_records: Sequence[Record],
     dev_records: Sequence[Record],
-    train_path: str | None = None,
-    dev_path: str | None = None,
+    train_path: str | Sequence[str] | None = None,
+    dev_path: str | Sequence[str] | None = None,
     licence: str | None = None,
 ) -> dict[str, Any]:
     from .adapters import file_sha256
 
-    def digest(path: str | None) -> str | None:
+    def digest(path: str | Sequence[str] | None) -> str | list[str | None] | None:
+        if path is not None and not isinstance(path, str):
+            return [digest(p) for p in path]  # type: ignore[misc]
         return file_sha256(path) if path and path != "-" and Path(path).is_file() else None
 
     return {

@@ -1,0 +1,246 @@
+"""Throughput of tagging engines, side by side, on the same products, model and adapter.
+
+    .venv/bin/python eval/bench_generate.py [--n 200] [--adapter zh-taobao] [--engines plain,llmtags,llama.cpp,vllm]
+
+Engines (each in its own child process, so peak memory and load time are its own):
+- plain:     transformers `generate()` per product at batch 1, no tricks (the floor);
+- llmtags:   `llmtags generate --adapter NAME` with its defaults (length-sorted batches of 8, stop at
+             the end of the list or a repeated line);
+- llama.cpp: llama-cpp-python (built from PyPI's source distribution) on the same Q4_K_M GGUF, with
+             the adapter converted to a GGUF LoRA by llama.cpp's convert_lora_to_gguf.py;
+- vllm:      vLLM with multi-LoRA; GPU only, skipped with the reason where absent.
+
+Every engine gets the same prompts (the adapter's template and candidates, built by llmtags) and the
+same greedy decoding with at most 64 new tokens; its text goes through the same parser, so the F1 of
+each row shows whether its speed came with the same tags. Writes eval/bench_generate.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import DATASETS, REPO, meta_lines, run_meta, write_outputs
+
+ENGINES = ("plain", "llmtags", "llama.cpp", "vllm")
+MAX_NEW_TOKENS = 64
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _records_and_prompts(data: Path, n: int, adapter: str) -> tuple[list[Any], list[str], Any]:
+    import argparse as _argparse
+
+    from llmtags.cli_train import adapter_options
+    from llmtags.models import load_tokenizer_only
+    from llmtags.records import load_labelled
+    from llmtags.tagger import TaggingOptions, build_prompt
+
+    records = [r for r in load_labelled(data) if r.tags is not None][:n]
+    options = adapter_options(adapter, _argparse.Namespace(template="auto", candidates=None), TaggingOptions())
+    tokenizer = load_tokenizer_only("embedded")
+    return records, [build_prompt(r, tokenizer, options) for r in records], options
+
+
+# --- engines: each returns (texts, new token counts, seconds to the first text) ---------------------------
+
+
+def run_plain(prompts: list[str], adapter_dir: Path) -> tuple[list[str], list[int], float]:
+    import torch
+    from peft import PeftModel
+
+    from llmtags.models import load_model, load_tokenizer, resolve_base_model
+
+    resolved = resolve_base_model("embedded")
+    tokenizer = load_tokenizer(resolved)
+    model = PeftModel.from_pretrained(load_model(resolved, device="cpu"), str(adapter_dir)).eval()
+    stop = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    texts, counts, first = [], [], 0.0
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, eos_token_id=stop,
+                                 pad_token_id=tokenizer.pad_token_id)
+        new = out[0, ids["input_ids"].shape[1]:]
+        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+        counts.append(int(new.shape[0]))
+        first = first or time.perf_counter()
+    return texts, counts, first
+
+
+def run_llmtags(prompts: list[str], adapter: str) -> tuple[list[str], list[int], float]:
+    from llmtags.adapters import AdapterSet
+
+    adapter_set = AdapterSet.load("embedded", device="cpu")
+    adapter_set.add(adapter, template="tuned")
+    engine = adapter_set.engine(adapter)
+    texts, counts, first = [], [], 0.0
+    for start in range(0, len(prompts), 64):  # generate's default chunk: one output append per 64 products
+        generations = engine.generate(prompts[start:start + 64], max_new_tokens=MAX_NEW_TOKENS, batch_size=8)
+        texts += [g.text for g in generations]
+        counts += [g.new_tokens for g in generations]
+        first = first or time.perf_counter()
+    return texts, counts, first
+
+
+def gguf_lora(adapter_dir: Path) -> Path:
+    """The adapter as a GGUF LoRA, converted once next to the cache (llama.cpp's own converter)."""
+    from llmtags.adapters import file_sha256
+    from llmtags.models import cache_root, resolve_base_model
+
+    out = cache_root() / "gguf" / f"lora-{file_sha256(adapter_dir / 'adapter_model.safetensors')[:12]}.gguf"
+    if out.is_file():
+        return out
+    converter = os.environ.get("LLAMA_CPP_CONVERT_LORA")
+    if not converter or not Path(converter).is_file():
+        raise RuntimeError("set LLAMA_CPP_CONVERT_LORA to llama.cpp's convert_lora_to_gguf.py "
+                           "(in the llama-cpp-python sdist: vendor/llama.cpp/convert_lora_to_gguf.py)")
+    base = resolve_base_model("embedded").location
+    subprocess.run([sys.executable, converter, str(adapter_dir), "--base", base, "--outfile", str(out),
+                    "--outtype", "f32"], check=True)
+    return out
+
+
+def run_llama_cpp(prompts: list[str], adapter_dir: Path) -> tuple[list[str], list[int], float]:
+    from llama_cpp import Llama
+
+    from llmtags.models import resolve_base_model
+
+    llm = Llama(model_path=str(resolve_base_model("embedded").gguf), lora_path=str(gguf_lora(adapter_dir)),
+                n_ctx=1024, n_threads=os.cpu_count(), n_batch=512, verbose=False)
+    texts, counts, first = [], [], 0.0
+    for prompt in prompts:
+        out = llm.create_completion(prompt, max_tokens=MAX_NEW_TOKENS, temperature=0.0, top_k=1,
+                                    stop=["<|im_end|>", "<|endoftext|>"])
+        texts.append(out["choices"][0]["text"])
+        counts.append(out["usage"]["completion_tokens"])
+        first = first or time.perf_counter()
+    return texts, counts, first
+
+
+def run_vllm(prompts: list[str], adapter_dir: Path) -> tuple[list[str], list[int], float]:
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from llmtags.models import resolve_base_model
+
+    llm = LLM(model=resolve_base_model("embedded").location, enable_lora=True, max_lora_rank=64)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, stop=["<|im_end|>"])
+    outputs = llm.generate(prompts, params, lora_request=LoRARequest("adapter", 1, str(adapter_dir)))
+    first = time.perf_counter()
+    return [o.outputs[0].text for o in outputs], [len(o.outputs[0].token_ids) for o in outputs], first
+
+
+def skip_reason(engine: str) -> str | None:
+    import importlib.util
+
+    if engine == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (pip install --no-binary llama-cpp-python llama-cpp-python)"
+    if engine == "vllm":
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                return "no CUDA device: vLLM runs on GPU only"
+        except ImportError:
+            return "torch is not installed"
+        if importlib.util.find_spec("vllm") is None:
+            return "vllm is not installed"
+    return None
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one engine and print its measurements as JSON (the parent reads the last line)."""
+    from llmtags.adapters import resolve_adapter
+    from llmtags.report import EvalReport
+    from llmtags.tagger import to_result
+
+    records, prompts, options = _records_and_prompts(args.data, args.n, args.adapter)
+    adapter_dir = resolve_adapter(args.adapter)
+    runner = {"plain": lambda: run_plain(prompts, adapter_dir), "llmtags": lambda: run_llmtags(prompts, args.adapter),
+              "llama.cpp": lambda: run_llama_cpp(prompts, adapter_dir), "vllm": lambda: run_vllm(prompts, adapter_dir)}
+    started = time.perf_counter()
+    texts, counts, first = runner[args.child]()
+    seconds = time.perf_counter() - started
+    from llmtags.engine import Generation
+
+    tags = [to_result(r, Generation(t, 0, c), options).tags for r, t, c in zip(records, texts, counts)]
+    report = EvalReport.from_records(records, tags, n_boot=200)
+    result = {"engine": args.child, "products": len(records), "seconds": seconds,
+              "products_per_s": len(records) / seconds, "new_tokens": sum(counts),
+              "tokens_per_s": sum(counts) / seconds, "first_result_s": first - started,
+              "peak_rss_mib": _peak_rss_mib(), "f1": report.scores("raw", "typed").micro.f1}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    except ImportError:
+        pass
+    print(json.dumps(result))
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], n: int, adapter: str) -> str:
+    base = {r["engine"]: r for r in rows if "products_per_s" in r}
+    lines = [f"# Tagging throughput: {n} zh-taobao-ner test products, embedded 0.5B + {adapter}", "",
+             *meta_lines(meta), "",
+             "| engine | products/s | tokens/s | × plain | × llama.cpp | first result s | peak RSS MiB | F1 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['engine']} | skipped: {r['skipped']} | | | | | | |")
+            continue
+        ratio = lambda other: (f"{r['products_per_s'] / base[other]['products_per_s']:.2f}"  # noqa: E731
+                               if other in base else "–")
+        lines.append(f"| {r['engine']} | {r['products_per_s']:.3f} | {r['tokens_per_s']:.1f} | {ratio('plain')} | "
+                     f"{ratio('llama.cpp')} | {r['first_result_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['f1']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DATASETS / "zh-taobao-ner" / "test.jsonl")
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--adapter", default="zh-taobao")
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--out", type=Path, default=REPO / "eval" / "bench_generate")
+    parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    if not args.data.is_file():
+        print(f"skipped: {args.data} is absent (see ../shared/datasets/README.md)")
+        return
+    rows = []
+    for engine in args.engines.split(","):
+        reason = skip_reason(engine)
+        if reason:
+            rows.append({"engine": engine, "skipped": reason})
+            print(f"{engine}: skipped ({reason})")
+            continue
+        command = [sys.executable, __file__, "--child", engine, "--n", str(args.n), "--adapter", args.adapter,
+                   "--data", str(args.data)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            rows.append({"engine": engine, "skipped": f"failed: {done.stderr.strip().splitlines()[-1:]}"})
+            print(done.stderr[-3000:], file=sys.stderr)
+            continue
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]))
+    meta = run_meta()
+    write_outputs(args.out, {"rows": rows, "n": args.n, "adapter": args.adapter, "meta": meta},
+                  markdown(rows, meta, args.n, args.adapter))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Calibration of tag confidences, the calibrate command, and eval's candidate recall."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from llmtags.calibrate import Outcome, at_threshold, calibrate, pick_threshold, reliability, tag_outcomes
+from llmtags.cli import CliError, _min_confidence, main
+
+GOLDS = [["品牌:理肤泉", "产品词:防晒霜"], ["Brand:Nike", ["Color:Black", "Color:黑色"]]]
+PREDS = [["品牌:理肤泉", "产品词:防晒", "品牌:理肤泉"], ["Brand:Nike", "Color:黑色", "Size:42"]]
+CONFS = [[0.95, 0.4, 0.95], [0.9, 0.7, 0.2]]
+
+
+def test_outcomes_follow_the_evaluators_matching():
+    outcomes, gold_total = tag_outcomes(GOLDS, PREDS, CONFS)
+    assert gold_total == 4
+    # the duplicate 品牌:理肤泉 counts once, as in the evaluator
+    assert outcomes == [Outcome(0.95, True), Outcome(0.4, False), Outcome(0.9, True), Outcome(0.7, True),
+                        Outcome(0.2, False)]
+
+
+def test_reliability_table_and_ece():
+    outcomes = [Outcome(0.95, True), Outcome(0.95, False), Outcome(0.15, False), Outcome(0.15, False),
+                Outcome(None, True)]
+    bins, ece = reliability(outcomes, n_bins=10)
+    assert [b.count for b in bins] == [0, 2, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert bins[9].accuracy == 0.5 and bins[9].mean_confidence == pytest.approx(0.95)
+    assert ece == pytest.approx(0.5 * 0.45 + 0.5 * 0.15)
+    perfect = [Outcome(1.0, True)] * 3 + [Outcome(0.0, False)] * 3
+    assert reliability(perfect)[1] == 0.0
+
+
+def test_threshold_reaches_the_target_precision_with_the_most_recall():
+    outcomes, gold_total = tag_outcomes(GOLDS, PREDS, CONFS)
+    assert at_threshold(outcomes, gold_total, 0.0).precision == pytest.approx(3 / 5)
+    chosen = pick_threshold(outcomes, gold_total, 0.99)
+    assert chosen is not None and chosen.threshold == 0.7 and chosen.precision == 1.0 and chosen.recall == 0.75
+    assert pick_threshold([Outcome(0.9, False)], 1, 0.5) is None
+    result = calibrate(GOLDS, PREDS, CONFS, target_precision=0.99)
+    assert result.threshold == 0.7 and result.best_f1.f1 == pytest.approx(6 / 7)
+    assert "ECE" in result.to_markdown()
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _registry(tmp_path):
+    from llmtags.adapters import FORMAT_VERSION
+
+    root = tmp_path / "adapters"
+    (root / "zh").mkdir(parents=True)
+    (root / "zh" / "llmtags.json").write_text(json.dumps({"format": FORMAT_VERSION}))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # only their presence is checked here
+        (root / "zh" / name).write_text("{}")
+    return root
+
+
+def test_calibrate_command_stores_the_threshold_that_generate_then_uses(tmp_path, capsys):
+    from llmtags.adapters import read_metadata
+
+    gold, pred = tmp_path / "dev.jsonl", tmp_path / "pred.jsonl"
+    _write(gold, [{"id": str(i), "text": "x", "tags": g} for i, g in enumerate(GOLDS)])
+    _write(pred, [{"id": str(i), "tags": p, "confidence": c} for i, (p, c) in enumerate(zip(PREDS, CONFS))]
+           + [{"id": "9", "tags": ["a:b"]}])  # no confidences: reported, skipped
+    root = _registry(tmp_path)
+    assert main(["calibrate", "--gold", str(gold), "--pred", str(pred), "--target-precision", "0.99",
+                 "--adapter", "zh", "--adapters-root", str(root)]) == 0
+    captured = capsys.readouterr()
+    assert "record 3" in captured.err and "confidence" in captured.err
+    assert read_metadata(root / "zh")["calibration"]["threshold"] == 0.7
+    args = argparse.Namespace(min_confidence="calibrated", adapter="zh", adapters_root=str(root))
+    assert _min_confidence(args) == 0.7
+    for bad in ("1.5", "high"):
+        with pytest.raises(CliError, match="min-confidence"):
+            _min_confidence(argparse.Namespace(min_confidence=bad))
+    with pytest.raises(CliError, match="needs --adapter"):
+        _min_confidence(argparse.Namespace(min_confidence="calibrated", adapter=None))
+    assert main(["calibrate", "--gold", str(gold), "--pred", str(pred), "--target-precision", "1.01"]) == 1
+
+
+def test_eval_reports_candidate_recall_and_records_test_metrics(tmp_path, capsys):
+    from llmtags.adapters import read_metadata
+
+    gold, pred, vocab = tmp_path / "test.jsonl", tmp_path / "pred.jsonl", tmp_path / "train.jsonl"
+    _write(gold, [{"id": "1", "text": "理肤泉防晒霜", "tags": ["品牌:理肤泉", "产品词:防晒霜"]}])
+    _write(pred, [{"id": "1", "tags": ["品牌:理肤泉"]}])
+    _write(vocab, [{"id": "t", "text": "理肤泉", "tags": ["品牌:理肤泉"]}])
+    root = _registry(tmp_path)
+    assert main(["eval", "--gold", str(gold), "--pred", str(pred), "--candidates", str(vocab),
+                 "--record-to-adapter", "zh", "--adapters-root", str(root), "--errors", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "Candidate recall: 0.500" in out
+    assert "[理肤泉]防晒霜" in out  # the worst-records table highlights the predicted tags' evidence
+    test = read_metadata(root / "zh")["metrics"]["test"]
+    assert test["f1"] == pytest.approx(2 / 3, abs=1e-4) and test["candidate_recall"] == 0.5
