@@ -14,16 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from common import DATASETS, REPO, meta_lines, run_meta, split_paths, write_outputs
+from common import (DATASETS, REPO, generate_predictions, meta_lines, predictions_file, run_meta, split_paths,
+                    write_outputs)
 
 from llmtags.baselines import DictionaryTagger
 from llmtags.calibrate import calibrate, read_scored_predictions
 from llmtags.candidates import CandidateFinder, candidate_recall, load_candidate_vocabulary
-from llmtags.cli import main as llmtags
 from llmtags.models import cache_root
 from llmtags.records import Record, load_labelled
 from llmtags.report import EvalReport
@@ -37,21 +36,9 @@ GENERATED = {
 THRESHOLDED = ("adapter + candidates", "adapter + candidates + extract")
 
 
-def _slug(name: str) -> str:
-    return name.replace(" + ", "+").replace(", ", "-").replace(" ", "_")
-
-
 def _generate(data: Path, out: Path, adapter: str, flags: list[str], limit: int | None) -> tuple[dict, float]:
-    """Run `llmtags generate` (resuming) and return its predictions by id, and the wall seconds."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    argv = ["generate", str(data), "-o", str(out), "--resume", "--adapter", adapter, *flags]
-    if limit:
-        argv += ["--limit", str(limit)]
-    started = time.perf_counter()
-    code = llmtags(argv)
-    if code != 0:
-        sys.exit(f"llmtags {' '.join(argv)} failed with exit status {code}")
-    return read_scored_predictions(out), time.perf_counter() - started
+    seconds = generate_predictions(data, out, adapter, flags, limit)
+    return read_scored_predictions(out), seconds
 
 
 def _report(name: str, records: list[Record], preds: list[list[str]], n_boot: int) -> EvalReport:
@@ -82,7 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     generated: dict[str, dict[str, tuple[list[str], list[float | None]]]] = {}
     for name, flags in GENERATED.items():
         # The default variant writes the full-test predictions file, shared with the test evaluation.
-        file = work / f"test-{_slug(name)}.jsonl"
+        file = predictions_file(work, "test", name)
         found, seconds = _generate(test_path, file, args.adapter, flags, args.limit)
         generated[name] = found
         preds = [found.get(r.id, ([], []))[0] for r in test]
@@ -90,7 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     calibrations: dict[str, Any] = {}
     for name in THRESHOLDED:
-        dev_found, _ = _generate(dev_path, work / f"dev-{_slug(name)}.jsonl", args.adapter, GENERATED[name],
+        dev_found, _ = _generate(dev_path, predictions_file(work, "dev", name), args.adapter, GENERATED[name],
                                  args.dev_limit)
         dev_rows = [dev_found.get(r.id, ([], [])) for r in dev]
         calibration = calibrate([r.tags or [] for r in dev], [t for t, _ in dev_rows], [c for _, c in dev_rows],
@@ -141,8 +128,9 @@ def markdown(result: dict[str, Any]) -> str:
     for name, c in result["calibration"].items():
         lines.append(f"| {name} | {c['ece']:.3f} | {c['test_ece']:.3f} | {c['dev_unfiltered']['f1']:.3f} → "
                      f"{c['dev_best_f1']['f1']:.3f} (≥ {c['dev_best_f1']['threshold']:.3f}) |")
-    lines += ["", "Generation seconds are wall time of the `llmtags generate` run on this machine; 0 means the",
-              "predictions were already complete from an earlier (resumed) run."]
+    lines += ["", "Generation seconds are wall time of the `llmtags generate` run on this machine, while other",
+              "jobs shared its 2 cores; a few seconds means the predictions were already complete from an earlier",
+              "(resumed) run, here the test evaluation of the adapter (`eval/adapter_*_test.md`)."]
     return "\n".join(lines)
 
 

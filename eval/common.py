@@ -66,3 +66,27 @@ def write_outputs(out: Path, data: dict[str, Any], markdown: str) -> None:
     out.with_suffix(".json").write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     out.with_suffix(".md").write_text(markdown.rstrip() + "\n", encoding="utf-8")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+def generate_predictions(data: Path, out: Path, adapter: str, flags: list[str], limit: int | None) -> float:
+    """Run `llmtags generate --adapter ADAPTER` over `data` into `out`, resuming whatever an earlier run
+    left there (so a killed benchmark continues and a finished one costs nothing); returns wall seconds."""
+    import time
+
+    from llmtags.cli import main as llmtags
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    argv = ["generate", str(data), "-o", str(out), "--resume", "--adapter", adapter, *flags]
+    if limit:
+        argv += ["--limit", str(limit)]
+    started = time.perf_counter()
+    code = llmtags(argv)
+    if code != 0:
+        sys.exit(f"llmtags {' '.join(argv)} failed with exit status {code}")
+    return time.perf_counter() - started
+
+
+def predictions_file(work: Path, split: str, variant: str) -> Path:
+    """Where a variant's predictions live; the plain adapter run is shared by every script."""
+    slug = variant.replace(" + ", "+").replace(", ", "-").replace(" ", "_")
+    return work / f"{split}-{slug}.jsonl"

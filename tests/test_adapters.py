@@ -407,3 +407,16 @@ def test_generate_defaults_to_the_adapters_template_and_candidates(tmp_path, cap
     apply_adapter_defaults(args)
     assert (args.template, args.candidates) == ("tuned", None)
     assert "absent here: tagging without candidates" in capsys.readouterr().err
+
+
+def test_metadata_records_every_candidates_source(tiny_model_dir, tmp_path):
+    from llmtags.models import load_tokenizer
+
+    first, second = tmp_path / "oa.jsonl", tmp_path / "ae.jsonl"
+    first.write_text('{"id": "1", "text": "Nike", "tags": ["Brand:Nike"]}\n', encoding="utf-8")
+    second.write_text('{"id": "2", "text": "Adidas", "tags": ["Brand:Adidas"]}\n', encoding="utf-8")
+    resolved = resolve_base_model(str(tiny_model_dir))
+    meta = build_metadata(resolved=resolved, template="tuned", tokenizer=load_tokenizer(resolved),
+                          hyperparameters={}, candidates=f"{first},{second}")
+    candidates = meta["vocabulary"]["candidates"]
+    assert candidates["size"] == 2 and len(candidates["sha256"]) == 2

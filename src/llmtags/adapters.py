@@ -132,6 +132,14 @@ def template_identity(choice: str | PromptTemplate, spec: str | None = None) -> 
     return template_identity(template, spec or str(choice))
 
 
+def _sources_sha256(spec: str) -> str | list[str]:
+    """The hash of a candidates file, or the list of hashes of comma-joined sources."""
+    from .candidates import candidate_sources
+
+    sources = candidate_sources(spec)
+    return file_sha256(sources[0]) if len(sources) == 1 else [file_sha256(p) for p in sources]
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -165,7 +173,7 @@ def build_metadata(
             # Offered in the prompts (`--candidates`): generate must use the same one.
             "candidates": None if candidates is None else {
                 "path": str(candidates), "size": len(load_candidate_vocabulary(str(candidates))),
-                "sha256": file_sha256(candidates)},
+                "sha256": _sources_sha256(str(candidates))},
             # The normaliser's vocabulary the adapter is meant to go with (`--vocab`).
             "normalisation": None if vocab is None else {
                 "path": str(vocab), "size": len(Vocabulary.load(vocab)), "sha256": file_sha256(vocab)},

@@ -1,0 +1,102 @@
+"""A shipped adapter on the test split of a benchmark set, beside the dictionary baseline on the same
+records.
+
+    .venv/bin/python eval/adapter_test.py --adapter zh-taobao --set zh-taobao-ner [--limit N]
+    .venv/bin/python eval/adapter_test.py --adapter en-products --set en-oa-mine --set en-ae-110k --limit 200
+
+For each set: `llmtags generate TEST --adapter NAME` (resumable; predictions under <llmtags cache>/eval/
+SET/), then the same scoring as `llmtags eval --gold TEST --pred PRED` (typed and value-only micro
+P/R/F1 with bootstrap intervals, per attribute), candidate recall, and the dictionary baseline on the
+same records. Writes eval/adapter_NAME_test.{json,md}; with --record, stores the figures as the
+adapter's test metrics in its llmtags.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from common import (DATASETS, REPO, generate_predictions, meta_lines, predictions_file, run_meta, split_paths,
+                    write_outputs)
+
+from llmtags.baselines import DictionaryTagger
+from llmtags.candidates import CandidateFinder, candidate_recall, load_candidate_vocabulary
+from llmtags.evaluate import read_predictions, score_predictions
+from llmtags.models import cache_root
+from llmtags.records import load_labelled
+from llmtags.report import EvalReport
+
+
+def _figures(report: EvalReport) -> dict[str, Any]:
+    typed = report.scores("raw", "typed").micro
+    return {"precision": typed.precision, "recall": typed.recall, "f1": typed.f1,
+            "f1_ci95": list(report.ci95("raw", "typed")), "value_f1": report.scores("raw", "values").micro.f1}
+
+
+def evaluate_set(name: str, adapter: str, data: Path, limit: int | None) -> dict[str, Any] | None:
+    paths = split_paths(data, name, "train", "test")
+    if paths is None:
+        return None
+    train_path, test_path = paths
+    test = [r for r in load_labelled(test_path) if r.tags is not None][:limit]
+    pred_path = predictions_file(cache_root() / "eval" / name, "test", "adapter + candidates")
+    seconds = generate_predictions(test_path, pred_path, adapter, [], limit)
+    predictions = read_predictions(pred_path)
+    report = score_predictions(test, [predictions.get(r.id, []) for r in test], name=f"{adapter} on {name} test")
+    dictionary = DictionaryTagger.from_records(load_labelled(train_path))
+    baseline = EvalReport.from_records(test, dictionary.tag_many([r.text for r in test]))
+    finder = CandidateFinder(load_candidate_vocabulary(str(train_path)))
+    report.candidate_recall = candidate_recall([r.tags for r in test],
+                                               [finder.tags(r.text, attributes=r.schema) for r in test])
+    return {"set": name, "records": len(test), "of": sum(1 for r in load_labelled(test_path) if r.tags is not None),
+            "adapter": _figures(report), "dictionary": _figures(baseline), "candidate_recall": report.candidate_recall,
+            "generation_seconds": round(seconds, 1), "report": report}
+
+
+def markdown(adapter: str, results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [f"# Adapter `{adapter}` on test splits", "", *meta_lines(meta),
+             "- scoring: typed micro P/R/F1 over `Attribute:value` tags, 95% CI by percentile bootstrap over "
+             "records; the dictionary baseline (train values found in the text) on the same records", "",
+             "| set | records | adapter P | adapter R | adapter F1 | 95% CI | value F1 | dictionary F1 | Δ F1 | "
+             "candidate recall |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        a, d = r["adapter"], r["dictionary"]
+        lines.append(f"| {r['set']} | {r['records']} of {r['of']} | {a['precision']:.3f} | {a['recall']:.3f} | "
+                     f"**{a['f1']:.3f}** | {a['f1_ci95'][0]:.3f}–{a['f1_ci95'][1]:.3f} | {a['value_f1']:.3f} | "
+                     f"{d['f1']:.3f} | {a['f1'] - d['f1']:+.3f} | {r['candidate_recall']:.3f} |")
+    for r in results:
+        lines += ["", r["report"].to_markdown(categories=False, worst=10)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapter", required=True)
+    parser.add_argument("--set", action="append", required=True, dest="sets")
+    parser.add_argument("--data", type=Path, default=DATASETS)
+    parser.add_argument("--limit", type=int, help="only the first N test records of each set")
+    parser.add_argument("--record", action="store_true", help="store the figures in the adapter's llmtags.json")
+    args = parser.parse_args()
+    results = [r for r in (evaluate_set(s, args.adapter, args.data, args.limit) for s in args.sets) if r]
+    if not results:
+        sys.exit(0)
+    meta = run_meta()
+    out = REPO / "eval" / f"adapter_{args.adapter.replace('-', '_')}_test"
+    write_outputs(out, {"adapter": args.adapter, "sets": [{k: v for k, v in r.items() if k != "report"}
+                                                          for r in results],
+                        "reports": {r["set"]: r["report"].to_json(worst=10) for r in results}, "meta": meta},
+                  markdown(args.adapter, results, meta))
+    if args.record:
+        from llmtags.adapters import set_metadata_entry
+
+        test = {r["set"]: {"records": r["records"], "of": r["of"], **{k: round(v, 4) if isinstance(v, float) else v
+                                                                     for k, v in r["adapter"].items()},
+                           "candidate_recall": round(r["candidate_recall"], 4),
+                           "dictionary_f1": round(r["dictionary"]["f1"], 4)} for r in results}
+        set_metadata_entry(args.adapter, ("metrics", "test"), {**test, "report": str(out.with_suffix(".md").name)})
+
+
+if __name__ == "__main__":
+    main()
