@@ -64,7 +64,8 @@ def test_calibrate_command_stores_the_threshold_that_generate_then_uses(tmp_path
     from llmtags.adapters import read_metadata
 
     gold, pred = tmp_path / "dev.jsonl", tmp_path / "pred.jsonl"
-    _write(gold, [{"id": str(i), "text": "x", "tags": g} for i, g in enumerate(GOLDS)])
+    # A gold record without a prediction (dev generated in part) is left out, not scored as empty.
+    _write(gold, [{"id": str(i), "text": "x", "tags": g} for i, g in enumerate(GOLDS + [["Brand:Puma"]])])
     _write(pred, [{"id": str(i), "tags": p, "confidence": c} for i, (p, c) in enumerate(zip(PREDS, CONFS))]
            + [{"id": "9", "tags": ["a:b"]}])  # no confidences: reported, skipped
     root = _registry(tmp_path)
@@ -72,7 +73,8 @@ def test_calibrate_command_stores_the_threshold_that_generate_then_uses(tmp_path
                  "--adapter", "zh", "--adapters-root", str(root)]) == 0
     captured = capsys.readouterr()
     assert "record 3" in captured.err and "confidence" in captured.err
-    assert read_metadata(root / "zh")["calibration"]["threshold"] == 0.7
+    stored = read_metadata(root / "zh")["calibration"]
+    assert stored["threshold"] == 0.7 and stored["records"] == 2 and stored["at_threshold"]["recall"] == 0.75
     args = argparse.Namespace(min_confidence="calibrated", adapter="zh", adapters_root=str(root))
     assert _min_confidence(args) == 0.7
     for bad in ("1.5", "high"):

@@ -170,7 +170,8 @@ def calibrate_files(gold: str | Path, pred: str | Path, target_precision: float 
     if len(missing) == len(records):
         raise ValueError(f"{pred}: no prediction matches a record of {gold} by id")
     if missing:
-        print(f"llmtags: {len(missing)} gold records have no prediction (counted as empty), e.g. {missing[:3]}",
+        # Calibrating on a generated subset of dev is the usual case: only those records count.
+        print(f"llmtags: {len(missing)} gold records have no prediction and are left out, e.g. {missing[:3]}",
               file=sys.stderr)
-    rows = [scored.get(r.id, ([], [])) for r in records]
-    return calibrate([r.tags or [] for r in records], [t for t, _ in rows], [c for _, c in rows], target_precision)
+    rows = [(r.tags or [], *scored[r.id]) for r in records if r.id in scored]
+    return calibrate([g for g, _, _ in rows], [t for _, t, _ in rows], [c for _, _, c in rows], target_precision)
