@@ -63,8 +63,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "f1_ci95": report.ci95("raw", "typed"), "value_f1": report.scores("raw", "values").micro.f1,
                      **extra})
 
-    dictionary = DictionaryTagger.from_records(train)
-    add("dictionary (train values in the text)", dictionary.tag_many([r.text for r in test]))
+    dictionary_tags = DictionaryTagger.from_records(train).tag_many([r.text for r in test])
+    add("dictionary (train values in the text)", dictionary_tags)
 
     generated: dict[str, dict[str, tuple[list[str], list[float | None]]]] = {}
     for name, flags in GENERATED.items():
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # on that attribute.
     best = generated["adapter + candidates"]
     union = []
-    for record, dict_tags in zip(test, dictionary.tag_many([r.text for r in test])):
+    for record, dict_tags in zip(test, dictionary_tags):
         model_tags = best.get(record.id, ([], []))[0]
         attributes = {t.split(":", 1)[0] for t in model_tags}
         union.append(model_tags + [t for t in dict_tags if t.split(":", 1)[0] not in attributes])

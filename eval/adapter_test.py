@@ -40,7 +40,8 @@ def evaluate_set(name: str, adapter: str, data: Path, limit: int | None) -> dict
     if paths is None:
         return None
     train_path, test_path = paths
-    test = [r for r in load_labelled(test_path) if r.tags is not None][:limit]
+    labelled = [r for r in load_labelled(test_path) if r.tags is not None]
+    test = labelled[:limit]
     pred_path = predictions_file(cache_root() / "eval" / name, "test", "adapter + candidates")
     seconds = generate_predictions(test_path, pred_path, adapter, [], limit)
     predictions = read_predictions(pred_path)
@@ -50,7 +51,7 @@ def evaluate_set(name: str, adapter: str, data: Path, limit: int | None) -> dict
     finder = CandidateFinder(load_candidate_vocabulary(str(train_path)))
     report.candidate_recall = candidate_recall([r.tags for r in test],
                                                [finder.tags(r.text, attributes=r.schema) for r in test])
-    return {"set": name, "records": len(test), "of": sum(1 for r in load_labelled(test_path) if r.tags is not None),
+    return {"set": name, "records": len(test), "of": len(labelled),
             "adapter": _figures(report), "dictionary": _figures(baseline), "candidate_recall": report.candidate_recall,
             "generation_seconds": round(seconds, 1), "report": report}
 

@@ -94,10 +94,9 @@ def run_llmtags(prompts: list[str], adapter: str) -> tuple[list[str], list[int],
 
 def gguf_lora(adapter_dir: Path) -> Path:
     """The adapter as a GGUF LoRA, converted once next to the cache (llama.cpp's own converter)."""
-    from llmtags.adapters import file_sha256
-    from llmtags.models import cache_root, resolve_base_model
+    from llmtags.models import cache_root, resolve_base_model, sha256_file
 
-    out = cache_root() / "gguf" / f"lora-{file_sha256(adapter_dir / 'adapter_model.safetensors')[:12]}.gguf"
+    out = cache_root() / "gguf" / f"lora-{sha256_file(adapter_dir / 'adapter_model.safetensors')[:12]}.gguf"
     if out.is_file():
         return out
     converter = os.environ.get("LLAMA_CPP_CONVERT_LORA")

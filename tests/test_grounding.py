@@ -7,7 +7,7 @@ import math
 import pytest
 
 from llmtags.engine import Generation
-from llmtags.grounding import evidence_span, highlight, piece_confidence, tag_evidence
+from llmtags.grounding import evidence_span, evidence_spans, highlight, piece_confidence
 from llmtags.parse import parse_tag_spans
 from llmtags.records import Record
 from llmtags.spans import value_key
@@ -64,7 +64,7 @@ def test_evidence_prefers_whole_words_and_is_none_for_an_inferred_value():
     assert evidence_span(text, "Nike") == (18, 22)
     assert evidence_span("耐克跑步鞋", "Nike") is None
     # After normalisation the tag may be the vocabulary's form; the model's own form still grounds it.
-    assert tag_evidence("理膚泉防曬霜", "品牌:理肤泉", source="品牌:理膚泉") == (0, 3)
+    assert evidence_spans("理膚泉防曬霜", ["品牌:理肤泉", "品牌:耐克"], ["品牌:理膚泉", None]) == [(0, 3), None]
     assert highlight("理肤泉防晒霜50ml", [(0, 3), (3, 6), (6, 10)]) == "[理肤泉防晒霜50ml]"
     assert highlight("a b c", [(4, 5), None, (0, 1)]) == "[a] b [c]"
 

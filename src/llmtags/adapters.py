@@ -38,7 +38,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from .models import ResolvedModel
+from .models import ResolvedModel, sha256_file
 from .prompts import PACKAGED, PromptTemplate, chat_template_hash, detect_lang, load_template
 from .records import Record
 from .tagger import TagResult
@@ -137,15 +137,7 @@ def _sources_sha256(spec: str) -> str | list[str]:
     from .candidates import candidate_sources
 
     sources = candidate_sources(spec)
-    return file_sha256(sources[0]) if len(sources) == 1 else [file_sha256(p) for p in sources]
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(sources[0]) if len(sources) == 1 else [sha256_file(p) for p in sources]
 
 
 def build_metadata(
@@ -176,7 +168,7 @@ def build_metadata(
                 "sha256": _sources_sha256(str(candidates))},
             # The normaliser's vocabulary the adapter is meant to go with (`--vocab`).
             "normalisation": None if vocab is None else {
-                "path": str(vocab), "size": len(Vocabulary.load(vocab)), "sha256": file_sha256(vocab)},
+                "path": str(vocab), "size": len(Vocabulary.load(vocab)), "sha256": sha256_file(vocab)},
         }
     meta = {
         "format": FORMAT_VERSION,
@@ -432,7 +424,7 @@ class AdapterSet:
         if name is None:
             return None
         info = self.infos[name]
-        return f"{name}@{file_sha256(info.path / WEIGHTS_FILE)[:16]}"
+        return f"{name}@{sha256_file(info.path / WEIGHTS_FILE)[:16]}"
 
     def engine(self, name: str | None) -> AdapterEngine:
         if name is not None and name not in self._peft_names:
@@ -648,7 +640,7 @@ def merge_adapter(
     tokenizer.save_pretrained(out)
     (out / "llmtags-merged.json").write_text(json.dumps({
         "base_model": meta.get("base_model"),
-        "adapter": {"path": str(path), "sha256": file_sha256(path / WEIGHTS_FILE)},
+        "adapter": {"path": str(path), "sha256": sha256_file(path / WEIGHTS_FILE)},
         "template": meta.get("template"),
         "merged_4bit": bool(load_in_4bit),
     }, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

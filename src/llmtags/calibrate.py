@@ -125,13 +125,19 @@ def at_threshold(outcomes: Sequence[Outcome], gold_total: int, threshold: float)
     return ThresholdPoint(threshold, p, r, f, len(kept))
 
 
+def threshold_points(outcomes: Sequence[Outcome], gold_total: int) -> list[ThresholdPoint]:
+    """P/R/F1 at every distinct observed confidence (and 0), lowest threshold first."""
+    thresholds = sorted({0.0, *(o.confidence for o in outcomes if o.confidence is not None)})
+    return [at_threshold(outcomes, gold_total, t) for t in thresholds]
+
+
+def _first_reaching(points: Sequence[ThresholdPoint], target_precision: float) -> ThresholdPoint | None:
+    return next((p for p in points if p.kept and p.precision >= target_precision), None)
+
+
 def pick_threshold(outcomes: Sequence[Outcome], gold_total: int, target_precision: float) -> ThresholdPoint | None:
     """The lowest threshold (among the observed confidences) whose kept tags reach the target precision."""
-    for threshold in sorted({0.0, *(o.confidence for o in outcomes if o.confidence is not None)}):
-        point = at_threshold(outcomes, gold_total, threshold)
-        if point.kept and point.precision >= target_precision:
-            return point
-    return None
+    return _first_reaching(threshold_points(outcomes, gold_total), target_precision)
 
 
 def calibrate(golds: Sequence[Sequence[GoldTag]], preds: Sequence[Sequence[str]],
@@ -139,11 +145,11 @@ def calibrate(golds: Sequence[Sequence[GoldTag]], preds: Sequence[Sequence[str]]
               n_bins: int = 10) -> Calibration:
     outcomes, gold_total = tag_outcomes(golds, preds, confidences)
     bins, ece = reliability(outcomes, n_bins)
-    chosen = pick_threshold(outcomes, gold_total, target_precision)
-    candidates = sorted({0.0, *(o.confidence for o in outcomes if o.confidence is not None)})
-    best = max((at_threshold(outcomes, gold_total, t) for t in candidates), key=lambda p: (p.f1, -p.threshold))
+    points = threshold_points(outcomes, gold_total)
+    chosen = _first_reaching(points, target_precision)
+    best = max(points, key=lambda p: (p.f1, -p.threshold))
     return Calibration(len(golds), gold_total, len(outcomes), bins, ece, target_precision,
-                       chosen.threshold if chosen else None, chosen, at_threshold(outcomes, gold_total, 0.0), best)
+                       chosen.threshold if chosen else None, chosen, points[0], best)
 
 
 def _tags_and_confidences(row: dict[str, Any]) -> tuple[list[str], list[float | None]]:

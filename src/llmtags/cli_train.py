@@ -247,18 +247,18 @@ def wants_adapters(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "adapter", None) or getattr(args, "adapter_map", None))
 
 
-def load_adapter_set(args: argparse.Namespace, template: Any, templates: dict[str, Any] | None = None
-                     ) -> tuple[Any, Any]:
+def load_adapter_set(args: argparse.Namespace, template: Any, templates: dict[str, Any] | None = None,
+                     adapter_map: Any = None) -> tuple[Any, Any]:
     """The base model with the adapter(s) named by --adapter / --adapter-map attached and checked
     (each against `templates[name]` when given, else `template`).
 
     Without --base-model (and $LLMTAGS_BASE_MODEL), the base is the one the (first) adapter records.
-    Returns (AdapterSet, AdapterMap or None).
+    `adapter_map`: the --adapter-map already read, if any. Returns (AdapterSet, AdapterMap or None).
     """
     from .adapters import AdapterSet, read_metadata, resolve_adapter
 
     root = getattr(args, "adapters_root", None)
-    adapter_map = _adapter_map(args)
+    adapter_map = adapter_map if adapter_map is not None else _adapter_map(args)
     names = adapter_map.adapter_names if adapter_map is not None else [args.adapter]
     base = getattr(args, "base_model", None) or os.environ.get("LLMTAGS_BASE_MODEL")
     if base is None and names:
@@ -287,7 +287,7 @@ def adapter_tagger(args: argparse.Namespace, options: Any, normaliser: Any = Non
     per_adapter = ({name: adapter_options(name, args, options) for name in adapter_map.adapter_names}
                    if adapter_map is not None else {})
     adapter_set, adapter_map = load_adapter_set(
-        args, options.template, {name: o.template for name, o in per_adapter.items()})
+        args, options.template, {name: o.template for name, o in per_adapter.items()}, adapter_map)
     adapter = None if adapter_map is not None else adapter_set.names[0]
 
     def tag(records: Any, on_batch: Any) -> Any:

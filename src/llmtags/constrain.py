@@ -445,6 +445,14 @@ class _Row:
         raise NotImplementedError
 
     def allowed(self) -> tuple[Any, Any] | None:
+        """(mask or None, ids): the allowed tokens are mask | ids; None means no constraint."""
+        if self.done:
+            return None
+        if self.force_eos:
+            return None, [self.table.eos_id]
+        return self._allowed()
+
+    def _allowed(self) -> tuple[Any, Any] | None:
         raise NotImplementedError
 
 
@@ -598,13 +606,8 @@ class TextRow(_Row):
             ids = self._schema_cache[attr] = sorted(found)
         return ids
 
-    def allowed(self) -> tuple[Any, Any] | None:
-        """(mask or None, ids): the allowed tokens are mask | ids; None means no constraint."""
-        if self.done:
-            return None
+    def _allowed(self) -> tuple[Any, Any] | None:
         eos = self.table.eos_id
-        if self.force_eos:
-            return None, [eos]
         if not self.constrained:
             return None
         t = self.table
@@ -682,14 +685,10 @@ class ClosedRow(_Row):
     def can_end(self) -> bool:
         return self.node == 0 or self._entry_open(int(self.trie.eos_entry[self.node]))
 
-    def allowed(self) -> tuple[Any, Any] | None:
+    def _allowed(self) -> tuple[Any, Any] | None:
         import numpy as np
 
-        if self.done:
-            return None
         eos = self.table.eos_id
-        if self.force_eos:
-            return None, [eos]
         trie = self.trie
         kids, tokens = trie.children(self.node)
         open_ = self.live[kids] > 0

@@ -17,7 +17,6 @@ On one machine Ray starts a local cluster; on a cluster, start Ray there (`ray s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .models import sha256_file
 from .records import Fields, Record, RecordError, ReadStats, read_records
 from .tagger import chunked
 
@@ -151,7 +151,7 @@ def tag_file_distributed(
             print(f"llmtags: skipped {line.strip()}", file=sys.stderr)
 
     directory = parts_dir(output)
-    _check_manifest(directory, {"source_sha256": _sha256(source), "shard_size": shard_size, "limit": limit,
+    _check_manifest(directory, {"source_sha256": sha256_file(source), "shard_size": shard_size, "limit": limit,
                                 "records": len(valid)})
     all_shards = list(chunked(valid, shard_size))
     summary.shards = len(all_shards)
@@ -190,11 +190,3 @@ def _valid_or_errors(source: str, fmt: str | None, fields: Fields | None, stats:
             bad.append(json.dumps(item.to_json(), ensure_ascii=False) + "\n")
         else:
             yield item
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()

@@ -47,15 +47,17 @@ def piece_confidence(span: tuple[int, int] | None, generation: Any) -> float | N
     return min(1.0, math.exp(total))
 
 
-def evidence_span(text: str, *values: str) -> tuple[int, int] | None:
-    """Offsets into `text` of the first occurrence of the first of `values` found there: whole words
-    first, then anywhere (a model number glued to a word, 'SPF50' in 'SPF50+'), then in the simplified
-    form of a traditional-Chinese text (where conversion keeps every character's place). None: not
-    in the text."""
+def _searched_texts(text: str) -> list[str]:
+    """The text, and its simplified form where conversion changes it but keeps every character's place."""
     from .vocab import to_simplified
 
     simplified = to_simplified(text)
-    texts = [text] if simplified == text or len(simplified) != len(text) else [text, simplified]
+    return [text] if simplified == text or len(simplified) != len(text) else [text, simplified]
+
+
+def _first_match(texts: Sequence[str], values: Sequence[str]) -> tuple[int, int] | None:
+    from .vocab import to_simplified
+
     for value in values:
         key = value_key(to_simplified(value))
         if not key:
@@ -68,13 +70,30 @@ def evidence_span(text: str, *values: str) -> tuple[int, int] | None:
     return None
 
 
-def tag_evidence(text: str, tag: str, source: str | None = None) -> tuple[int, int] | None:
-    """Evidence of an output tag: its value, else the value the model wrote before normalisation
-    (an alias or the traditional form that the vocabulary mapped to this tag)."""
+def evidence_span(text: str, *values: str) -> tuple[int, int] | None:
+    """Offsets into `text` of the first occurrence of the first of `values` found there: whole words
+    first, then anywhere (a model number glued to a word, 'SPF50' in 'SPF50+'), then in the simplified
+    form of a traditional-Chinese text (where conversion keeps every character's place). None: not
+    in the text."""
+    return _first_match(_searched_texts(text), values)
+
+
+def _tag_values(tag: str, source: str | None) -> list[str]:
+    """An output tag's value, then the value the model wrote before normalisation (an alias or the
+    traditional form that the vocabulary mapped to this tag)."""
     values = [split_tag(tag)[1]]
     if source is not None and split_tag(source)[1] not in values:
         values.append(split_tag(source)[1])
-    return evidence_span(text, *values)
+    return values
+
+
+def evidence_spans(text: str, tags: Sequence[str], sources: Sequence[str] | None = None
+                   ) -> list[tuple[int, int] | None]:
+    """Evidence of every tag of one record (see evidence_span), each searched by its value and then by
+    its `sources` entry, the model's tag before normalisation; the text is prepared once."""
+    texts = _searched_texts(text)
+    return [_first_match(texts, _tag_values(tag, source))
+            for tag, source in zip(tags, sources if sources is not None else [None] * len(tags))]
 
 
 def confidences_by_tag(parsed: Sequence[ParsedTag], generation: Any) -> dict[str, float | None]:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llmtags.grounding import highlight, tag_evidence
+from llmtags.grounding import evidence_spans, highlight
 from llmtags.metrics import (
     GoldTag,
     PairedResult,
@@ -135,8 +135,7 @@ class EvalReport:
                 "id": self.ids[i],
                 "text": text,
                 # The text with the evidence of each predicted tag in brackets (grounding.py).
-                "highlighted": None if text is None else highlight(
-                    text, [tag_evidence(text, tag) for tag in self.preds[view][i]]),
+                "highlighted": None if text is None else highlight(text, evidence_spans(text, self.preds[view][i])),
                 "category": self.categories[i] if self.categories is not None else None,
                 "f1": c.f1,
                 "tp": c.tp,

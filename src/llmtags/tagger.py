@@ -148,7 +148,7 @@ def tag_records(
 
 def to_result(record: Record, generation: Any, options: TaggingOptions, normaliser: Any = None) -> TagResult:
     """Parse, normalise and ground one generation."""
-    from .grounding import confidences_by_tag, tag_evidence
+    from .grounding import confidences_by_tag, evidence_spans
 
     parsed = parse_tag_spans(generation.text)
     by_raw = confidences_by_tag(parsed, generation)
@@ -168,7 +168,7 @@ def to_result(record: Record, generation: Any, options: TaggingOptions, normalis
         sources = [s for s, k in zip(sources, keep) if k]
         confidences = [c for c, k in zip(confidences, keep) if k]
     result.confidences = confidences
-    result.evidence = [tag_evidence(record.text, tag, source) for tag, source in zip(result.tags, sources)]
+    result.evidence = evidence_spans(record.text, result.tags, sources)
     return result
 
 

@@ -408,12 +408,12 @@ def data_description(
     dev_path: str | Sequence[str] | None = None,
     licence: str | None = None,
 ) -> dict[str, Any]:
-    from .adapters import file_sha256
+    from .models import sha256_file
 
     def digest(path: str | Sequence[str] | None) -> str | list[str | None] | None:
         if path is not None and not isinstance(path, str):
             return [digest(p) for p in path]  # type: ignore[misc]
-        return file_sha256(path) if path and path != "-" and Path(path).is_file() else None
+        return sha256_file(path) if path and path != "-" and Path(path).is_file() else None
 
     return {
         "train": train_path,
