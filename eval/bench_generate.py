@@ -1,14 +1,21 @@
 """Throughput of tagging engines, side by side, on the same products, model and adapter.
 
-    .venv/bin/python eval/bench_generate.py [--n 200] [--adapter zh-taobao] [--engines plain,llmtags,llama.cpp,vllm]
+    .venv/bin/python eval/bench_generate.py [--n 200] [--adapter zh-taobao] [--engines plain,llmtags,...]
+        [--keep eval/bench_generate.json]
 
 Engines (each in its own child process, so peak memory and load time are its own):
 - plain:     transformers `generate()` per product at batch 1, no tricks (the floor);
-- llmtags:   `llmtags generate --adapter NAME` with its defaults (length-sorted batches of 8, stop at
-             the end of the list or a repeated line);
-- llama.cpp: llama-cpp-python (built from PyPI's source distribution) on the same Q4_K_M GGUF, with
-             the adapter converted to a GGUF LoRA by llama.cpp's convert_lora_to_gguf.py;
+- llmtags:   `llmtags generate --adapter NAME` with its defaults: `--engine auto`, which is llama.cpp
+             on CPU when llama-cpp-python is installed (continuous batching of 8 sequences, shared
+             prompt prefix evaluated once, stop at the end of the list or a repeated line);
+- llmtags-transformers: the same with `--engine transformers` (length-sorted batches of 8);
+- llama.cpp: llama-cpp-python's own high-level API (built from PyPI's source distribution), one
+             product at a time, on the same Q4_K_M GGUF with the adapter as a GGUF LoRA (converted
+             by llama.cpp's convert_lora_to_gguf.py when $LLAMA_CPP_CONVERT_LORA names it, else by
+             llmtags' converter);
 - vllm:      vLLM with multi-LoRA; GPU only, skipped with the reason where absent.
+
+`--keep FILE`: rows of engines not run this time are carried over from FILE, each with its own date.
 
 Every engine gets the same prompts (the adapter's template and candidates, built by llmtags) and the
 same greedy decoding with at most 64 new tokens; its text goes through the same parser, so the F1 of
@@ -27,9 +34,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import DATASETS, REPO, meta_lines, run_meta, write_outputs
+from common import bench_args, bench_parser, meta_lines, run_child, run_meta, write_outputs
 
-ENGINES = ("plain", "llmtags", "llama.cpp", "vllm")
+from llmtags.tagger import chunked
+
+ENGINES = ("plain", "llmtags", "llmtags-transformers", "llama.cpp", "vllm")
 MAX_NEW_TOKENS = 64
 
 
@@ -77,15 +86,17 @@ def run_plain(prompts: list[str], adapter_dir: Path) -> tuple[list[str], list[in
     return texts, counts, first
 
 
-def run_llmtags(prompts: list[str], adapter: str) -> tuple[list[str], list[int], float]:
-    from llmtags.adapters import AdapterSet
+def run_llmtags(prompts: list[str], adapter: str, engine: str = "auto") -> tuple[list[str], list[int], float]:
+    from llmtags.cli_train import load_adapter_set
 
-    adapter_set = AdapterSet.load("embedded", device="cpu")
-    adapter_set.add(adapter, template="tuned")
-    engine = adapter_set.engine(adapter)
+    args = argparse.Namespace(adapter=adapter, adapter_map=None, base_model=None, device="auto", dtype="auto",
+                              engine=engine)
+    adapter_set, _ = load_adapter_set(args, "tuned")
+    tagger_engine = adapter_set.engine(adapter)
     texts, counts, first = [], [], 0.0
-    for start in range(0, len(prompts), 64):  # generate's default chunk: one output append per 64 products
-        generations = engine.generate(prompts[start:start + 64], max_new_tokens=MAX_NEW_TOKENS, batch_size=8)
+    # generate's chunks: one batch first (for the first results), then 64 products per output append.
+    for chunk in chunked(prompts, 64, first=8):
+        generations = tagger_engine.generate(chunk, max_new_tokens=MAX_NEW_TOKENS, batch_size=8)
         texts += [g.text for g in generations]
         counts += [g.new_tokens for g in generations]
         first = first or time.perf_counter()
@@ -93,16 +104,18 @@ def run_llmtags(prompts: list[str], adapter: str) -> tuple[list[str], list[int],
 
 
 def gguf_lora(adapter_dir: Path) -> Path:
-    """The adapter as a GGUF LoRA, converted once next to the cache (llama.cpp's own converter)."""
+    """The adapter as a GGUF LoRA, converted once into the cache: by llama.cpp's own converter when
+    $LLAMA_CPP_CONVERT_LORA names it, else by llmtags' (`gguf_export.lora_to_gguf`)."""
+    from llmtags.gguf_export import lora_to_gguf
     from llmtags.models import cache_root, resolve_base_model, sha256_file
 
-    out = cache_root() / "gguf" / f"lora-{sha256_file(adapter_dir / 'adapter_model.safetensors')[:12]}.gguf"
+    converter = os.environ.get("LLAMA_CPP_CONVERT_LORA")
+    tool = "llama.cpp" if converter else "llmtags"
+    out = cache_root() / "gguf" / f"lora-{sha256_file(adapter_dir / 'adapter_model.safetensors')[:12]}-{tool}.gguf"
     if out.is_file():
         return out
-    converter = os.environ.get("LLAMA_CPP_CONVERT_LORA")
-    if not converter or not Path(converter).is_file():
-        raise RuntimeError("set LLAMA_CPP_CONVERT_LORA to llama.cpp's convert_lora_to_gguf.py "
-                           "(in the llama-cpp-python sdist: vendor/llama.cpp/convert_lora_to_gguf.py)")
+    if not converter:
+        return lora_to_gguf(adapter_dir, out)
     base = resolve_base_model("embedded").location
     subprocess.run([sys.executable, converter, str(adapter_dir), "--base", base, "--outfile", str(out),
                     "--outtype", "f32"], check=True)
@@ -166,6 +179,7 @@ def child(args: argparse.Namespace) -> None:
     records, prompts, options = _records_and_prompts(args.data, args.n, args.adapter)
     adapter_dir = resolve_adapter(args.adapter)
     runner = {"plain": lambda: run_plain(prompts, adapter_dir), "llmtags": lambda: run_llmtags(prompts, args.adapter),
+              "llmtags-transformers": lambda: run_llmtags(prompts, args.adapter, "transformers"),
               "llama.cpp": lambda: run_llama_cpp(prompts, adapter_dir), "vllm": lambda: run_vllm(prompts, adapter_dir)}
     started = time.perf_counter()
     texts, counts, first = runner[args.child]()
@@ -192,33 +206,26 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], n: int, adapter: 
     base = {r["engine"]: r for r in rows if "products_per_s" in r}
     lines = [f"# Tagging throughput: {n} zh-taobao-ner test products, embedded 0.5B + {adapter}", "",
              *meta_lines(meta), "",
-             "| engine | products/s | tokens/s | × plain | × llama.cpp | first result s | peak RSS MiB | F1 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| engine | products/s | tokens/s | × plain | × llama.cpp | first result s | peak RSS MiB | F1 | measured |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['engine']} | skipped: {r['skipped']} | | | | | | |")
+            lines.append(f"| {r['engine']} | skipped: {r['skipped']} | | | | | | | {r.get('date', '')} |")
             continue
         ratio = lambda other: (f"{r['products_per_s'] / base[other]['products_per_s']:.2f}"  # noqa: E731
                                if other in base else "–")
         lines.append(f"| {r['engine']} | {r['products_per_s']:.3f} | {r['tokens_per_s']:.1f} | {ratio('plain')} | "
-                     f"{ratio('llama.cpp')} | {r['first_result_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['f1']:.3f} |")
+                     f"{ratio('llama.cpp')} | {r['first_result_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['f1']:.3f} | "
+                     f"{r.get('date', '')} |")
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DATASETS / "zh-taobao-ner" / "test.jsonl")
-    parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--adapter", default="zh-taobao")
+    parser = bench_parser(__doc__, 200, "bench_generate")
     parser.add_argument("--engines", default=",".join(ENGINES))
-    parser.add_argument("--out", type=Path, default=REPO / "eval" / "bench_generate")
-    parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        child(args)
-        return
-    if not args.data.is_file():
-        print(f"skipped: {args.data} is absent (see ../shared/datasets/README.md)")
+    parser.add_argument("--keep", type=Path, help="carry over the rows of engines not run from this JSON")
+    args = bench_args(parser, ENGINES, child)
+    if args is None:
         return
     rows = []
     for engine in args.engines.split(","):
@@ -227,16 +234,20 @@ def main() -> None:
             rows.append({"engine": engine, "skipped": reason})
             print(f"{engine}: skipped ({reason})")
             continue
-        command = [sys.executable, __file__, "--child", engine, "--n", str(args.n), "--adapter", args.adapter,
-                   "--data", str(args.data)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            rows.append({"engine": engine, "skipped": f"failed: {done.stderr.strip().splitlines()[-1:]}"})
-            print(done.stderr[-3000:], file=sys.stderr)
+        row = run_child(__file__, engine, args)
+        if isinstance(row, str):
+            rows.append({"engine": engine, "skipped": row})
             continue
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]))
+        rows.append(row)
+        print(json.dumps(row))
     meta = run_meta()
+    for row in rows:
+        row.setdefault("date", meta["date"])
+    if args.keep and args.keep.is_file():
+        run = {r["engine"] for r in rows}
+        previous = json.loads(args.keep.read_text(encoding="utf-8"))
+        kept = [{**r, "date": r.get("date", previous["meta"]["date"])} for r in previous["rows"] if r["engine"] not in run]
+        rows = sorted(rows + kept, key=lambda r: ENGINES.index(r["engine"]) if r["engine"] in ENGINES else 99)
     write_outputs(args.out, {"rows": rows, "n": args.n, "adapter": args.adapter, "meta": meta},
                   markdown(rows, meta, args.n, args.adapter))
 

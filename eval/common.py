@@ -90,3 +90,49 @@ def predictions_file(work: Path, split: str, variant: str) -> Path:
     """Where a variant's predictions live; the plain adapter run is shared by every script."""
     slug = variant.replace(" + ", "+").replace(", ", "-").replace(" ", "_")
     return work / f"{split}-{slug}.jsonl"
+
+
+def bench_parser(doc: str, n: int, out: str) -> Any:
+    """The arguments the speed benchmarks share: which products (the first N of a zh test file),
+    which adapter, where to write."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DATASETS / "zh-taobao-ner" / "test.jsonl")
+    parser.add_argument("--n", type=int, default=n)
+    parser.add_argument("--adapter", default="zh-taobao")
+    parser.add_argument("--out", type=Path, default=REPO / "eval" / out)
+    return parser
+
+
+def run_child(script: str, name: str, args: Any, timeout: float | None = None) -> dict[str, Any] | str:
+    """Run `script --child name` (one measurement, in a process of its own so memory and load time
+    are its own) and return the JSON it printed last, or why it failed."""
+    import subprocess
+
+    command = [sys.executable, script, "--child", name, "--n", str(args.n), "--adapter", args.adapter,
+               "--data", str(args.data)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"over {timeout:.0f} s"
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        return f"failed: {(done.stderr.strip().splitlines() or ['no output'])[-1][:200]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_args(parser: Any, children: Any, child: Any) -> Any:
+    """Parse the arguments. In a child process, run `child(args)` and return None; without the
+    data, say so and return None; else return the arguments for the parent."""
+    import argparse
+
+    parser.add_argument("--child", choices=children, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return None
+    if not args.data.is_file():
+        print(f"skipped: {args.data} is absent (see ../shared/datasets/README.md)")
+        return None
+    return args

@@ -385,6 +385,11 @@ class AdapterSet:
             raise AdapterError(f"two different adapters are both called {name!r}")
         if self.resolved is not None:
             check_compatible(meta, self.resolved, template, self.tokenizer, force=force)
+        self._attach(name, path)
+        self.infos[name] = AdapterInfo(name, path, meta)
+        return name
+
+    def _attach(self, name: str, path: Path) -> None:
         peft_name = _peft_name(name, self._peft_names.values())
         quiet_bitsandbytes()
         from peft import PeftModel
@@ -398,9 +403,7 @@ class AdapterSet:
                 self.model.load_adapter(str(path), adapter_name=peft_name, is_trainable=False)
         self.model.eval()
         self._base_engine.model = self.model
-        self.infos[name] = AdapterInfo(name, path, meta)
         self._peft_names[name] = peft_name
-        return name
 
     @contextlib.contextmanager
     def active(self, name: str | None) -> Iterator[None]:
@@ -414,8 +417,7 @@ class AdapterSet:
             else:
                 yield
             return
-        if name not in self._peft_names:
-            raise AdapterError(f"adapter {name!r} is not loaded (loaded: {', '.join(self.names) or 'none'})")
+        self._check_loaded(name)
         self.model.set_adapter(self._peft_names[name], inference_mode=True)
         yield
 
@@ -427,9 +429,40 @@ class AdapterSet:
         return f"{name}@{sha256_file(info.path / WEIGHTS_FILE)[:16]}"
 
     def engine(self, name: str | None) -> AdapterEngine:
-        if name is not None and name not in self._peft_names:
-            raise AdapterError(f"adapter {name!r} is not loaded (loaded: {', '.join(self.names) or 'none'})")
+        if name is not None:
+            self._check_loaded(name)
         return AdapterEngine(self, name)
+
+    def _check_loaded(self, name: str) -> None:
+        if name not in self.infos:
+            raise AdapterError(f"adapter {name!r} is not loaded (loaded: {', '.join(self.names) or 'none'})")
+
+
+class LlamaCppAdapterSet(AdapterSet):
+    """The same contract on the llama.cpp engine: one GGUF base, GGUF LoRAs switched per batch."""
+
+    def __init__(self, engine: Any):
+        self.model = None
+        self.tokenizer = engine.tokenizer
+        self.resolved = engine.resolved
+        self.infos = {}
+        self._base_engine = engine
+
+    @classmethod
+    def load(cls, base_model: str | None = None, **engine_kwargs: Any) -> LlamaCppAdapterSet:  # type: ignore[override]
+        from .engine_llamacpp import LlamaCppEngine
+
+        return cls(LlamaCppEngine.load(base_model, **engine_kwargs))
+
+    def _attach(self, name: str, path: Path) -> None:
+        self._base_engine.add_adapter(name, path)
+
+    @contextlib.contextmanager
+    def active(self, name: str | None) -> Iterator[None]:
+        if name is not None:
+            self._check_loaded(name)
+        self._base_engine.use_adapter(name)
+        yield
 
 
 class AdapterEngine:
@@ -556,7 +589,7 @@ def tag_chunks_routed(
     from .tagger import TaggingOptions, chunked, tag_chunks
 
     options = options or TaggingOptions()
-    for chunk in chunked(records, options.chunk_size):
+    for chunk in chunked(records, options.chunk_size, first=options.batch_size):
         results: list[Any] = [None] * len(chunk)
         for name, indices in route(chunk, adapter, adapter_map).items():
             group = [chunk[i] for i in indices]

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .engine import ENGINE_CHOICES
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -157,7 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from functools import partial
 
     from .cli_train import adapter_tagger, apply_adapter_defaults, wants_adapters
-    from .engine import TransformersEngine
+    from .engine import load_engine
     from .tagger import tag_chunks, tag_file
 
     apply_adapter_defaults(args)
@@ -167,7 +169,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if wants_adapters(args):
         tag = adapter_tagger(args, options, normaliser)
     else:
-        engine = TransformersEngine.load(args.base_model, device=args.device, dtype=args.dtype)
+        engine = load_engine(args.engine, args.base_model, device=args.device, dtype=args.dtype)
         chunks = partial(tag_chunks, engine=engine, options=options, normaliser=normaliser)
         tag = lambda records, on_batch: chunks(records, on_batch=on_batch)  # noqa: E731
     if args.explain:
@@ -193,7 +195,7 @@ def _generate_distributed(args: argparse.Namespace, options: Any, normaliser: An
         raise CliError("--explain shows results as they come: use it without --workers")
     # Built inside each Ray worker, so every worker loads its own model replica.
     make_tag = (partial(adapter_tagger, args, options, normaliser) if wants_adapters(args)
-                else partial(engine_tagger, args.base_model, options, args.device, args.dtype, normaliser))
+                else partial(engine_tagger, args.base_model, options, args.device, args.dtype, normaliser, args.engine))
     summary = tag_file_distributed(
         args.input, args.output, make_tag, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
         shard_size=args.shard_size, fmt=args.format, fields=_fields(args), limit=args.limit, errors=args.errors,
@@ -392,6 +394,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     p = commands.add_parser("generate", help="tag the products of a file")
     _add_input(p)
+    p.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
+                   help="auto (default): llama.cpp for a GGUF base on CPU when llama-cpp-python is installed "
+                   "(pip install 'llmtags[llamacpp]'), else transformers")
     p.add_argument("-o", "--output", help="output JSONL (default stdout)")
     p.add_argument("--errors", help="append bad-record reports here as JSONL (default stderr)")
     p.add_argument("--resume", action="store_true",

@@ -255,7 +255,8 @@ def load_adapter_set(args: argparse.Namespace, template: Any, templates: dict[st
     Without --base-model (and $LLMTAGS_BASE_MODEL), the base is the one the (first) adapter records.
     `adapter_map`: the --adapter-map already read, if any. Returns (AdapterSet, AdapterMap or None).
     """
-    from .adapters import AdapterSet, read_metadata, resolve_adapter
+    from .adapters import AdapterSet, LlamaCppAdapterSet, read_metadata, resolve_adapter
+    from .engine import pick_engine
 
     root = getattr(args, "adapters_root", None)
     adapter_map = adapter_map if adapter_map is not None else _adapter_map(args)
@@ -263,7 +264,11 @@ def load_adapter_set(args: argparse.Namespace, template: Any, templates: dict[st
     base = getattr(args, "base_model", None) or os.environ.get("LLMTAGS_BASE_MODEL")
     if base is None and names:
         base = read_metadata(resolve_adapter(names[0], root)).get("base_model", {}).get("spec")
-    adapter_set = AdapterSet.load(base, device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", "auto"))
+    device, dtype = getattr(args, "device", "auto"), getattr(args, "dtype", "auto")
+    if pick_engine(getattr(args, "engine", "transformers"), base, device, dtype) == "llama.cpp":
+        adapter_set = LlamaCppAdapterSet.load(base)
+    else:
+        adapter_set = AdapterSet.load(base, device=device, dtype=dtype)
     for name in names:
         adapter_set.add(name, template=(templates or {}).get(name, template),
                         force=getattr(args, "force_adapter", False), root=root)

@@ -893,6 +893,34 @@ class VocabTrie:
 # --- the logits processor ---------------------------------------------------------------------------------
 
 
+def constraint_row(table: TokenTable, tokenizer: Any, spec: ConstraintSpec, stop_ids: Iterable[int] = ()) -> _Row:
+    """The decoding state of one constrained output: feed it each generated token (`advance`) and
+    ask which tokens it allows next (`allowed`)."""
+    stops = frozenset({table.eos_id, *(int(i) for i in stop_ids)})
+    if spec.mode == "closed":
+        return ClosedRow(table.trie(tokenizer, spec.vocab), spec, stops)
+    return TextRow(table, spec, stops)
+
+
+def allowed_bias(allowed: tuple[Any, Any], width: int, eos_id: int) -> Any:
+    """0 where `allowed` (a row's `(mask or None, ids)`) lets a token through and -inf elsewhere,
+    over `width` logits; only end-of-text when nothing is allowed (the list ends)."""
+    import numpy as np
+
+    mask, ids = allowed
+    allow = np.zeros(width, dtype=bool)
+    if mask is not None:
+        size = min(width, mask.shape[0])
+        allow[:size] = mask[:size]
+    ids = [i for i in ids if i < width]
+    if ids:
+        allow[ids] = True
+    if not allow.any():
+        allow[eos_id] = True
+    with np.errstate(divide="ignore"):
+        return np.log(allow, dtype=np.float32)
+
+
 class TagConstraintProcessor:
     """A transformers logits processor (duck-typed, so this module imports torch only when it runs):
     one constraint state per batch row. `constraints[i]` is row i's `ConstraintSpec` (None: no
@@ -912,15 +940,8 @@ class TagConstraintProcessor:
         self.table = token_table(tokenizer)
         self.prompt_length = prompt_length
         self._seen = prompt_length
-        stops = frozenset({self.table.eos_id, *(int(i) for i in stop_ids)})
-        self.rows: list[_Row | None] = []
-        for spec in constraints:
-            if spec is None:
-                self.rows.append(None)
-            elif spec.mode == "closed":
-                self.rows.append(ClosedRow(self.table.trie(tokenizer, spec.vocab), spec, stops))
-            else:
-                self.rows.append(TextRow(self.table, spec, stops))
+        self.rows = [None if spec is None else constraint_row(self.table, tokenizer, spec, stop_ids)
+                     for spec in constraints]
 
     def _catch_up(self, new_tokens: Sequence[Sequence[int]], offset: int) -> None:
         for row, tokens in zip(self.rows, new_tokens):
@@ -929,7 +950,6 @@ class TagConstraintProcessor:
                     row.advance(int(token))
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import numpy as np
         import torch
 
         length = input_ids.shape[1]
@@ -939,33 +959,11 @@ class TagConstraintProcessor:
         allowed = [row.allowed() if row is not None else None for row in self.rows]
         if all(a is None for a in allowed):
             return scores
-        width = scores.shape[1]
-        eos = self.table.eos_id
         out = scores.clone()
         for r, a in enumerate(allowed):
-            if a is None:
-                continue
-            mask, ids = a
-            if mask is None:
-                # A few allowed tokens: copy their scores into a row of -inf.
-                index = torch.as_tensor(ids if len(ids) else [eos], dtype=torch.long)
-                index = index[index < width].to(scores.device)
-                row = torch.full((width,), float("-inf"), dtype=scores.dtype, device=scores.device)
-                row[index] = scores[r, index]
-                out[r] = row
-                continue
-            # A mask over the vocabulary: add 0 where allowed and -inf elsewhere (faster than masked_fill).
-            allow = np.zeros(width, dtype=bool)
-            size = min(width, mask.shape[0])
-            allow[:size] = mask[:size]
-            ids = [i for i in ids if i < width]
-            if ids:
-                allow[ids] = True
-            if not allow.any():
-                allow[eos] = True  # nothing allowed: end the list
-            with np.errstate(divide="ignore"):
-                bias = np.log(allow, dtype=np.float32)
-            out[r] += torch.from_numpy(bias).to(device=scores.device, dtype=scores.dtype)
+            if a is not None:
+                bias = allowed_bias(a, scores.shape[1], self.table.eos_id)
+                out[r] += torch.from_numpy(bias).to(device=scores.device, dtype=scores.dtype)
         return out
 
     def finish(self, new_tokens: Sequence[Sequence[int]]) -> list[int | None]:

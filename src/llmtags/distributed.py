@@ -58,15 +58,15 @@ def part_path(directory: Path, index: int) -> Path:
 
 
 def engine_tagger(base_model: str | None, options: Any, device: str = "auto", dtype: str = "auto",
-                  normaliser: Any = None) -> Callable[..., Any]:
+                  normaliser: Any = None, engine: str = "auto") -> Callable[..., Any]:
     """The `tag(records, on_batch)` callable of a run without adapters (what each worker builds)."""
     from functools import partial
 
-    from .engine import TransformersEngine
+    from .engine import load_engine
     from .tagger import tag_chunks
 
-    engine = TransformersEngine.load(base_model, device=device, dtype=dtype)
-    chunks = partial(tag_chunks, engine=engine, options=options, normaliser=normaliser)
+    loaded = load_engine(engine, base_model, device=device, dtype=dtype)
+    chunks = partial(tag_chunks, engine=loaded, options=options, normaliser=normaliser)
     return lambda records, on_batch: chunks(records, on_batch=on_batch)
 
 

@@ -66,6 +66,11 @@ def repeats_a_line(text: str) -> bool:
     return len(complete) >= 2 and complete[-1] in complete[:-1]
 
 
+def newline_token_ids(tokenizer: Any) -> set[int]:
+    """The tokens whose text holds a newline: only after one of them can a line repeat."""
+    return {i for token, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([token])}
+
+
 class LoopStop:
     """A transformers stopping criterion: ends each row whose newest line repeats an earlier one.
 
@@ -74,9 +79,7 @@ class LoopStop:
     def __init__(self, tokenizer: Any, prompt_length: int):
         self.tokenizer = tokenizer
         self.prompt_length = prompt_length
-        self._newline_ids: set[int] = {
-            i for token, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([token])
-        }
+        self._newline_ids = newline_token_ids(tokenizer)
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
@@ -95,7 +98,22 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-class TransformersEngine:
+class PromptEncoder:
+    """What every engine does with prompts before generating: token ids from the tokenizer, with no
+    special tokens added (the chat template already holds them)."""
+
+    tokenizer: Any
+
+    def count_tokens(self, prompts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self.encode(prompts)]
+
+    def encode(self, prompts: Sequence[str], constraints: Sequence[Any] | None = None) -> list[list[int]]:
+        if constraints is not None and len(constraints) != len(prompts):
+            raise ValueError(f"{len(constraints)} constraints for {len(prompts)} prompts")
+        return self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+
+
+class TransformersEngine(PromptEncoder):
     """One base model (optionally with peft adapters) and its tokenizer."""
 
     def __init__(self, model: Any, tokenizer: Any, resolved: ResolvedModel | None = None):
@@ -106,6 +124,8 @@ class TransformersEngine:
         self.stop_token_ids = sorted(i for i in end_ids if isinstance(i, int) and i >= 0)
         self.stop_on_repeat = True
         self._loop_stop: LoopStop | None = None
+        # Extra keyword arguments for `model.generate` (e.g. prompt_lookup_num_tokens, at batch 1).
+        self.generate_kwargs: dict[str, Any] = {}
 
     @classmethod
     def load(
@@ -119,9 +139,6 @@ class TransformersEngine:
     @property
     def device(self) -> Any:
         return self.model.device
-
-    def count_tokens(self, prompts: Sequence[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
 
     def generate(
         self,
@@ -139,11 +156,9 @@ class TransformersEngine:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        if not prompts:
+        encoded = self.encode(prompts, constraints)
+        if not encoded:
             return []
-        if constraints is not None and len(constraints) != len(prompts):
-            raise ValueError(f"{len(constraints)} constraints for {len(prompts)} prompts")
-        encoded = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         results: list[Generation | None] = [None] * len(prompts)
         pad_id = self.tokenizer.pad_token_id
         for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size):
@@ -175,6 +190,7 @@ class TransformersEngine:
                     pad_token_id=pad_id,
                     stopping_criteria=stopping,
                     logits_processor=processors,
+                    **self.generate_kwargs,
                 )
             new = output[:, inputs["input_ids"].shape[1] :].tolist()
             keep = processor.finish(new) if processor is not None else [None] * len(batch)
@@ -193,3 +209,40 @@ class TransformersEngine:
             if on_batch:
                 on_batch(len(batch))
         return [r for r in results if r is not None]
+
+
+ENGINE_CHOICES = ("auto", "transformers", "llama.cpp")
+
+
+def pick_engine(choice: str = "auto", base_model: str | None = None, device: str = "auto", dtype: str = "auto") -> str:
+    """`--engine auto`: llama.cpp where it is faster (measured in eval/bench_generate.md): a GGUF base
+    (the embedded models, a .gguf file) on CPU, with llama-cpp-python installed and no --dtype asked
+    for. Everything else runs on transformers."""
+    import importlib.util
+    import os
+
+    from .models import DEFAULT_BASE_MODEL, EMBEDDED, ModelError
+
+    spec = base_model or os.environ.get("LLMTAGS_BASE_MODEL") or DEFAULT_BASE_MODEL
+    is_gguf = spec in EMBEDDED or spec.lower().endswith(".gguf")
+    if choice == "llama.cpp":
+        if dtype != "auto":
+            raise ModelError("--dtype applies to the transformers engine; llama.cpp runs the GGUF's own weights")
+        if device not in ("auto", "cpu"):
+            raise ModelError(f"--engine llama.cpp runs on CPU here, not {device}")
+        return choice
+    if choice != "auto":
+        return choice
+    if (is_gguf and dtype == "auto" and pick_device(device) == "cpu"
+            and importlib.util.find_spec("llama_cpp") is not None):
+        return "llama.cpp"
+    return "transformers"
+
+
+def load_engine(choice: str = "auto", base_model: str | None = None, device: str = "auto", dtype: str = "auto") -> Any:
+    """The generation engine `--engine choice` names, loaded."""
+    if pick_engine(choice, base_model, device, dtype) == "llama.cpp":
+        from .engine_llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine.load(base_model)
+    return TransformersEngine.load(base_model, device=device, dtype=dtype)

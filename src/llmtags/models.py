@@ -185,13 +185,21 @@ def embedded_tokenizer_dir(variant: str = DEFAULT_BASE_MODEL) -> Path:
     converted = cache_root() / "models" / model.sha256[:16]
     if (converted / "tokenizer_config.json").is_file():
         return converted
-    final = cache_root() / "tokenizers" / model.sha256[:16]
-    if (final / "tokenizer_config.json").is_file():
-        return final
+    return gguf_tokenizer_dir(embedded_gguf(variant), model.sha256)
+
+
+def gguf_tokenizer_dir(gguf: Path, sha256: str) -> Path:
+    """The tokenizer (with its chat template) of a GGUF file, saved once in the cache."""
+    for directory in (cache_root() / "models" / sha256[:16], cache_root() / "tokenizers" / sha256[:16]):
+        if (directory / "tokenizer_config.json").is_file():
+            return directory
     from transformers import AutoTokenizer
 
-    gguf = embedded_gguf(variant)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:  # transformers raises many types for unreadable files
+        raise ModelError(f"cannot read the tokenizer of GGUF {gguf}: {exc}") from exc
+    final = cache_root() / "tokenizers" / sha256[:16]
     tmp = _atomic_dir(final)
     try:
         tokenizer.save_pretrained(tmp)
@@ -199,6 +207,21 @@ def embedded_tokenizer_dir(variant: str = DEFAULT_BASE_MODEL) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def resolve_gguf_base(spec: str | None = None) -> ResolvedModel:
+    """`--base-model` for the llama.cpp engine, which reads the GGUF itself: an embedded model or a
+    .gguf file. Nothing is dequantised; only the tokenizer is extracted (once)."""
+    spec = spec or os.environ.get("LLMTAGS_BASE_MODEL") or DEFAULT_BASE_MODEL
+    if spec in EMBEDDED:
+        gguf, sha256 = embedded_gguf(spec), EMBEDDED[spec].sha256
+    elif Path(spec).expanduser().is_file() and spec.lower().endswith(".gguf"):
+        gguf = Path(spec).expanduser()
+        sha256 = sha256_file(gguf)
+    else:
+        raise ModelError(f"--engine llama.cpp reads GGUF files: {spec!r} is neither an embedded model "
+                         f"({', '.join(EMBEDDED)}) nor a .gguf file")
+    return ResolvedModel(spec, str(gguf_tokenizer_dir(gguf, sha256)), f"sha256:{sha256}", gguf=gguf)
 
 
 def resolve_base_model(spec: str | None = None) -> ResolvedModel:

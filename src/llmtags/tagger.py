@@ -103,13 +103,16 @@ def constraint_for(record: Record, options: TaggingOptions) -> ConstraintSpec | 
     )
 
 
-def chunked(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+def chunked(records: Iterable[Record], size: int, first: int | None = None) -> Iterator[list[Record]]:
+    """Lists of `size` records; the first of `first` records when given, so that the first results
+    of a long run come after one batch rather than a whole chunk."""
     chunk: list[Record] = []
+    limit = first or size
     for record in records:
         chunk.append(record)
-        if len(chunk) == size:
+        if len(chunk) == limit:
             yield chunk
-            chunk = []
+            chunk, limit = [], size
     if chunk:
         yield chunk
 
@@ -123,7 +126,7 @@ def tag_chunks(
 ) -> Iterator[list[TagResult]]:
     """Tag `records` with `engine` (anything with `.tokenizer` and `.generate(prompts, ...)`), one
     list of results per chunk of `options.chunk_size` records, in input order."""
-    for chunk in chunked(records, options.chunk_size):
+    for chunk in chunked(records, options.chunk_size, first=options.batch_size):
         prompts = [build_prompt(record, engine.tokenizer, options) for record in chunk]
         constraints = [constraint_for(record, options) for record in chunk]
         # Engines without constrained decoding still serve unconstrained runs.

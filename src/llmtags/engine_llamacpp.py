@@ -1,0 +1,305 @@
+"""Stage 3 on llama.cpp (`generate --engine llama.cpp`): the quantised GGUF as it ships, on CPU.
+
+Same contract as `engine.TransformersEngine.generate`: greedy completions in input order, each a
+`Generation` with per-token log-probabilities, cut at the end-of-turn token, `max_new_tokens`, or a
+repeated line; the same `constrain.py` rows mask the logits. What differs is how the work is packed:
+
+- Continuous batching: up to `max_sequences` prompts decode together, each in its own llama.cpp
+  sequence; a finished sequence is replaced by the next prompt at once, so no row idles while the
+  longest one of a batch finishes. Prompts are taken longest first.
+- Shared prefix: the tokens every prompt starts with (system prompt, instructions, demonstrations)
+  are evaluated once per call and copied into each sequence's KV cache.
+- Adapters: peft LoRA adapters are converted once to GGUF LoRAs (`gguf_export.py`, cached by the
+  adapter's hash) and switched per call without reloading the base.
+
+Tokenisation and decoding use the transformers tokenizer, so prompts, token offsets and constraints
+are the same as on the transformers engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .engine import Generation, PromptEncoder, newline_token_ids, repeats_a_line, token_end_offsets
+from .models import ModelError, ResolvedModel
+
+PREFIX_MIN_TOKENS = 8  # below this, copying a prefix saves less than it costs
+
+
+def available_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    if not sequences:
+        return 0
+    shortest = min(len(s) for s in sequences)
+    first = sequences[0]
+    for i in range(shortest):
+        if any(s[i] != first[i] for s in sequences[1:]):
+            return i
+    return shortest
+
+
+@dataclass
+class _Sequence:
+    """One prompt being decoded in llama.cpp sequence `seq`."""
+
+    index: int  # the prompt's position in the input
+    seq: int
+    feed: list[int]  # prompt tokens not yet evaluated
+    pos: int  # position of the next token to evaluate
+    constraint: Any = None  # a constrain._Row, or None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    end_logprob: float | None = None
+    stopped: bool = False  # ended by an end-of-turn token
+
+
+class LlamaCppEngine(PromptEncoder):
+    """A GGUF base model in llama.cpp, its LoRA adapters, and the transformers tokenizer."""
+
+    def __init__(
+        self,
+        gguf_path: str | Path,
+        tokenizer: Any,
+        resolved: ResolvedModel | None = None,
+        n_threads: int | None = None,
+        max_sequences: int = 8,
+        n_ctx: int = 8192,
+        n_batch: int = 512,
+        prefix_cache: bool = True,
+    ):
+        try:
+            import llama_cpp
+            from llama_cpp import _internals
+        except ImportError as exc:
+            raise ModelError("--engine llama.cpp needs llama-cpp-python: pip install 'llmtags[llamacpp]'") from exc
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its load log is pages long
+        self._llama = llama_cpp
+        self.tokenizer = tokenizer
+        self.resolved = resolved
+        self.max_sequences = max_sequences
+        self.n_batch = n_batch
+        self.prefix_cache = prefix_cache
+        self.stop_on_repeat = True
+        end_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        self.stop_token_ids = sorted(i for i in end_ids if isinstance(i, int) and i >= 0)
+        self._newline_ids = newline_token_ids(tokenizer)
+        self._model = _internals.LlamaModel(path_model=str(gguf_path), params=llama_cpp.llama_model_default_params(),
+                                            verbose=False)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = max_sequences + 1  # the last sequence holds the shared prefix
+        params.kv_unified = True  # one cache for all sequences, so a prefix copy shares cells
+        params.n_threads = params.n_threads_batch = n_threads or available_threads()
+        params.no_perf = True
+        self._ctx = _internals.LlamaContext(model=self._model, params=params, verbose=False)
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx.ctx)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model.model))
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
+        self._adapters: dict[str, Any] = {}
+        self._active: str | None = None
+
+    @classmethod
+    def load(cls, base_model: str | None = None, **kwargs: Any) -> LlamaCppEngine:
+        from .models import load_tokenizer, resolve_gguf_base
+
+        resolved = resolve_gguf_base(base_model)
+        return cls(resolved.gguf, load_tokenizer(resolved), resolved, **kwargs)
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    # --- adapters ---------------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, adapter_dir: str | Path) -> None:
+        """Load a peft LoRA adapter (converted to a GGUF LoRA once, cached by its hash)."""
+        from .gguf_export import lora_to_gguf
+        from .models import cache_root, sha256_file
+
+        adapter_dir = Path(adapter_dir)
+        digest = sha256_file(adapter_dir / "adapter_model.safetensors")
+        config_digest = sha256_file(adapter_dir / "adapter_config.json")
+        path = cache_root() / "gguf" / f"lora-{digest[:16]}-{config_digest[:8]}.gguf"
+        if not path.is_file():
+            lora_to_gguf(adapter_dir, path)
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with suppress_stdout_stderr(disable=False):  # a line per tensor about buffer types
+            adapter = self._llama.llama_adapter_lora_init(self._model.model, str(path).encode("utf-8"))
+        if not adapter:
+            raise ModelError(f"llama.cpp refused the adapter {adapter_dir} (converted to {path})")
+        self._adapters[name] = adapter
+
+    def use_adapter(self, name: str | None) -> None:
+        """Generate with adapter `name` from now on (None: the base model alone)."""
+        import ctypes
+
+        if name == self._active:
+            return
+        llama = self._llama
+        if name is None:
+            failed = llama.llama_set_adapters_lora(self._ctx.ctx, None, 0, None)
+        else:
+            adapters = (llama.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])
+            failed = llama.llama_set_adapters_lora(self._ctx.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
+        if failed:
+            raise ModelError(f"llama.cpp could not switch to adapter {name!r}")
+        self._active = name
+
+    # --- generation -------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        batch_size: int | None = None,
+        on_batch: Callable[[int], None] | None = None,
+        constraints: Sequence[Any] | None = None,
+    ) -> list[Generation]:
+        """Greedy completions of `prompts`, in input order. `batch_size` caps the sequences decoded
+        together (default: `max_sequences`); `on_batch(1)` is called as each prompt finishes."""
+        import numpy as np
+
+        encoded = self.encode(prompts, constraints)
+        if not encoded:
+            return []
+        width = min(batch_size or self.max_sequences, self.max_sequences)
+        prefix = common_prefix_length(encoded) if self.prefix_cache and len(encoded) > 1 else 0
+        prefix = prefix if prefix >= PREFIX_MIN_TOKENS else 0
+        for i, ids in enumerate(encoded):
+            if len(ids) + max_new_tokens + prefix > self.n_ctx:
+                raise ModelError(f"prompt {i} has {len(ids)} tokens: with {max_new_tokens} new ones it exceeds "
+                                 f"the llama.cpp context of {self.n_ctx}")
+        rows = self._constraint_rows(constraints, len(prompts))
+        memory = self._ctx.memory
+        self._llama.llama_memory_clear(memory, True)
+        prefix_seq = self.max_sequences
+        if prefix:
+            self._evaluate([(prefix_seq, 0, encoded[0][:prefix], False)])
+        waiting = deque(sorted(range(len(prompts)), key=lambda i: -len(encoded[i])))
+        free_seqs = list(range(width))
+        active: list[_Sequence] = []
+        results: list[Generation | None] = [None] * len(prompts)
+        budget = self.n_ctx - prefix  # KV cells left for the sequences' own tokens
+        while waiting or active:
+            while waiting and free_seqs and len(encoded[waiting[0]]) - prefix + max_new_tokens <= budget:
+                index = waiting.popleft()
+                seq = free_seqs.pop()
+                if prefix:
+                    self._llama.llama_memory_seq_cp(memory, prefix_seq, seq, 0, prefix)
+                active.append(_Sequence(index, seq, list(encoded[index][prefix:]), prefix, rows[index]))
+                budget -= len(encoded[index]) - prefix + max_new_tokens
+            if not active:
+                raise ModelError("the llama.cpp context is too small for the next prompt")
+            # Decoding steps first (one token each), then prompt tokens in the room left.
+            parts: list[tuple[_Sequence, list[int], bool]] = []
+            room = self.n_batch
+            for s in active:
+                if not s.feed:
+                    parts.append((s, s.tokens[-1:], True))
+                    room -= 1
+            for s in active:
+                if s.feed and room > 0:
+                    chunk, s.feed = s.feed[:room], s.feed[room:]
+                    parts.append((s, chunk, not s.feed))
+                    room -= len(chunk)
+            logit_rows = self._evaluate([(s.seq, s.pos, chunk, wants) for s, chunk, wants in parts])
+            finished = []
+            for (s, chunk, wants), row in zip(parts, logit_rows):
+                s.pos += len(chunk)
+                if not wants:
+                    continue
+                logits = np.ctypeslib.as_array(self._llama.llama_get_logits_ith(self._ctx.ctx, row),
+                                               shape=(self.n_vocab,))
+                if self._step(s, logits, max_new_tokens):
+                    finished.append(s)
+            for s in finished:
+                active.remove(s)
+                self._llama.llama_memory_seq_rm(memory, s.seq, -1, -1)
+                free_seqs.append(s.seq)
+                budget += len(encoded[s.index]) - prefix + max_new_tokens
+                results[s.index] = self._generation(s, len(encoded[s.index]))
+                if on_batch:
+                    on_batch(1)
+        return [r for r in results if r is not None]
+
+    def _constraint_rows(self, constraints: Sequence[Any] | None, n: int) -> list[Any]:
+        if constraints is None:
+            return [None] * n
+        from .constrain import constraint_row, token_table
+
+        table = token_table(self.tokenizer)
+        return [None if spec is None else constraint_row(table, self.tokenizer, spec, self.stop_token_ids)
+                for spec in constraints]
+
+    def _evaluate(self, parts: Sequence[tuple[int, int, Sequence[int], bool]]) -> list[int]:
+        """One llama_decode over (sequence, first position, tokens, want logits of the last) parts;
+        returns, per part, the batch row of its logits (-1 when not wanted)."""
+        batch = self._batch
+        n = 0
+        rows = []
+        for seq, pos, tokens, wants in parts:
+            for j, token in enumerate(tokens):
+                batch.token[n] = token
+                batch.pos[n] = pos + j
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq
+                batch.logits[n] = False
+                n += 1
+            batch.logits[n - 1] = wants
+            rows.append(n - 1 if wants else -1)
+        batch.n_tokens = n
+        code = self._llama.llama_decode(self._ctx.ctx, batch)
+        if code != 0:
+            raise ModelError(f"llama_decode failed with code {code} ({n} tokens, {len(parts)} sequences)")
+        return rows
+
+    def _step(self, s: _Sequence, logits: Any, max_new_tokens: int) -> bool:
+        """Pick sequence `s`'s next token from its logits; True when `s` is finished."""
+        import numpy as np
+
+        if s.constraint is not None:
+            from .constrain import allowed_bias
+
+            allowed = s.constraint.allowed()
+            if allowed is not None:
+                logits = logits + allowed_bias(allowed, logits.shape[0], s.constraint.table.eos_id)
+        token = int(np.argmax(logits))
+        peak = float(logits[token])
+        logprob = -float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
+        if s.constraint is not None:
+            s.constraint.advance(token)
+        if token in self.stop_token_ids:
+            s.end_logprob, s.stopped = logprob, True
+            return True
+        s.tokens.append(token)
+        s.logprobs.append(logprob)
+        if len(s.tokens) >= max_new_tokens:
+            return True
+        if self.stop_on_repeat and token in self._newline_ids:
+            return repeats_a_line(self.tokenizer.decode(s.tokens, skip_special_tokens=True))
+        return False
+
+    def _generation(self, s: _Sequence, prompt_tokens: int) -> Generation:
+        tokens = s.tokens
+        keep = s.constraint.safe_length(len(tokens) + s.stopped) if s.constraint is not None else None
+        kept = tokens if keep is None else tokens[:keep]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        end = s.end_logprob if keep is None else None
+        return Generation(text, prompt_tokens, len(tokens), s.logprobs[: len(kept)],
+                          token_end_offsets(self.tokenizer, kept, text), end)

@@ -1,0 +1,204 @@
+"""The llama.cpp engine gives the transformers engine's outputs, from the same tiny weights.
+
+The tiny random Qwen2 is written as a float32 GGUF (`gguf_export.qwen2_to_gguf`), so both engines
+run the same numbers; only summation order differs, so texts must match and log-probabilities agree
+to 1e-3 (absolute or relative). The embedded Q4_K_M model is not compared here: transformers dequantises it to float32 and
+llama.cpp does not, so their tags differ within quantisation noise (F1 of both in
+eval/bench_generate.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'llmtags[llamacpp]')")
+
+from llmtags.constrain import ConstraintSpec  # noqa: E402
+from llmtags.records import Record  # noqa: E402
+from llmtags.tagger import TaggingOptions, build_prompt  # noqa: E402
+
+RECORDS = [
+    Record("r1", "理肤泉特护清盈防晒霜SPF50 30ml", "美妆"),
+    Record("r2", "耐克男子跑步鞋 黑色 42码", "运动"),
+    Record("r3", "得力中性笔0.5mm 12支装 办公用品", "文具"),
+    Record("r4", "Nike Air Zoom Pegasus running shoe, men's, black", "运动"),
+    Record("r5", "雅诗兰黛小棕瓶眼霜15ml", "美妆"),
+    Record("r6", "Apple iPhone 15 Pro Max 256GB titanium", "手机"),
+    Record("r7", "李宁篮球鞋", "运动"),
+]
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    from llmtags.gguf_export import qwen2_to_gguf
+    from llmtags.models import embedded_gguf
+
+    return qwen2_to_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf", embedded_gguf())
+
+
+@pytest.fixture(scope="module")
+def llama_engine(tiny_gguf: Path, tiny_engine):
+    from llmtags.engine_llamacpp import LlamaCppEngine
+
+    return LlamaCppEngine(tiny_gguf, tiny_engine.tokenizer, n_ctx=2048)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_engine) -> list[str]:
+    return [build_prompt(r, tiny_engine.tokenizer, TaggingOptions(template="auto")) for r in RECORDS]
+
+
+def _assert_same(expected, got) -> None:
+    assert [g.text for g in got] == [e.text for e in expected]
+    for e, g in zip(expected, got):
+        assert g.new_tokens == e.new_tokens
+        assert g.token_ends == e.token_ends
+        assert g.token_logprobs == pytest.approx(e.token_logprobs, rel=1e-3, abs=1e-3)
+        assert (g.end_logprob is None) == (e.end_logprob is None)
+
+
+def test_same_outputs_as_transformers(llama_engine, tiny_engine, prompts):
+    expected = tiny_engine.generate(prompts, max_new_tokens=MAX_NEW, batch_size=3)
+    assert any(e.text for e in expected)
+    _assert_same(expected, llama_engine.generate(prompts, max_new_tokens=MAX_NEW))
+
+
+def test_prefix_cache_and_batch_width_change_nothing(llama_engine, tiny_engine):
+    from llmtags.engine_llamacpp import PREFIX_MIN_TOKENS, common_prefix_length
+
+    # One template, as when prompts are routed by language: they share the system prompt.
+    prompts = [build_prompt(r, tiny_engine.tokenizer, TaggingOptions(template="zh")) for r in RECORDS]
+    encoded = llama_engine.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    assert common_prefix_length(encoded) >= PREFIX_MIN_TOKENS  # so the cached run really shares one
+    cached = llama_engine.generate(prompts, max_new_tokens=MAX_NEW)
+    llama_engine.prefix_cache = False
+    try:
+        uncached = llama_engine.generate(prompts, max_new_tokens=MAX_NEW)
+    finally:
+        llama_engine.prefix_cache = True
+    _assert_same(uncached, cached)
+    _assert_same(uncached, llama_engine.generate(prompts, max_new_tokens=MAX_NEW, batch_size=1))
+    _assert_same(uncached, llama_engine.generate(prompts, max_new_tokens=MAX_NEW, batch_size=2))
+
+
+def test_progress_counts_every_prompt(llama_engine, prompts):
+    seen: list[int] = []
+    assert len(llama_engine.generate(prompts, max_new_tokens=4, on_batch=seen.append)) == len(prompts)
+    assert sum(seen) == len(prompts)
+    assert llama_engine.generate([], max_new_tokens=4) == []
+
+
+def test_common_prefix_length():
+    from llmtags.engine_llamacpp import common_prefix_length
+
+    assert common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert common_prefix_length([[5, 6]]) == 2
+    assert common_prefix_length([[1], [2]]) == 0
+    assert common_prefix_length([]) == 0
+
+
+def test_constraints_match_transformers(llama_engine, tiny_engine, prompts):
+    specs = [ConstraintSpec("extract", text=r.text) for r in RECORDS]
+    expected = tiny_engine.generate(prompts, max_new_tokens=MAX_NEW, batch_size=4, constraints=specs)
+    got = llama_engine.generate(prompts, max_new_tokens=MAX_NEW, constraints=specs)
+    _assert_same(expected, got)
+    from llmtags.parse import parse_tags
+
+    for record, generation in zip(RECORDS, got):
+        for tag in parse_tags(generation.text):
+            assert tag.split(":", 1)[1] in record.text
+
+
+def _tiny_lora(base_dir: Path, out: Path, seed: int, **config_kwargs) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"],
+                        init_lora_weights=False, task_type="CAUSAL_LM", **config_kwargs)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # large enough to change the greedy outputs
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_converted_lora_matches_peft(tmp_path, tiny_model_dir, tiny_engine, llama_engine, prompts, rslora):
+    from peft import PeftModel
+
+    from llmtags.engine import TransformersEngine
+
+    adapter = _tiny_lora(tiny_model_dir, tmp_path / "lora", seed=3, use_rslora=rslora)
+    peft_engine = TransformersEngine.load(str(tiny_model_dir), device="cpu")  # peft changes the model it wraps
+    peft_engine.model = PeftModel.from_pretrained(peft_engine.model, str(adapter)).eval()
+    expected = peft_engine.generate(prompts, max_new_tokens=MAX_NEW, batch_size=4)
+    base = tiny_engine.generate(prompts, max_new_tokens=MAX_NEW, batch_size=4)
+    assert [e.text for e in expected] != [b.text for b in base]  # the adapter matters
+    name = f"lora-{rslora}"
+    llama_engine.add_adapter(name, adapter)
+    try:
+        llama_engine.use_adapter(name)
+        _assert_same(expected, llama_engine.generate(prompts, max_new_tokens=MAX_NEW))
+    finally:
+        llama_engine.use_adapter(None)
+    _assert_same(base, llama_engine.generate(prompts, max_new_tokens=MAX_NEW))
+
+
+def test_unconvertible_adapters_are_refused(tmp_path, tiny_model_dir):
+    from llmtags.gguf_export import GgufExportError, lora_to_gguf
+
+    adapter = _tiny_lora(tiny_model_dir, tmp_path / "lora", seed=4)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(GgufExportError, match="use_dora"):
+        lora_to_gguf(adapter, tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_pick_engine(tiny_model_dir, tiny_gguf):
+    from llmtags.engine import pick_engine
+    from llmtags.models import ModelError
+
+    assert pick_engine("auto", str(tiny_gguf), "cpu") == "llama.cpp"
+    assert pick_engine("auto", "embedded", "cpu") == "llama.cpp"
+    assert pick_engine("auto", str(tiny_model_dir), "cpu") == "transformers"
+    assert pick_engine("auto", str(tiny_gguf), "cpu", dtype="bfloat16") == "transformers"
+    assert pick_engine("transformers", str(tiny_gguf), "cpu") == "transformers"
+    with pytest.raises(ModelError, match="dtype"):
+        pick_engine("llama.cpp", str(tiny_gguf), "cpu", dtype="float32")
+
+
+def test_llama_cpp_needs_a_gguf(tiny_model_dir):
+    from llmtags.models import ModelError, resolve_gguf_base
+
+    with pytest.raises(ModelError, match="GGUF"):
+        resolve_gguf_base(str(tiny_model_dir))
+
+
+def test_cli_engines_agree(tmp_path, tiny_model_dir, tiny_gguf):
+    """`generate --engine llama.cpp` on the GGUF writes what `--engine transformers` writes on the
+    same weights in a model directory."""
+    from llmtags.cli import main
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": r.id, "text": r.text}, ensure_ascii=False) + "\n" for r in RECORDS))
+    outputs = {}
+    for engine, base in (("transformers", tiny_model_dir), ("llama.cpp", tiny_gguf)):
+        out = tmp_path / f"{engine}.jsonl"
+        assert main(["generate", str(source), "-o", str(out), "--engine", engine, "--base-model", str(base),
+                     "--max-new-tokens", str(MAX_NEW), "-q"]) == 0
+        outputs[engine] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(outputs["llama.cpp"]) == len(RECORDS)
+    for a, b in zip(outputs["transformers"], outputs["llama.cpp"]):
+        assert (a["id"], a["tags"], a["raw"], a["evidence"]) == (b["id"], b["tags"], b["raw"], b["evidence"])
+        assert a["confidence"] == pytest.approx(b["confidence"], abs=2e-3)
