@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     limits = {name: args.limit for name in SETS} | {k: int(v) for k, v in (x.split("=") for x in args.limit_for)}
     meta = run_meta()
-    engine = cached_engine(args.base_model)
+    engine = cached_engine(args.base_model, engine="transformers")  # the engine of the committed figures
     results: dict[str, Any] = {}
     for name in SETS:
         paths = split_paths(args.data, name, "train", "test")

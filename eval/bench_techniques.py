@@ -1,6 +1,6 @@
 """Each speed technique of `llmtags generate`, measured one at a time against its engine's defaults.
 
-    .venv/bin/python eval/bench_techniques.py [--n 48] [--only TEXT ...]
+    .venv/bin/python eval/bench_techniques.py [--n 48] [--only TEXT ...] [--keep eval/bench_techniques.json]
 
 The same first N zh-taobao-ner test products, the zh-taobao adapter and its prompts (as in
 bench_generate.py). Each configuration runs in its own child process. Reported: products/s, tokens/s,
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from bench_generate import MAX_NEW_TOKENS, _records_and_prompts
@@ -24,15 +25,18 @@ from llmtags.tagger import chunked
 TECHNIQUES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama.cpp defaults: 8 sequences, shared prefix, 2 threads": ("llama.cpp", {}),
     "llama.cpp, no shared-prefix cache": ("llama.cpp", {"prefix_cache": False}),
-    "llama.cpp, 1 sequence at a time": ("llama.cpp", {"max_sequences": 1}),
-    "llama.cpp, 4 sequences": ("llama.cpp", {"max_sequences": 4}),
-    "llama.cpp, 16 sequences": ("llama.cpp", {"max_sequences": 16}),
+    "llama.cpp, 1 sequence at a time": ("llama.cpp", {"batch_size": 1}),
+    "llama.cpp, 4 sequences": ("llama.cpp", {"batch_size": 4}),
+    "llama.cpp, 16 sequences": ("llama.cpp", {"batch_size": 16}),
+    "llama.cpp, 32 sequences": ("llama.cpp", {"batch_size": 32}),
     "llama.cpp, 1 thread": ("llama.cpp", {"n_threads": 1}),
     "llama.cpp, no stop at a repeated line": ("llama.cpp", {"stop_on_repeat": False}),
     "transformers defaults: fp32, unmerged adapter, batch 8 by length": ("transformers", {}),
     "transformers, adapter merged into the weights": ("transformers", {"merge": True}),
     "transformers, bf16 weights": ("transformers", {"dtype": "bfloat16", "merge": True}),
     "transformers, int8 dynamic quantisation (merged)": ("transformers", {"int8": True, "merge": True}),
+    "transformers, int8 dynamic quantisation of the decoder layers only (merged)": (
+        "transformers", {"int8": "layers", "merge": True}),
     "transformers, batch 1": ("transformers", {"batch_size": 1}),
     "transformers, batch 1 + prompt-lookup decoding": ("transformers", {"batch_size": 1, "prompt_lookup": 10}),
     "transformers, torch.compile (merged)": ("transformers", {"compile": True, "merge": True}),
@@ -46,7 +50,7 @@ def load(engine: str, settings: dict[str, Any], adapter: str) -> Any:
     if engine == "llama.cpp":
         from llmtags.engine_llamacpp import LlamaCppEngine
 
-        engine_kwargs = {k: settings[k] for k in ("prefix_cache", "max_sequences", "n_threads") if k in settings}
+        engine_kwargs = {k: settings[k] for k in ("prefix_cache", "n_threads") if k in settings}
         llama = LlamaCppEngine.load("embedded", **engine_kwargs)
         llama.add_adapter(adapter, resolve_adapter(adapter))
         llama.use_adapter(adapter)
@@ -61,7 +65,10 @@ def load(engine: str, settings: dict[str, Any], adapter: str) -> Any:
     model = PeftModel.from_pretrained(transformers_engine.model, str(resolve_adapter(adapter))).eval()
     if settings.get("merge"):
         model = model.merge_and_unload()
-    if settings.get("int8"):
+    if settings.get("int8") == "layers":  # keep the output projection (151,936 rows) in fp32
+        model.model.layers = torch.ao.quantization.quantize_dynamic(model.model.layers, {torch.nn.Linear},
+                                                                     dtype=torch.qint8)
+    elif settings.get("int8"):
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     if settings.get("compile"):
         model.forward = torch.compile(model.forward, dynamic=True)
@@ -97,27 +104,33 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], n: int) -> str:
              *meta_lines(meta), "",
              "Each row changes one thing from its engine's defaults (the first row of each engine). "
              "`same texts`: outputs identical to that default's.", "",
-             "| configuration | products/s | tokens/s | × engine default | F1 | same texts |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| configuration | products/s | tokens/s | × engine default | F1 | same texts | measured |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "failed" in r:
-            lines.append(f"| {r['name']} | failed: {r['failed']} | | | | |")
+            lines.append(f"| {r['name']} | {r['failed']} | | | | | {r.get('date', '')} |")
             continue
         lines.append(f"| {r['name']} | {r['products_per_s']:.3f} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | "
-                     f"{r['f1']:.3f} | {r['same_texts']}/{r['products']} |")
+                     f"{r['f1']:.3f} | {r['same_texts']}/{r['products']} | {r.get('date', '')} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = bench_parser(__doc__, 48, "bench_techniques")
     parser.add_argument("--only", nargs="+", help="run the configurations whose names contain one of these")
+    parser.add_argument("--keep", type=Path, help="carry over the rows not run from this JSON")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
     args = bench_args(parser, TECHNIQUES, child)
     if args is None:
         return
     names = [n for n in TECHNIQUES if not args.only or any(part in n for part in args.only)]
     rows: list[dict[str, Any]] = []
-    reference: dict[str, dict[str, Any]] = {}
+    previous = json.loads(args.keep.read_text(encoding="utf-8")) if args.keep and args.keep.is_file() else None
+    # Ratios are to the engine's default: this run's, else the kept one.
+    defaults = {engine: name for name, (engine, _) in reversed(list(TECHNIQUES.items()))}
+    reference: dict[str, dict[str, Any]] = {
+        r["engine"]: r for r in (previous or {}).get("rows", [])
+        if "failed" not in r and defaults.get(r["engine"]) == r["name"] and r["name"] not in names}
     for name in names:
         row = run_child(__file__, name, args, args.timeout)
         if isinstance(row, str):
@@ -130,6 +143,11 @@ def main() -> None:
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "texts"}))
     meta = run_meta()
+    for row in rows:
+        row["date"] = meta["date"]
+    if previous:
+        rows += [{"date": previous["meta"]["date"], **r} for r in previous["rows"] if r["name"] not in names]
+        rows.sort(key=lambda r: list(TECHNIQUES).index(r["name"]) if r["name"] in TECHNIQUES else len(TECHNIQUES))
     write_outputs(args.out, {"rows": rows, "n": args.n, "adapter": args.adapter, "meta": meta},
                   markdown(rows, meta, args.n))
 

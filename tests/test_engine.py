@@ -45,6 +45,14 @@ def test_tag_records_streams_in_order_across_chunks(tiny_engine):
     assert [r.raw for r in results[: len(TEXTS)]] == [r.raw for r in results[len(TEXTS) :]]
 
 
+def test_first_chunk_is_one_batch():
+    from llmtags.tagger import chunked
+
+    assert [len(c) for c in chunked(range(20), 8, first=3)] == [3, 8, 8, 1]
+    assert [len(c) for c in chunked(range(20), 8)] == [8, 8, 4]
+    assert [len(c) for c in chunked(range(2), 8, first=3)] == [2]
+
+
 def test_long_text_is_truncated_before_prompting(tiny_engine):
     options = TaggingOptions(max_new_tokens=4, max_text_chars=50)
     long_record = Record("long", "长" * 100_000)

@@ -49,6 +49,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
+                   help="auto (default): llama.cpp for a GGUF base on CPU when llama-cpp-python is installed "
+                   "(pip install 'llmtags[llamacpp]'), else transformers")
 
 
 def _add_prompt(p: argparse.ArgumentParser, template: bool = True) -> None:
@@ -304,7 +307,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = score_files(args.gold, args.pred, normaliser)
     elif args.data:
         records = labelled_records(args.data, args.limit, _fields(args))
-        engine = cached_engine(args.base_model, args.device, args.dtype)
+        engine = cached_engine(args.base_model, args.device, args.dtype, engine=args.engine)
         report, results = generate_and_score(records, engine, _tagging_options(args), normaliser, args.data,
                                              progress=not args.quiet)
         if args.save_predictions:
@@ -344,7 +347,7 @@ def cmd_prompt_compare(args: argparse.Namespace) -> int:
     templates = [load_template(t) for t in args.templates]
     records = labelled_records(args.data, args.limit, _fields(args))
     options = _tagging_options(args)
-    engine = cached_engine(args.base_model, args.device, args.dtype)
+    engine = cached_engine(args.base_model, args.device, args.dtype, engine=args.engine)
     comparison = compare_templates(records, templates, engine, options, _normaliser(args), progress=not args.quiet)
     markdown = comparison.to_markdown(disagreements=args.show)
     if args.report:
@@ -394,9 +397,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     p = commands.add_parser("generate", help="tag the products of a file")
     _add_input(p)
-    p.add_argument("--engine", default="auto", choices=ENGINE_CHOICES,
-                   help="auto (default): llama.cpp for a GGUF base on CPU when llama-cpp-python is installed "
-                   "(pip install 'llmtags[llamacpp]'), else transformers")
     p.add_argument("-o", "--output", help="output JSONL (default stdout)")
     p.add_argument("--errors", help="append bad-record reports here as JSONL (default stderr)")
     p.add_argument("--resume", action="store_true",

@@ -101,6 +101,7 @@ def _worker_class(cpus_per_worker: int) -> Any:
             import torch
 
             torch.set_num_threads(threads)
+            os.environ["LLMTAGS_THREADS"] = str(threads)  # the llama.cpp engine's threads
             self.tag = make_tag()
 
         def run(self, index: int, records: list[Record]) -> tuple[int, list[str]]:

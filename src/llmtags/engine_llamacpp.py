@@ -4,8 +4,8 @@ Same contract as `engine.TransformersEngine.generate`: greedy completions in inp
 `Generation` with per-token log-probabilities, cut at the end-of-turn token, `max_new_tokens`, or a
 repeated line; the same `constrain.py` rows mask the logits. What differs is how the work is packed:
 
-- Continuous batching: up to `max_sequences` prompts decode together, each in its own llama.cpp
-  sequence; a finished sequence is replaced by the next prompt at once, so no row idles while the
+- Continuous batching: up to `batch_size` prompts (default 8, at most `max_sequences`) decode
+  together, each in its own llama.cpp sequence; a finished sequence is replaced by the next prompt at once, so no row idles while the
   longest one of a batch finishes. Prompts are taken longest first.
 - Shared prefix: the tokens every prompt starts with (system prompt, instructions, demonstrations)
   are evaluated once per call and copied into each sequence's KV cache.
@@ -34,6 +34,9 @@ PREFIX_MIN_TOKENS = 8  # below this, copying a prefix saves less than it costs
 
 
 def available_threads() -> int:
+    """$LLMTAGS_THREADS (set per Ray worker), else the CPUs this process may run on."""
+    if os.environ.get("LLMTAGS_THREADS", "").isdigit():
+        return int(os.environ["LLMTAGS_THREADS"])
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -75,7 +78,7 @@ class LlamaCppEngine(PromptEncoder):
         tokenizer: Any,
         resolved: ResolvedModel | None = None,
         n_threads: int | None = None,
-        max_sequences: int = 8,
+        max_sequences: int = 32,
         n_ctx: int = 8192,
         n_batch: int = 512,
         prefix_cache: bool = True,
@@ -171,14 +174,14 @@ class LlamaCppEngine(PromptEncoder):
         on_batch: Callable[[int], None] | None = None,
         constraints: Sequence[Any] | None = None,
     ) -> list[Generation]:
-        """Greedy completions of `prompts`, in input order. `batch_size` caps the sequences decoded
-        together (default: `max_sequences`); `on_batch(1)` is called as each prompt finishes."""
+        """Greedy completions of `prompts`, in input order. `batch_size`: how many sequences decode
+        together (default 8, at most `max_sequences`); `on_batch(1)` is called as each prompt finishes."""
         import numpy as np
 
         encoded = self.encode(prompts, constraints)
         if not encoded:
             return []
-        width = min(batch_size or self.max_sequences, self.max_sequences)
+        width = max(1, min(batch_size or 8, self.max_sequences))
         prefix = common_prefix_length(encoded) if self.prefix_cache and len(encoded) > 1 else 0
         prefix = prefix if prefix >= PREFIX_MIN_TOKENS else 0
         for i, ids in enumerate(encoded):

@@ -83,20 +83,24 @@ def score_files(gold: str | Path, pred: str | Path, normaliser: Any = None, erro
 # --- generation through the cache ----------------------------------------------------------------------
 
 
-def cached_engine(base_model: str | None, device: str = "auto", dtype: str = "auto", cache_path: Path | None = None) -> Any:
-    """A CachedEngine for `base_model`: the tokenizer now, the model only when a prompt misses the cache."""
+def cached_engine(base_model: str | None, device: str = "auto", dtype: str = "auto", cache_path: Path | None = None,
+                  engine: str = "auto") -> Any:
+    """A CachedEngine for `base_model`: the tokenizer now, the model only when a prompt misses the cache.
+    llama.cpp's generations are cached apart from transformers' (its quantised arithmetic differs)."""
     from .cache import CachedEngine, GenerationCache
-    from .engine import TransformersEngine
-    from .models import EMBEDDED, DEFAULT_BASE_MODEL, cache_root, load_tokenizer_only, resolve_base_model
+    from .engine import load_engine, pick_engine
+    from .models import EMBEDDED, DEFAULT_BASE_MODEL, cache_root, load_tokenizer_only, resolve_base_model, resolve_gguf_base
 
     spec = base_model or os.environ.get("LLMTAGS_BASE_MODEL") or DEFAULT_BASE_MODEL
-    identity = f"sha256:{EMBEDDED[spec].sha256}" if spec in EMBEDDED else resolve_base_model(spec).identity
+    chosen = pick_engine(engine, spec, device, dtype)
+    resolve = resolve_gguf_base if chosen == "llama.cpp" else resolve_base_model
+    identity = f"sha256:{EMBEDDED[spec].sha256}" if spec in EMBEDDED else resolve(spec).identity
     cache = GenerationCache(cache_path or cache_root() / "generations.sqlite")
     return CachedEngine(
         load_tokenizer_only(spec),
-        lambda: TransformersEngine.load(spec, device=device, dtype=dtype),
+        lambda: load_engine(chosen, spec, device=device, dtype=dtype),
         cache,
-        identity,
+        identity if chosen == "transformers" else f"{identity}+{chosen}",
     )
 
 
