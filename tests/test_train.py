@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from llmtags.records import Record, load_labelled
 from llmtags.tagger import TaggingOptions, build_prompt, tag_records
@@ -238,3 +239,43 @@ def test_train_command_interleaves_several_files(tiny_model_dir, short_template,
     data = read_metadata(tmp_path / "ad")["data"]
     assert data["train"] == [first, second] and data["dev"] == dev
     assert data["train_records"] == 4 and len(data["train_sha256"]) == 2  # r1, r4, r2, r5: both files
+
+
+def test_warm_start_continues_an_adapters_weights_with_its_shape(tiny_model_dir, short_template, tmp_path):
+    from safetensors.torch import load_file
+
+    from llmtags.adapters import read_metadata
+    from llmtags.cli import main
+    from llmtags.models import sha256_file
+
+    first = tmp_path / "first"
+    train(RECORDS, [], _config(tiny_model_dir, short_template, max_steps=2, rank=4, layers=1), first, progress=False)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"id": r.id, "text": r.text, "tags": r.tags}, ensure_ascii=False) + "\n"
+                            for r in RECORDS), encoding="utf-8")
+    common = ["--base-model", str(tiny_model_dir), "--template", short_template, "--max-steps", "1",
+              "--batch-size", "2", "--grad-accum", "1", "--eval-every", "0", "--eval-limit", "0", "-q"]
+    # A learning rate of 1e-9 leaves the weights where the warm start put them.
+    assert main(["train", str(data), "--out", str(tmp_path / "second"), "--init-adapter", str(first),
+                 "--rank", "16", "--skip", "2", "--lr", "1e-9", "--schedule", "constant", *common]) == 0
+
+    config = json.loads((tmp_path / "second" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["layers_to_transform"] == [1]  # the first adapter's shape, not --rank
+    before = load_file(first / "adapter_model.safetensors")
+    after = load_file(tmp_path / "second" / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(t.abs().max() > 0 for k, t in before.items() if "lora_B" in k)  # not a fresh (zero) lora_B
+    for key in before:
+        assert torch.allclose(before[key], after[key], atol=1e-6), key
+    meta = read_metadata(tmp_path / "second")
+    assert meta["hyperparameters"]["init_adapter"]["sha256"] == sha256_file(first / "adapter_model.safetensors")
+    assert meta["hyperparameters"]["rank"] == 4 and meta["data"]["train_records"] == 4  # 6 labelled, 2 skipped
+
+    with pytest.raises(TrainError, match="also the output"):
+        train(RECORDS, [], _config(tiny_model_dir, short_template, max_steps=1, init_adapter=str(first)), first,
+              overwrite=True, progress=False)
+    other_template = tmp_path / "other.j2"
+    other_template.write_text(SHORT_TEMPLATE.replace("抽取标签。", "抽取全部标签。"), encoding="utf-8")
+    with pytest.raises(ValueError, match="prompt template"):
+        train(RECORDS, [], _config(tiny_model_dir, str(other_template), max_steps=1, init_adapter=str(first)),
+              tmp_path / "third", progress=False)

@@ -50,6 +50,8 @@ _HYPERPARAMETER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--device", {"help": "auto, cpu, cuda, cuda:1, ..."}),
     ("--base-model", {"help": "base model spec (default: $LLMTAGS_BASE_MODEL, else 'embedded')"}),
     ("--template", {"help": "auto (default), zh, en, few_shot, or a .j2 file"}),
+    ("--init-adapter", {"metavar": "ADAPTER", "help": "warm start: continue training this adapter's weights "
+                        "(its rank, alpha, modules and layers replace the flags; base and templates must match)"}),
     ("--candidates", {"metavar": "VOCAB", "help": "offer vocabulary entries found in the text in the prompt, "
                       "as generate --candidates (a vocabulary, or a labelled file whose tags are collected)"}),
 ]
@@ -89,7 +91,9 @@ def add_train_commands(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
         p.add_argument(flag, dest=_dest(flag), default=None, **kwargs)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints")
     p.add_argument("--overwrite", action="store_true", help="replace an existing adapter or unfinished run")
-    p.add_argument("--limit", type=int, help="train on the first N valid records only")
+    p.add_argument("--skip", type=int, default=0, help="leave out the first N valid records (with --init-adapter: "
+                   "the ones it already saw)")
+    p.add_argument("--limit", type=int, help="train on the first N valid records only (after --skip)")
     p.add_argument("--licence", "--license", dest="licence", help="licence of the training data, for the metadata")
     p.add_argument("--vocab", help="normalisation vocabulary the adapter goes with (recorded in the metadata)")
     _add_record_fields(p)
@@ -182,15 +186,21 @@ def train_out_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import data_description, train
+    from .train import TrainError, data_description, train
 
     config = train_config_from_args(args)
     out = train_out_dir(args)
     from .records import interleave
 
-    train_records = interleave([_read_labelled(path, args, "train") for path in args.train])
+    if args.skip < 0:
+        raise TrainError(f"--skip must not be negative, not {args.skip}")
+    train_records = interleave([_read_labelled(path, args, "train") for path in args.train])[args.skip:]
     if args.limit is not None:
         train_records = train_records[: args.limit]
+    if config.init_adapter:
+        from .adapters import resolve_adapter
+
+        config = config.merged(init_adapter=str(resolve_adapter(config.init_adapter, args.adapters_root)))
     dev_records = interleave([_read_labelled(path, args, "dev") for path in args.dev or []])
     one_or_all = lambda paths: paths[0] if paths and len(paths) == 1 else paths  # noqa: E731
     data = data_description(train_records, dev_records, one_or_all(args.train), one_or_all(args.dev), args.licence)

@@ -38,11 +38,15 @@ except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from .adapters import (
+    CONFIG_FILE,
     METADATA_FILE,
     WEIGHTS_FILE,
     build_metadata,
+    check_compatible,
     copy_adapter_files,
     quiet_bitsandbytes,
+    read_metadata,
+    resolve_adapter,
     write_metadata,
 )
 from .prompts import PromptTemplate, load_template, template_for
@@ -93,6 +97,9 @@ class TrainConfig:
     dtype: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA; or float32 / bfloat16
     qlora: bool | str = "auto"  # auto: 4-bit QLoRA on CUDA, plain LoRA on CPU
     device: str = "auto"
+    # Warm start: an adapter (registry name or directory) whose weights training continues from. Its LoRA
+    # shape (rank, alpha, modules, layers) replaces the values above; base and templates must match.
+    init_adapter: str | None = None
 
     # --- reading and merging -------------------------------------------------------------------------
 
@@ -544,6 +551,9 @@ def _prepare_run(
 
     config.validate()
     out = Path(out_dir)
+    if config.init_adapter and resolve_adapter(config.init_adapter).resolve() == out.resolve():
+        raise TrainError(f"the warm-start adapter {config.init_adapter} is also the output: train into another "
+                         "name (or --out), then replace the old adapter")
     _prepare_out_dir(out, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -570,8 +580,11 @@ def _prepare_run(
         # Casts norms to fp32 and freezes the base; no gradient checkpointing (see the module docstring).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     num_layers = model.config.get_text_config().num_hidden_layers
+    if config.init_adapter:
+        model, init = warm_start(model, config, resolved, template, tokenizer)
+        config = dataclasses.replace(config, **init)
     layers = resolve_layers(config.layers, num_layers)
-    peft_config = LoraConfig(
+    peft_config = None if config.init_adapter else LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
@@ -636,6 +649,24 @@ def _prepare_run(
                        len(examples), truncated, progress_cb, eval_cb)
 
 
+def warm_start(model: Any, config: TrainConfig, resolved: Any, template: Any, tokenizer: Any) -> tuple[Any, dict]:
+    """Wrap `model` with the trainable weights of `config.init_adapter`, after checking that it was
+    trained on this base with these templates. Returns the model and the LoRA shape it brings."""
+    from peft import PeftModel
+
+    path = resolve_adapter(config.init_adapter)
+    check_compatible(read_metadata(path), resolved, template, tokenizer)
+    lora = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    shape = {
+        "rank": lora["r"],
+        "alpha": lora["lora_alpha"],
+        "dropout": lora.get("lora_dropout", 0.0),
+        "target_modules": sorted(lora["target_modules"]),
+        "layers": lora.get("layers_to_transform") or "all",
+    }
+    return PeftModel.from_pretrained(model, str(path), is_trainable=True), shape
+
+
 def train(
     train_records: Sequence[Record],
     dev_records: Sequence[Record],
@@ -675,6 +706,7 @@ def train(
             run.progress.write(f"no checkpoint in {checkpoints}: starting from scratch")
         run.trainer.train(resume_from_checkpoint=resume_from)
     state = run.trainer.state
+    config = run.config  # with a warm start, the LoRA shape is the starting adapter's
 
     # The final adapter: the best by dev F1 when there was a dev set, else the last.
     best = run.evaluation.best if run.evaluation is not None else None
@@ -698,6 +730,11 @@ def train(
         "steps": state.global_step,
         "trainable_parameters": sum(p.numel() for p in run.trainer.model.parameters() if p.requires_grad),
     }
+    if config.init_adapter:
+        from .models import sha256_file
+
+        start = resolve_adapter(config.init_adapter) / WEIGHTS_FILE
+        hyperparameters["init_adapter"] = {"spec": config.init_adapter, "sha256": sha256_file(start)}
     dev_metrics = None
     if best is not None:
         dev_metrics = {**{k: best[k] for k in ("precision", "recall", "f1", "step", "records")},
