@@ -107,3 +107,33 @@ def test_torn_errors_file_is_repaired_on_resume(tmp_path, torn):
     assert summary.tagged == 1 and summary.errors == 2
     rows = [json.loads(line) for line in errors.read_text(encoding="utf-8").splitlines()]
     assert [(r["record"], r["id"]) for r in rows] == [(1, "a"), (3, "c")]
+
+
+def test_settings_are_recorded_and_a_resume_with_other_settings_is_refused(tmp_path):
+    from llmtags.tagger import SettingsMismatch, check_run_settings
+
+    out = tmp_path / "out.jsonl"
+    recorded = check_run_settings(out, {"template": "zh", "adapter x sha256": "aa"}, resume=False)
+    assert json.loads(recorded.read_text()) == {"adapter x sha256": "aa", "template": "zh"}
+    check_run_settings(out, {"adapter x sha256": "aa", "template": "zh"}, resume=True)  # same: fine
+    with pytest.raises(SettingsMismatch, match=r"adapter x sha256: 'aa' then, 'bb' now") as caught:
+        check_run_settings(out, {"template": "zh", "adapter x sha256": "bb"}, resume=True)
+    assert "template" not in str(caught.value)
+    check_run_settings(out, {"template": "en"}, resume=False)  # a fresh run starts over and records anew
+    assert json.loads(recorded.read_text()) == {"template": "en"}
+    (tmp_path / "old.jsonl").write_text("")
+    check_run_settings(tmp_path / "old.jsonl", {"template": "en"}, resume=True)  # from before settings: as is
+
+
+def test_generate_refuses_to_resume_with_another_prompt_but_not_another_batch_size(products, tiny_model_dir,
+                                                                                  tmp_path, capsys):
+    from llmtags.cli import main
+
+    out, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    command = _command(products, tiny_model_dir, out, errors, "--limit", "4")[3:]
+    assert main(command) == 0
+    first = out.read_bytes()
+    assert main([*command, "--resume", "--max-new-tokens", "4"]) == 2
+    assert "max_new_tokens: 8 then, 4 now" in capsys.readouterr().err
+    assert main([*command, "--resume", "--batch-size", "1", "--limit", "6"]) == 0
+    assert out.read_bytes().startswith(first) and _lines(out) == 6  # --limit counts valid records

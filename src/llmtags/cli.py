@@ -155,6 +155,29 @@ def _open_output(path: str | None, mode: str = "w") -> Any:
     return open(path, mode, encoding="utf-8")
 
 
+# Flags that change how fast or where a run goes, not which tags it writes: a resumed run may differ here.
+_RUN_ONLY_FLAGS = {"input", "output", "resume", "quiet", "limit", "errors", "workers", "ray_address",
+                   "cpus_per_worker", "shard_size", "batch_size", "chunk_size", "engine", "device", "dtype",
+                   "explain", "func", "command", "config", "argv"}
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What decides the tags of a `generate` run: every other flag, and the content hashes of the files
+    they name (adapters' weights, vocabularies, templates), so a retrained adapter counts as a change."""
+    from .adapters import WEIGHTS_FILE, load_adapter_map, resolve_adapter
+    from .models import sha256_file
+
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in _RUN_ONLY_FLAGS}
+    for key in ("candidates", "vocab", "constrain_vocab", "demos", "adapter_map", "template"):
+        value = settings.get(key)
+        if isinstance(value, str) and Path(value).is_file():
+            settings[f"{key} sha256"] = sha256_file(value)
+    names = [args.adapter] if args.adapter else load_adapter_map(args.adapter_map).adapter_names if args.adapter_map else []
+    for name in names:
+        settings[f"adapter {name} sha256"] = sha256_file(resolve_adapter(name, args.adapters_root) / WEIGHTS_FILE)
+    return settings
+
+
 # --- commands -------------------------------------------------------------------------------------------
 
 
@@ -163,10 +186,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .cli_train import adapter_tagger, apply_adapter_defaults, wants_adapters
     from .engine import load_engine
-    from .tagger import tag_chunks, tag_file
+    from .tagger import check_run_settings, tag_chunks, tag_file
 
     apply_adapter_defaults(args)
     options, normaliser = _tagging_options(args), _normaliser(args)
+    if args.output not in (None, "-"):
+        # Ray runs always reuse finished shards, so they always compare.
+        check_run_settings(args.output, run_settings(args), args.resume or bool(args.workers))
     if args.workers:
         return _generate_distributed(args, options, normaliser)
     if wants_adapters(args):

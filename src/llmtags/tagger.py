@@ -221,6 +221,39 @@ def _whole_lines(path: str | Path) -> bytes:
     return data
 
 
+class SettingsMismatch(ValueError):
+    """A resumed run would append tags made with other settings to an output."""
+
+
+SETTINGS_SUFFIX = ".settings.json"
+
+
+def check_run_settings(output: str | Path, settings: dict[str, Any], resume: bool) -> Path:
+    """Record the settings of the run that writes `output` beside it (`OUTPUT.settings.json`); with
+    `resume`, first refuse settings that differ from those recorded, because appending tags made by
+    another model, adapter or prompt would mix two runs in one file without a trace. An output from
+    before settings were recorded is resumed as it is. Returns the settings file."""
+    import json
+    import os
+
+    path = Path(str(output) + SETTINGS_SUFFIX)
+    current = json.loads(json.dumps(settings, ensure_ascii=False, sort_keys=True))
+    if resume and path.is_file():
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        changed = [f"{key}: {earlier.get(key)!r} then, {current.get(key)!r} now"
+                   for key in sorted(earlier.keys() | current.keys()) if earlier.get(key) != current.get(key)]
+        if changed:
+            raise SettingsMismatch(
+                f"cannot resume {output}: it was written with other settings ({'; '.join(changed)}); "
+                "run with the earlier settings, write to another output, or delete it (and its .parts folder, if any) "
+                "to start over")
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(current, ensure_ascii=False, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def completed_records(path: str | Path) -> set[tuple[str, str]]:
     """(id, text_hash) of every complete line of an earlier output; a torn last line is cut off."""
     import json
