@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     generated: dict[str, dict[str, tuple[list[str], list[float | None]]]] = {}
     for name, flags in GENERATED.items():
         # The default variant writes the full-test predictions file, shared with the test evaluation.
-        file = predictions_file(work, "test", name)
+        file = predictions_file(work, "test", name, args.adapter)
         found, seconds = _generate(test_path, file, args.adapter, flags, args.limit)
         generated[name] = found
         preds = [found.get(r.id, ([], []))[0] for r in test]
@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     calibrations: dict[str, Any] = {}
     for name in THRESHOLDED:
-        dev_found, _ = _generate(dev_path, predictions_file(work, "dev", name), args.adapter, GENERATED[name],
-                                 args.dev_limit)
+        dev_file = predictions_file(work, "dev", name, args.adapter)
+        dev_found, _ = _generate(dev_path, dev_file, args.adapter, GENERATED[name], args.dev_limit)
         dev_rows = [dev_found.get(r.id, ([], [])) for r in dev]
         calibration = calibrate([r.tags or [] for r in dev], [t for t, _ in dev_rows], [c for _, c in dev_rows],
                                 target_precision=args.target_precision)

@@ -42,7 +42,7 @@ def evaluate_set(name: str, adapter: str, data: Path, limit: int | None) -> dict
     train_path, test_path = paths
     labelled = [r for r in load_labelled(test_path) if r.tags is not None]
     test = labelled[:limit]
-    pred_path = predictions_file(cache_root() / "eval" / name, "test", "adapter + candidates")
+    pred_path = predictions_file(cache_root() / "eval" / name, "test", "adapter + candidates", adapter)
     seconds = generate_predictions(test_path, pred_path, adapter, [], limit)
     predictions = read_predictions(pred_path)
     report = score_predictions(test, [predictions.get(r.id, []) for r in test], name=f"{adapter} on {name} test")

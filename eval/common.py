@@ -86,10 +86,16 @@ def generate_predictions(data: Path, out: Path, adapter: str, flags: list[str], 
     return time.perf_counter() - started
 
 
-def predictions_file(work: Path, split: str, variant: str) -> Path:
-    """Where a variant's predictions live; the plain adapter run is shared by every script."""
+def predictions_file(work: Path, split: str, variant: str, adapter: str) -> Path:
+    """Where a variant's predictions live; the plain adapter run is shared by every script. The name
+    holds the adapter's weights hash, so a retrained adapter starts a new file instead of resuming an
+    old one (which `generate --resume` would refuse)."""
+    from llmtags.adapters import WEIGHTS_FILE, resolve_adapter
+    from llmtags.models import sha256_file
+
     slug = variant.replace(" + ", "+").replace(", ", "-").replace(" ", "_")
-    return work / f"{split}-{slug}.jsonl"
+    weights = sha256_file(resolve_adapter(adapter) / WEIGHTS_FILE)[:12]
+    return work / f"{split}-{slug}-{Path(adapter).name}-{weights}.jsonl"
 
 
 def bench_parser(doc: str, n: int, out: str) -> Any:
