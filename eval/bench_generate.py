@@ -106,12 +106,13 @@ def run_llmtags(prompts: list[str], adapter: str, engine: str = "auto") -> tuple
 def gguf_lora(adapter_dir: Path) -> Path:
     """The adapter as a GGUF LoRA, converted once into the cache: by llama.cpp's own converter when
     $LLAMA_CPP_CONVERT_LORA names it, else by llmtags' (`gguf_export.lora_to_gguf`)."""
+    from llmtags.adapters import weights_sha256
     from llmtags.gguf_export import lora_to_gguf
-    from llmtags.models import cache_root, resolve_base_model, sha256_file
+    from llmtags.models import cache_root, resolve_base_model
 
     converter = os.environ.get("LLAMA_CPP_CONVERT_LORA")
     tool = "llama.cpp" if converter else "llmtags"
-    out = cache_root() / "gguf" / f"lora-{sha256_file(adapter_dir / 'adapter_model.safetensors')[:12]}-{tool}.gguf"
+    out = cache_root() / "gguf" / f"lora-{weights_sha256(adapter_dir)[:12]}-{tool}.gguf"
     if out.is_file():
         return out
     if not converter:

@@ -90,11 +90,10 @@ def predictions_file(work: Path, split: str, variant: str, adapter: str) -> Path
     """Where a variant's predictions live; the plain adapter run is shared by every script. The name
     holds the adapter's weights hash, so a retrained adapter starts a new file instead of resuming an
     old one (which `generate --resume` would refuse)."""
-    from llmtags.adapters import WEIGHTS_FILE, resolve_adapter
-    from llmtags.models import sha256_file
+    from llmtags.adapters import resolve_adapter, weights_sha256
 
     slug = variant.replace(" + ", "+").replace(", ", "-").replace(" ", "_")
-    weights = sha256_file(resolve_adapter(adapter) / WEIGHTS_FILE)[:12]
+    weights = weights_sha256(resolve_adapter(adapter))[:12]
     return work / f"{split}-{slug}-{Path(adapter).name}-{weights}.jsonl"
 
 

@@ -98,6 +98,11 @@ def resolve_adapter(name_or_path: str | Path, root: str | Path | None = None) ->
     return path
 
 
+def weights_sha256(path: str | Path) -> str:
+    """The sha256 of an adapter directory's weights: what tells one trained adapter from another."""
+    return sha256_file(Path(path) / WEIGHTS_FILE)
+
+
 def check_files(path: Path) -> None:
     """Require peft's safetensors weights and config; refuse pickled weights outright."""
     pickled = [p for p in PICKLE_WEIGHTS if (path / p).exists()]
@@ -426,7 +431,7 @@ class AdapterSet:
         if name is None:
             return None
         info = self.infos[name]
-        return f"{name}@{sha256_file(info.path / WEIGHTS_FILE)[:16]}"
+        return f"{name}@{weights_sha256(info.path)[:16]}"
 
     def engine(self, name: str | None) -> AdapterEngine:
         if name is not None:
@@ -673,7 +678,7 @@ def merge_adapter(
     tokenizer.save_pretrained(out)
     (out / "llmtags-merged.json").write_text(json.dumps({
         "base_model": meta.get("base_model"),
-        "adapter": {"path": str(path), "sha256": sha256_file(path / WEIGHTS_FILE)},
+        "adapter": {"path": str(path), "sha256": weights_sha256(path)},
         "template": meta.get("template"),
         "merged_4bit": bool(load_in_4bit),
     }, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

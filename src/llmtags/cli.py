@@ -164,7 +164,7 @@ _RUN_ONLY_FLAGS = {"input", "output", "resume", "quiet", "limit", "errors", "wor
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What decides the tags of a `generate` run: every other flag, and the content hashes of the files
     they name (adapters' weights, vocabularies, templates), so a retrained adapter counts as a change."""
-    from .adapters import WEIGHTS_FILE, load_adapter_map, resolve_adapter
+    from .adapters import load_adapter_map, resolve_adapter, weights_sha256
     from .models import sha256_file
 
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in _RUN_ONLY_FLAGS}
@@ -174,7 +174,7 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
             settings[f"{key} sha256"] = sha256_file(value)
     names = [args.adapter] if args.adapter else load_adapter_map(args.adapter_map).adapter_names if args.adapter_map else []
     for name in names:
-        settings[f"adapter {name} sha256"] = sha256_file(resolve_adapter(name, args.adapters_root) / WEIGHTS_FILE)
+        settings[f"adapter {name} sha256"] = weights_sha256(resolve_adapter(name, args.adapters_root))
     return settings
 
 

@@ -131,12 +131,13 @@ class LlamaCppEngine(PromptEncoder):
 
     def add_adapter(self, name: str, adapter_dir: str | Path) -> None:
         """Load a peft LoRA adapter (converted to a GGUF LoRA once, cached by its hash)."""
+        from .adapters import CONFIG_FILE, weights_sha256
         from .gguf_export import lora_to_gguf
         from .models import cache_root, sha256_file
 
         adapter_dir = Path(adapter_dir)
-        digest = sha256_file(adapter_dir / "adapter_model.safetensors")
-        config_digest = sha256_file(adapter_dir / "adapter_config.json")
+        digest = weights_sha256(adapter_dir)
+        config_digest = sha256_file(adapter_dir / CONFIG_FILE)
         path = cache_root() / "gguf" / f"lora-{digest[:16]}-{config_digest[:8]}.gguf"
         if not path.is_file():
             lora_to_gguf(adapter_dir, path)

@@ -47,6 +47,7 @@ from .adapters import (
     quiet_bitsandbytes,
     read_metadata,
     resolve_adapter,
+    weights_sha256,
     write_metadata,
 )
 from .prompts import PromptTemplate, load_template, template_for
@@ -731,10 +732,8 @@ def train(
         "trainable_parameters": sum(p.numel() for p in run.trainer.model.parameters() if p.requires_grad),
     }
     if config.init_adapter:
-        from .models import sha256_file
-
-        start = resolve_adapter(config.init_adapter) / WEIGHTS_FILE
-        hyperparameters["init_adapter"] = {"spec": config.init_adapter, "sha256": sha256_file(start)}
+        start = resolve_adapter(config.init_adapter)
+        hyperparameters["init_adapter"] = {"spec": config.init_adapter, "sha256": weights_sha256(start)}
     dev_metrics = None
     if best is not None:
         dev_metrics = {**{k: best[k] for k in ("precision", "recall", "f1", "step", "records")},
