@@ -121,6 +121,9 @@ def test_settings_are_recorded_and_a_resume_with_other_settings_is_refused(tmp_p
     assert "template" not in str(caught.value)
     check_run_settings(out, {"template": "en"}, resume=False)  # a fresh run starts over and records anew
     assert json.loads(recorded.read_text()) == {"template": "en"}
+    recorded.write_text('{"template": "en"')  # damaged by hand: named, not a bare JSON error
+    with pytest.raises(SettingsMismatch, match=r"settings file .*out\.jsonl\.settings\.json is unreadable"):
+        check_run_settings(out, {"template": "en"}, resume=True)
     (tmp_path / "old.jsonl").write_text("")
     check_run_settings(tmp_path / "old.jsonl", {"template": "en"}, resume=True)  # from before settings: as is
 

@@ -239,7 +239,13 @@ def check_run_settings(output: str | Path, settings: dict[str, Any], resume: boo
     path = Path(str(output) + SETTINGS_SUFFIX)
     current = json.loads(json.dumps(settings, ensure_ascii=False, sort_keys=True))
     if resume and path.is_file():
-        earlier = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SettingsMismatch(f"cannot resume {output}: its settings file {path} is unreadable ({exc}); "
+                                   "delete the output and its settings file to start over") from exc
+        if not isinstance(earlier, dict):
+            raise SettingsMismatch(f"cannot resume {output}: its settings file {path} does not hold an object")
         changed = [f"{key}: {earlier.get(key)!r} then, {current.get(key)!r} now"
                    for key in sorted(earlier.keys() | current.keys()) if earlier.get(key) != current.get(key)]
         if changed:
