@@ -27,17 +27,17 @@ from llmtags.models import cache_root
 from llmtags.records import Record, load_labelled
 from llmtags.report import EvalReport
 
-# name -> extra `llmtags generate` flags (the adapter's template and candidates are the defaults)
+# name -> changes to `llmtags generate`'s settings (the adapter's template and candidates are the defaults)
 GENERATED = {
-    "adapter, no candidates": ["--no-candidates"],
-    "adapter + candidates": [],
-    "adapter + candidates + extract": ["--constrain", "extract"],
+    "adapter, no candidates": {"no_candidates": True},
+    "adapter + candidates": {},
+    "adapter + candidates + extract": {"constrain": "extract"},
 }
 THRESHOLDED = ("adapter + candidates", "adapter + candidates + extract")
 
 
-def _generate(data: Path, out: Path, adapter: str, flags: list[str], limit: int | None) -> tuple[dict, float]:
-    seconds = generate_predictions(data, out, adapter, flags, limit)
+def _generate(data: Path, out: Path, adapter: str, changes: dict[str, Any], limit: int | None) -> tuple[dict, float]:
+    seconds = generate_predictions(data, out, adapter, changes, limit)
     return read_scored_predictions(out), seconds
 
 
@@ -67,10 +67,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     add("dictionary (train values in the text)", dictionary_tags)
 
     generated: dict[str, dict[str, tuple[list[str], list[float | None]]]] = {}
-    for name, flags in GENERATED.items():
+    for name, changes in GENERATED.items():
         # The default variant writes the full-test predictions file, shared with the test evaluation.
         file = predictions_file(work, "test", name, args.adapter)
-        found, seconds = _generate(test_path, file, args.adapter, flags, args.limit)
+        found, seconds = _generate(test_path, file, args.adapter, changes, args.limit)
         generated[name] = found
         preds = [found.get(r.id, ([], []))[0] for r in test]
         add(name, preds, seconds=round(seconds, 1))

@@ -43,7 +43,7 @@ def evaluate_set(name: str, adapter: str, data: Path, limit: int | None) -> dict
     labelled = [r for r in load_labelled(test_path) if r.tags is not None]
     test = labelled[:limit]
     pred_path = predictions_file(cache_root() / "eval" / name, "test", "adapter + candidates", adapter)
-    seconds = generate_predictions(test_path, pred_path, adapter, [], limit)
+    seconds = generate_predictions(test_path, pred_path, adapter, {}, limit)
     predictions = read_predictions(pred_path)
     report = score_predictions(test, [predictions.get(r.id, []) for r in test], name=f"{adapter} on {name} test")
     dictionary = DictionaryTagger.from_records(load_labelled(train_path))
@@ -90,7 +90,7 @@ def main() -> None:
                         "reports": {r["set"]: r["report"].to_json(worst=10) for r in results}, "meta": meta},
                   markdown(args.adapter, results, meta))
     if args.record:
-        from llmtags.adapters import set_metadata_entry
+        from llmtags.adapters.registry import set_metadata_entry
 
         test = {r["set"]: {"records": r["records"], "of": r["of"], **{k: round(v, 4) if isinstance(v, float) else v
                                                                      for k, v in r["adapter"].items()},

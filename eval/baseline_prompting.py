@@ -21,7 +21,7 @@ from llmtags.evaluate import cached_engine, generate_and_score, generation_secon
 from llmtags.prompts import demos_from, detect_lang, load_template
 from llmtags.records import load_labelled
 from llmtags.report import EvalReport
-from llmtags.tagger import TaggingOptions
+from llmtags.options import TaggingOptions
 
 
 def _summary(report: EvalReport, seconds: float | None = None) -> dict[str, Any]:

@@ -47,15 +47,13 @@ def _peak_rss_mib() -> float:
 
 
 def _records_and_prompts(data: Path, n: int, adapter: str) -> tuple[list[Any], list[str], Any]:
-    import argparse as _argparse
-
-    from llmtags.cli_train import adapter_options
     from llmtags.models import load_tokenizer_only
+    from llmtags.options import Settings, TaggingOptions, adapter_options
     from llmtags.records import load_labelled
-    from llmtags.tagger import TaggingOptions, build_prompt
+    from llmtags.tagger import build_prompt
 
     records = [r for r in load_labelled(data) if r.tags is not None][:n]
-    options = adapter_options(adapter, _argparse.Namespace(template="auto", candidates=None), TaggingOptions())
+    options = adapter_options(adapter, Settings(), TaggingOptions())
     tokenizer = load_tokenizer_only("embedded")
     return records, [build_prompt(r, tokenizer, options) for r in records], options
 
@@ -87,11 +85,10 @@ def run_plain(prompts: list[str], adapter_dir: Path) -> tuple[list[str], list[in
 
 
 def run_llmtags(prompts: list[str], adapter: str, engine: str = "auto") -> tuple[list[str], list[int], float]:
-    from llmtags.cli_train import load_adapter_set
+    from llmtags.adapters.routing import load_adapter_set
+    from llmtags.options import Settings
 
-    args = argparse.Namespace(adapter=adapter, adapter_map=None, base_model=None, device="auto", dtype="auto",
-                              engine=engine)
-    adapter_set, _ = load_adapter_set(args, "tuned")
+    adapter_set, _ = load_adapter_set(Settings(adapter=adapter, engine=engine), "tuned")
     tagger_engine = adapter_set.engine(adapter)
     texts, counts, first = [], [], 0.0
     # generate's chunks: one batch first (for the first results), then 64 products per output append.
@@ -106,8 +103,8 @@ def run_llmtags(prompts: list[str], adapter: str, engine: str = "auto") -> tuple
 def gguf_lora(adapter_dir: Path) -> Path:
     """The adapter as a GGUF LoRA, converted once into the cache: by llama.cpp's own converter when
     $LLAMA_CPP_CONVERT_LORA names it, else by llmtags' (`gguf_export.lora_to_gguf`)."""
-    from llmtags.adapters import weights_sha256
-    from llmtags.gguf_export import lora_to_gguf
+    from llmtags.adapters.registry import weights_sha256
+    from llmtags.adapters.gguf_export import lora_to_gguf
     from llmtags.models import cache_root, resolve_base_model
 
     converter = os.environ.get("LLAMA_CPP_CONVERT_LORA")
@@ -173,7 +170,7 @@ def skip_reason(engine: str) -> str | None:
 
 def child(args: argparse.Namespace) -> None:
     """Run one engine and print its measurements as JSON (the parent reads the last line)."""
-    from llmtags.adapters import resolve_adapter
+    from llmtags.adapters.registry import resolve_adapter
     from llmtags.report import EvalReport
     from llmtags.tagger import to_result
 
@@ -185,7 +182,7 @@ def child(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     texts, counts, first = runner[args.child]()
     seconds = time.perf_counter() - started
-    from llmtags.engine import Generation
+    from llmtags.engines.base import Generation
 
     tags = [to_result(r, Generation(t, 0, c), options).tags for r, t, c in zip(records, texts, counts)]
     report = EvalReport.from_records(records, tags, n_boot=200)

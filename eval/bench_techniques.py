@@ -45,10 +45,10 @@ BATCH = 8
 
 
 def load(engine: str, settings: dict[str, Any], adapter: str) -> Any:
-    from llmtags.adapters import resolve_adapter
+    from llmtags.adapters.registry import resolve_adapter
 
     if engine == "llama.cpp":
-        from llmtags.engine_llamacpp import LlamaCppEngine
+        from llmtags.engines.llamacpp import LlamaCppEngine
 
         engine_kwargs = {k: settings[k] for k in ("prefix_cache", "n_threads") if k in settings}
         llama = LlamaCppEngine.load("embedded", **engine_kwargs)
@@ -59,7 +59,7 @@ def load(engine: str, settings: dict[str, Any], adapter: str) -> Any:
     import torch
     from peft import PeftModel
 
-    from llmtags.engine import TransformersEngine
+    from llmtags.engines.transformers import TransformersEngine
 
     transformers_engine = TransformersEngine.load("embedded", device="cpu", dtype=settings.get("dtype", "auto"))
     model = PeftModel.from_pretrained(transformers_engine.model, str(resolve_adapter(adapter))).eval()
@@ -79,7 +79,7 @@ def load(engine: str, settings: dict[str, Any], adapter: str) -> Any:
 
 
 def child(args: argparse.Namespace) -> None:
-    from llmtags.engine import Generation
+    from llmtags.engines.base import Generation
     from llmtags.report import EvalReport
     from llmtags.tagger import to_result
 

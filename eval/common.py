@@ -68,21 +68,20 @@ def write_outputs(out: Path, data: dict[str, Any], markdown: str) -> None:
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
 
-def generate_predictions(data: Path, out: Path, adapter: str, flags: list[str], limit: int | None) -> float:
-    """Run `llmtags generate --adapter ADAPTER` over `data` into `out`, resuming whatever an earlier run
-    left there (so a killed benchmark continues and a finished one costs nothing); returns wall seconds."""
+def generate_predictions(data: Path, out: Path, adapter: str, changes: dict[str, Any], limit: int | None) -> float:
+    """`llmtags generate --adapter ADAPTER` (with the setting `changes`, e.g. {"no_candidates": True}) over
+    `data` into `out`, resuming whatever an earlier run left there (so a killed benchmark continues and a
+    finished one costs nothing); returns wall seconds."""
     import time
 
-    from llmtags.cli import main as llmtags
+    from llmtags.options import Settings
+    from llmtags.run import generate_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    argv = ["generate", str(data), "-o", str(out), "--resume", "--adapter", adapter, *flags]
-    if limit:
-        argv += ["--limit", str(limit)]
     started = time.perf_counter()
-    code = llmtags(argv)
-    if code != 0:
-        sys.exit(f"llmtags {' '.join(argv)} failed with exit status {code}")
+    summary = generate_file(str(data), str(out), Settings(adapter=adapter, **changes), limit=limit or None, resume=True)
+    if summary.interrupted:
+        sys.exit(f"generating {data} into {out} was interrupted")
     return time.perf_counter() - started
 
 
@@ -90,7 +89,7 @@ def predictions_file(work: Path, split: str, variant: str, adapter: str) -> Path
     """Where a variant's predictions live; the plain adapter run is shared by every script. The name
     holds the adapter's weights hash, so a retrained adapter starts a new file instead of resuming an
     old one (which `generate --resume` would refuse)."""
-    from llmtags.adapters import resolve_adapter, weights_sha256
+    from llmtags.adapters.registry import resolve_adapter, weights_sha256
 
     slug = variant.replace(" + ", "+").replace(", ", "-").replace(" ", "_")
     weights = weights_sha256(resolve_adapter(adapter))[:12]

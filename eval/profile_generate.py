@@ -75,8 +75,8 @@ def main() -> None:
     if not args.data.is_file():
         print(f"skipped: {args.data} is absent (see ../shared/datasets/README.md)")
         return
-    from llmtags.adapters import resolve_adapter
-    from llmtags.engine_llamacpp import LlamaCppEngine
+    from llmtags.adapters.registry import resolve_adapter
+    from llmtags.engines.llamacpp import LlamaCppEngine
 
     _, prompts, _ = _records_and_prompts(args.data, args.n, args.adapter)
     engine = LlamaCppEngine.load("embedded")

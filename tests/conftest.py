@@ -27,6 +27,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, qwen_tokenizer_dir:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir: Path):
-    from llmtags.engine import TransformersEngine
+    from llmtags.engines.transformers import TransformersEngine
 
     return TransformersEngine.load(str(tiny_model_dir), device="cpu")

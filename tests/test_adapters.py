@@ -13,27 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from llmtags.adapters import (
-    AdapterError,
-    AdapterMap,
-    AdapterMismatch,
-    AdapterSet,
-    build_metadata,
-    check_compatible,
-    list_adapters,
-    load_adapter_map,
-    read_metadata,
-    resolve_adapter,
-    route,
-    show_adapter,
-    tag_chunks_routed,
-    validate_adapter_name,
-    write_metadata,
-)
+from llmtags.adapters.registry import AdapterError, AdapterMismatch, build_metadata, check_compatible, list_adapters, read_metadata, resolve_adapter, show_adapter, validate_adapter_name, write_metadata
+from llmtags.adapters.routing import AdapterMap, load_adapter_map, route, tag_chunks_routed
+from llmtags.engines.adapter_set import AdapterSet
 from llmtags.models import ResolvedModel, resolve_base_model
 from llmtags.prompts import load_template
 from llmtags.records import Record
-from llmtags.tagger import TaggingOptions, tag_records
+from llmtags.options import TaggingOptions
+from llmtags.tagger import tag_records
 
 RECORDS = [
     Record("r1", "兰蔻小黑瓶精华肌底液50ml", "美妆"),
@@ -77,7 +64,7 @@ def _single_adapter_outputs(base_dir: Path, adapter_dir: Path, records: list[Rec
     """The reference: a fresh base model with one adapter, through plain peft."""
     from peft import PeftModel
 
-    from llmtags.engine import TransformersEngine
+    from llmtags.engines.transformers import TransformersEngine
 
     engine = TransformersEngine.load(str(base_dir), device="cpu")
     engine.model = PeftModel.from_pretrained(engine.model, str(adapter_dir)).eval()
@@ -239,8 +226,8 @@ def test_switching_adapters_in_one_process_gives_each_record_its_own_adapters_ou
 def test_merge_adapter_matches_the_adapter(registry, tiny_model_dir, tmp_path):
     import torch
 
-    from llmtags.adapters import merge_adapter
-    from llmtags.engine import TransformersEngine
+    from llmtags.adapters.merge import merge_adapter
+    from llmtags.engines.transformers import TransformersEngine
 
     out = merge_adapter(str(tiny_model_dir), "zh-beauty", tmp_path / "merged", root=registry)
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
@@ -260,17 +247,18 @@ def test_merge_adapter_matches_the_adapter(registry, tiny_model_dir, tmp_path):
         merge_adapter(str(tiny_model_dir), "zh-beauty", out, root=registry)
 
 
-# --- command-line wiring (a parser of its own: cli.py calls the same functions) ---------------------------
+# --- command-line wiring (a parser of its own: the cli package calls the same functions) ---------------------------
 
 
 def _parser():
     import argparse
 
-    from llmtags.cli_train import add_adapter_options, add_train_commands
+    from llmtags.cli import adapters, train
+    from llmtags.cli.common import add_adapter_options
 
     parser = argparse.ArgumentParser(prog="llmtags")
     commands = parser.add_subparsers(dest="command", required=True)
-    leaves = add_train_commands(commands)
+    leaves = {**train.add_parser(commands), **adapters.add_parser(commands)}
     generate = commands.add_parser("generate")
     generate.add_argument("input")
     generate.add_argument("--base-model")
@@ -281,7 +269,7 @@ def _parser():
 
 
 def test_train_flags_override_the_train_config_file(tmp_path):
-    from llmtags.cli_train import train_config_from_args, train_out_dir
+    from llmtags.cli.train import train_config_from_args, train_out_dir
 
     parser, leaves = _parser()
     assert set(leaves) == {"train", "adapters list", "adapters show", "merge"}
@@ -315,8 +303,9 @@ def test_adapters_list_and_show_commands(registry, capsys):
 
 
 def test_generate_with_an_adapter_map_writes_each_records_adapter(registry, tiny_model_dir, tmp_path):
-    from llmtags.cli_train import adapter_tagger, wants_adapters
-    from llmtags.tagger import tag_file
+    from llmtags.adapters.routing import adapter_tagger
+    from llmtags.cli.common import settings_from
+    from llmtags.run import tag_file
 
     data = tmp_path / "products.jsonl"
     data.write_text("".join(json.dumps({"id": r.id, "text": r.text, "category": r.category}, ensure_ascii=False) + "\n"
@@ -327,8 +316,8 @@ def test_generate_with_an_adapter_map_writes_each_records_adapter(registry, tiny
     args = parser.parse_args(["generate", str(data), "--adapter-map", str(adapter_map), "--adapters-root",
                               str(registry)])
     args.device, args.dtype = "cpu", "auto"
-    assert wants_adapters(args)
-    tag = adapter_tagger(args, OPTIONS)  # no --base-model: the base model the adapters record
+    assert settings_from(args).wants_adapters
+    tag = adapter_tagger(settings_from(args), OPTIONS)  # no --base-model: the base model the adapters record
     out = tmp_path / "tags.jsonl"
     summary = tag_file(str(data), str(out), tag, progress=False)
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
@@ -338,14 +327,15 @@ def test_generate_with_an_adapter_map_writes_each_records_adapter(registry, tiny
     # A single --adapter: the usual output lines, no "adapter" key.
     args = parser.parse_args(["generate", str(data), "--adapter", "zh-beauty", "--adapters-root", str(registry)])
     args.device, args.dtype = "cpu", "auto"
-    tag_file(str(data), str(out), adapter_tagger(args, OPTIONS), progress=False)
+    tag_file(str(data), str(out), adapter_tagger(settings_from(args), OPTIONS), progress=False)
     assert ["adapter" in json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == [False] * 4
 
 
 def test_an_adapter_map_gives_each_adapter_its_own_template(tiny_model_dir, tmp_path):
-    from llmtags.cli_train import adapter_tagger, apply_adapter_defaults
-    from llmtags.cli import _tagging_options
-    from llmtags.tagger import tag_file
+    from llmtags.adapters.routing import adapter_tagger
+    from llmtags.cli.common import settings_from
+    from llmtags.options import tagging_options, with_adapter_defaults
+    from llmtags.run import tag_file
 
     root = tmp_path / "adapters"
     _make_adapter(tiny_model_dir, root / "zh-tuned", seed=3, template="tuned")
@@ -361,10 +351,10 @@ def test_an_adapter_map_gives_each_adapter_its_own_template(tiny_model_dir, tmp_
         args = parser.parse_args(["generate", str(data), *flags, "--adapters-root", str(root)])
         args.device, args.dtype, args.template, args.candidates = "cpu", "auto", "auto", None
         args.demos, args.max_new_tokens, args.batch_size, args.chunk_size = None, 10, 3, 8
-        apply_adapter_defaults(args)
+        settings = with_adapter_defaults(settings_from(args))
         out = tmp_path / "tags.jsonl"
         # A mismatched template would be refused: the zh adapter was trained with `tuned`, not `auto`.
-        tag_file(str(data), str(out), adapter_tagger(args, _tagging_options(args)), progress=False)
+        tag_file(str(data), str(out), adapter_tagger(settings, tagging_options(settings)), progress=False)
         return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
     routed = run("--adapter-map", str(adapter_map))
@@ -374,37 +364,32 @@ def test_an_adapter_map_gives_each_adapter_its_own_template(tiny_model_dir, tmp_
 
 
 def test_generate_defaults_to_the_adapters_template_and_candidates(tmp_path, capsys):
-    import argparse
     import json
 
-
-    from llmtags.cli_train import apply_adapter_defaults
+    from llmtags.options import Settings, with_adapter_defaults
 
     root = tmp_path / "adapters"
     (root / "zh").mkdir(parents=True)
     vocab = tmp_path / "train.jsonl"
     vocab.write_text('{"id": "1", "text": "理肤泉", "tags": ["品牌:理肤泉"]}\n', encoding="utf-8")
-    from llmtags.adapters import FORMAT_VERSION
+    from llmtags.adapters.registry import FORMAT_VERSION
 
     meta = {"format": FORMAT_VERSION, "template": {"name": "tuned", "spec": "tuned"},
             "vocabulary": {"candidates": {"path": str(vocab)}}}
     (root / "zh" / "llmtags.json").write_text(json.dumps(meta))
     for name in ("adapter_config.json", "adapter_model.safetensors"):  # only their presence is checked here
         (root / "zh" / name).write_text("{}")
-    args = argparse.Namespace(adapter="zh", adapters_root=str(root), template="auto", candidates=None)
-    apply_adapter_defaults(args)
+    args = with_adapter_defaults(Settings(adapter="zh", adapters_root=str(root), template="auto", candidates=None))
     assert (args.template, args.candidates) == ("tuned", str(vocab))
-    explicit = argparse.Namespace(adapter="zh", adapters_root=str(root), template="zh", candidates="mine.jsonl")
-    apply_adapter_defaults(explicit)
+    explicit = with_adapter_defaults(Settings(adapter="zh", adapters_root=str(root), template="zh",
+                                              candidates="mine.jsonl"))
     assert (explicit.template, explicit.candidates) == ("zh", "mine.jsonl")
-    without = argparse.Namespace(adapter="zh", adapters_root=str(root), template="auto", candidates=None,
-                                 no_candidates=True)
-    apply_adapter_defaults(without)
+    without = with_adapter_defaults(Settings(adapter="zh", adapters_root=str(root), template="auto", candidates=None,
+                                             no_candidates=True))
     assert (without.template, without.candidates) == ("tuned", None)
     vocab.unlink()
     # Without the training data the adapter still runs, without candidates, and says so.
-    args = argparse.Namespace(adapter="zh", adapters_root=str(root), template="auto", candidates=None)
-    apply_adapter_defaults(args)
+    args = with_adapter_defaults(Settings(adapter="zh", adapters_root=str(root), template="auto", candidates=None))
     assert (args.template, args.candidates) == ("tuned", None)
     assert "absent here: tagging without candidates" in capsys.readouterr().err
 

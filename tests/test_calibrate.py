@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
 from llmtags.calibrate import Outcome, at_threshold, calibrate, pick_threshold, reliability, tag_outcomes
-from llmtags.cli import CliError, _min_confidence, main
+from llmtags.cli import main
+from llmtags.options import OptionsError, Settings, min_confidence
 
 GOLDS = [["品牌:理肤泉", "产品词:防晒霜"], ["Brand:Nike", ["Color:Black", "Color:黑色"]]]
 PREDS = [["品牌:理肤泉", "产品词:防晒", "品牌:理肤泉"], ["Brand:Nike", "Color:黑色", "Size:42"]]
@@ -50,7 +50,7 @@ def _write(path, rows):
 
 
 def _registry(tmp_path):
-    from llmtags.adapters import FORMAT_VERSION
+    from llmtags.adapters.registry import FORMAT_VERSION
 
     root = tmp_path / "adapters"
     (root / "zh").mkdir(parents=True)
@@ -61,7 +61,7 @@ def _registry(tmp_path):
 
 
 def test_calibrate_command_stores_the_threshold_that_generate_then_uses(tmp_path, capsys):
-    from llmtags.adapters import read_metadata
+    from llmtags.adapters.registry import read_metadata
 
     gold, pred = tmp_path / "dev.jsonl", tmp_path / "pred.jsonl"
     # A gold record without a prediction (dev generated in part) is left out, not scored as empty.
@@ -75,18 +75,18 @@ def test_calibrate_command_stores_the_threshold_that_generate_then_uses(tmp_path
     assert "record 3" in captured.err and "confidence" in captured.err
     stored = read_metadata(root / "zh")["calibration"]
     assert stored["threshold"] == 0.7 and stored["records"] == 2 and stored["at_threshold"]["recall"] == 0.75
-    args = argparse.Namespace(min_confidence="calibrated", adapter="zh", adapters_root=str(root))
-    assert _min_confidence(args) == 0.7
+    args = Settings(min_confidence="calibrated", adapter="zh", adapters_root=str(root))
+    assert min_confidence(args) == 0.7
     for bad in ("1.5", "high"):
-        with pytest.raises(CliError, match="min-confidence"):
-            _min_confidence(argparse.Namespace(min_confidence=bad))
-    with pytest.raises(CliError, match="needs --adapter"):
-        _min_confidence(argparse.Namespace(min_confidence="calibrated", adapter=None))
+        with pytest.raises(OptionsError, match="min-confidence"):
+            min_confidence(Settings(min_confidence=bad))
+    with pytest.raises(OptionsError, match="needs --adapter"):
+        min_confidence(Settings(min_confidence="calibrated", adapter=None))
     assert main(["calibrate", "--gold", str(gold), "--pred", str(pred), "--target-precision", "1.01"]) == 1
 
 
 def test_eval_reports_candidate_recall_and_records_test_metrics(tmp_path, capsys):
-    from llmtags.adapters import read_metadata
+    from llmtags.adapters.registry import read_metadata
 
     gold, pred, vocab = tmp_path / "test.jsonl", tmp_path / "pred.jsonl", tmp_path / "train.jsonl"
     _write(gold, [{"id": "1", "text": "理肤泉防晒霜", "tags": ["品牌:理肤泉", "产品词:防晒霜"]}])
@@ -100,3 +100,4 @@ def test_eval_reports_candidate_recall_and_records_test_metrics(tmp_path, capsys
     assert "[理肤泉]防晒霜" in out  # the worst-records table highlights the predicted tags' evidence
     test = read_metadata(root / "zh")["metrics"]["test"]
     assert test["f1"] == pytest.approx(2 / 3, abs=1e-4) and test["candidate_recall"] == 0.5
+

@@ -1,7 +1,8 @@
 from llmtags.candidates import CandidateFinder, candidate_recall, candidate_sources, load_candidate_vocabulary
 from llmtags.prompts import load_template
 from llmtags.records import Record
-from llmtags.tagger import TaggingOptions, build_prompt
+from llmtags.options import TaggingOptions
+from llmtags.tagger import build_prompt
 from llmtags.vocab import Vocabulary, VocabEntry
 
 VOCAB = Vocabulary([

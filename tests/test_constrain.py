@@ -13,11 +13,14 @@ import time
 
 import pytest
 
-from llmtags.constrain import ConstraintSpec, TagConstraintProcessor, TokenTable, token_table
+from llmtags.constrain.spec import ConstraintSpec
+from llmtags.constrain.tokens import TokenTable, token_table
+from llmtags.engines.transformers import TagConstraintProcessor
 from llmtags.metrics import split_tag
 from llmtags.parse import clean_tag
 from llmtags.records import Record
-from llmtags.tagger import TaggingOptions, build_prompt, tag_records
+from llmtags.options import TaggingOptions
+from llmtags.tagger import build_prompt, tag_records
 from llmtags.vocab import Vocabulary
 
 # zh and en, with rare CJK characters that Qwen's tokenizer splits into byte tokens (龘 靐 齉 𠀀 𪚥).
@@ -492,8 +495,8 @@ def test_processor_cost_per_step_at_batch_8(tiny_engine, tok):
 
 
 def test_cache_keys_hold_the_constraint(tmp_path):
-    from llmtags.cache import CachedEngine, GenerationCache, generation_key
-    from llmtags.engine import Generation
+    from llmtags.engines.cache import CachedEngine, GenerationCache, generation_key
+    from llmtags.engines.base import Generation
 
     payload = json.dumps(["greedy, stop at end of turn or a repeated line", "m", None, 8, "p"], ensure_ascii=False)
     import hashlib

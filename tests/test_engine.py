@@ -1,8 +1,9 @@
 """The generate path on the tiny random model: batching, padding and order."""
 
-from llmtags.engine import length_sorted_batches
+from llmtags.engines.base import length_sorted_batches
 from llmtags.records import Record
-from llmtags.tagger import TaggingOptions, build_prompt, tag_records
+from llmtags.options import TaggingOptions
+from llmtags.tagger import build_prompt, tag_records
 
 TEXTS = [
     "理肤泉特护清盈防晒霜SPF50+ 30ml 敏感肌适用",
@@ -63,7 +64,7 @@ def test_long_text_is_truncated_before_prompting(tiny_engine):
 
 
 def test_repeats_a_line():
-    from llmtags.engine import repeats_a_line
+    from llmtags.constrain.grammar import repeats_a_line
 
     assert repeats_a_line("品牌:A\n产品词:B\n品牌:A\n")
     assert not repeats_a_line("品牌:A\n产品词:B\n品牌:A")  # the last line is not complete yet
@@ -74,7 +75,7 @@ def test_repeats_a_line():
 def test_loop_stop_ends_only_the_looping_row(tiny_engine):
     import torch
 
-    from llmtags.engine import LoopStop
+    from llmtags.engines.transformers import LoopStop
 
     tokenizer = tiny_engine.tokenizer
     prompt = tokenizer("prompt", add_special_tokens=False)["input_ids"]

@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from llmtags.cache import CachedEngine, GenerationCache
+from llmtags.engines.cache import CachedEngine, GenerationCache
 from llmtags.cli import main
 from llmtags.evaluate import compare_templates, read_predictions, score_files
 from llmtags.prompts import load_template
 from llmtags.records import Record
-from llmtags.tagger import TaggingOptions
+from llmtags.options import TaggingOptions
 from llmtags.vocab import Normaliser, Vocabulary
 
 GOLD = [

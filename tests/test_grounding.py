@@ -6,12 +6,13 @@ import math
 
 import pytest
 
-from llmtags.engine import Generation
+from llmtags.engines.base import Generation
 from llmtags.grounding import evidence_span, evidence_spans, highlight, piece_confidence
 from llmtags.parse import parse_tag_spans
 from llmtags.records import Record
 from llmtags.spans import value_key
-from llmtags.tagger import TaggingOptions, tag_records, to_result
+from llmtags.options import TaggingOptions
+from llmtags.tagger import tag_records, to_result
 from llmtags.vocab import Normaliser, Vocabulary
 
 

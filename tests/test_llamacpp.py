@@ -16,9 +16,10 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'llmtags[llamacpp]')")
 
-from llmtags.constrain import ConstraintSpec  # noqa: E402
+from llmtags.constrain.spec import ConstraintSpec  # noqa: E402
 from llmtags.records import Record  # noqa: E402
-from llmtags.tagger import TaggingOptions, build_prompt  # noqa: E402
+from llmtags.options import TaggingOptions  # noqa: E402
+from llmtags.tagger import build_prompt  # noqa: E402
 
 RECORDS = [
     Record("r1", "理肤泉特护清盈防晒霜SPF50 30ml", "美妆"),
@@ -34,7 +35,7 @@ MAX_NEW = 24
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    from llmtags.gguf_export import qwen2_to_gguf
+    from llmtags.adapters.gguf_export import qwen2_to_gguf
     from llmtags.models import embedded_gguf
 
     return qwen2_to_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf", embedded_gguf())
@@ -42,7 +43,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
 
 @pytest.fixture(scope="module")
 def llama_engine(tiny_gguf: Path, tiny_engine):
-    from llmtags.engine_llamacpp import LlamaCppEngine
+    from llmtags.engines.llamacpp import LlamaCppEngine
 
     return LlamaCppEngine(tiny_gguf, tiny_engine.tokenizer, n_ctx=2048)
 
@@ -68,7 +69,7 @@ def test_same_outputs_as_transformers(llama_engine, tiny_engine, prompts):
 
 
 def test_prefix_cache_and_batch_width_change_nothing(llama_engine, tiny_engine):
-    from llmtags.engine_llamacpp import PREFIX_MIN_TOKENS, common_prefix_length
+    from llmtags.engines.llamacpp import PREFIX_MIN_TOKENS, common_prefix_length
 
     # One template, as when prompts are routed by language: they share the system prompt.
     prompts = [build_prompt(r, tiny_engine.tokenizer, TaggingOptions(template="zh")) for r in RECORDS]
@@ -93,7 +94,7 @@ def test_progress_counts_every_prompt(llama_engine, prompts):
 
 
 def test_common_prefix_length():
-    from llmtags.engine_llamacpp import common_prefix_length
+    from llmtags.engines.llamacpp import common_prefix_length
 
     assert common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
     assert common_prefix_length([[5, 6]]) == 2
@@ -136,7 +137,7 @@ def _tiny_lora(base_dir: Path, out: Path, seed: int, **config_kwargs) -> Path:
 def test_converted_lora_matches_peft(tmp_path, tiny_model_dir, tiny_engine, llama_engine, prompts, rslora):
     from peft import PeftModel
 
-    from llmtags.engine import TransformersEngine
+    from llmtags.engines.transformers import TransformersEngine
 
     adapter = _tiny_lora(tiny_model_dir, tmp_path / "lora", seed=3, use_rslora=rslora)
     peft_engine = TransformersEngine.load(str(tiny_model_dir), device="cpu")  # peft changes the model it wraps
@@ -155,7 +156,7 @@ def test_converted_lora_matches_peft(tmp_path, tiny_model_dir, tiny_engine, llam
 
 
 def test_unconvertible_adapters_are_refused(tmp_path, tiny_model_dir):
-    from llmtags.gguf_export import GgufExportError, lora_to_gguf
+    from llmtags.adapters.gguf_export import GgufExportError, lora_to_gguf
 
     adapter = _tiny_lora(tiny_model_dir, tmp_path / "lora", seed=4)
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -166,7 +167,7 @@ def test_unconvertible_adapters_are_refused(tmp_path, tiny_model_dir):
 
 
 def test_pick_engine(tiny_model_dir, tiny_gguf):
-    from llmtags.engine import pick_engine
+    from llmtags.engines.select import pick_engine
     from llmtags.models import ModelError
 
     assert pick_engine("auto", str(tiny_gguf), "cpu") == "llama.cpp"

@@ -97,7 +97,8 @@ def test_ctrl_c_stops_with_whole_lines_and_resume_completes(products, tiny_model
 def test_torn_errors_file_is_repaired_on_resume(tmp_path, torn):
     """A kill can cut the errors file mid-line (even mid-character): resume cuts that line off and
     reports the record again on a line of its own, once."""
-    from llmtags.tagger import TagResult, tag_file
+    from llmtags.run import tag_file
+    from llmtags.tagger import TagResult
 
     source, out, errors = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
     source.write_text('{"id": "a", "text": null}\n{"id": "b", "text": "ok"}\n{"id": "c", "text": 1}\n')
@@ -110,7 +111,7 @@ def test_torn_errors_file_is_repaired_on_resume(tmp_path, torn):
 
 
 def test_settings_are_recorded_and_a_resume_with_other_settings_is_refused(tmp_path):
-    from llmtags.tagger import SettingsMismatch, check_run_settings
+    from llmtags.run import SettingsMismatch, check_run_settings
 
     out = tmp_path / "out.jsonl"
     recorded = check_run_settings(out, {"template": "zh", "adapter x sha256": "aa"}, resume=False)

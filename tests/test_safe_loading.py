@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llmtags.adapters import AdapterError, check_files, resolve_adapter, validate_adapter_name
+from llmtags.adapters.registry import AdapterError, check_files, resolve_adapter, validate_adapter_name
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "llmtags"
 
@@ -60,7 +60,7 @@ def test_loading_a_model_passes_no_remote_code(tiny_model_dir, monkeypatch):
     """What from_pretrained actually receives when llmtags loads a base model and its tokenizer."""
     import transformers
 
-    from llmtags.engine import TransformersEngine
+    from llmtags.engines.transformers import TransformersEngine
 
     calls = []
     for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):

@@ -13,8 +13,11 @@ import pytest
 import torch
 
 from llmtags.records import Record, load_labelled
-from llmtags.tagger import TaggingOptions, build_prompt, tag_records
-from llmtags.train import TrainConfig, TrainError, build_examples, parse_layers, prepare_run, resolve_layers, train
+from llmtags.options import TaggingOptions
+from llmtags.tagger import build_prompt, tag_records
+from llmtags.train.config import TrainConfig, TrainError, parse_layers, resolve_layers
+from llmtags.train.examples import build_examples
+from llmtags.train.recipe import prepare_run, train
 
 from conftest import DATASETS
 
@@ -118,8 +121,9 @@ def test_training_prompts_offer_candidates_but_not_a_records_own_unseen_tags(tin
 
 def test_training_lowers_the_loss_saves_an_adapter_and_reloads_it_identically(tiny_model_dir, short_template,
                                                                              tmp_path):
-    from llmtags.adapters import AdapterSet, read_metadata
-    from llmtags.engine import TransformersEngine
+    from llmtags.adapters.registry import read_metadata
+    from llmtags.engines.adapter_set import AdapterSet
+    from llmtags.engines.transformers import TransformersEngine
 
     out = tmp_path / "adapter"
     # One batch holds all six examples, so every step's loss is measured on the same data.
@@ -197,7 +201,7 @@ def test_qlora_trains_a_4bit_base_on_cuda(tiny_model_dir, short_template, tmp_pa
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: QLoRA loads the base in 4 bits with bitsandbytes, which needs a GPU")
     pytest.importorskip("bitsandbytes")
-    from llmtags.adapters import AdapterSet
+    from llmtags.engines.adapter_set import AdapterSet
 
     out = tmp_path / "qlora"
     config = _config(tiny_model_dir, short_template, max_steps=3, device="cuda", qlora="auto")
@@ -211,7 +215,7 @@ def test_qlora_trains_a_4bit_base_on_cuda(tiny_model_dir, short_template, tmp_pa
 
 
 def test_data_description_records_every_training_file(tmp_path):
-    from llmtags.train import data_description
+    from llmtags.train.recipe import data_description
 
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("a\n")
@@ -222,7 +226,7 @@ def test_data_description_records_every_training_file(tmp_path):
 
 
 def test_train_command_interleaves_several_files(tiny_model_dir, short_template, tmp_path):
-    from llmtags.adapters import read_metadata
+    from llmtags.adapters.registry import read_metadata
     from llmtags.cli import main
 
     def write(path, records):
@@ -244,7 +248,7 @@ def test_train_command_interleaves_several_files(tiny_model_dir, short_template,
 def test_warm_start_continues_an_adapters_weights_with_its_shape(tiny_model_dir, short_template, tmp_path):
     from safetensors.torch import load_file
 
-    from llmtags.adapters import read_metadata
+    from llmtags.adapters.registry import read_metadata
     from llmtags.cli import main
     from llmtags.models import sha256_file
 

@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .evaluate import read_prediction_rows
 from .metrics import GoldTag, match_record, prf
+from .records import load_labelled
 
 
 @dataclass(frozen=True)
@@ -162,14 +164,10 @@ def _tags_and_confidences(row: dict[str, Any]) -> tuple[list[str], list[float | 
 def read_scored_predictions(path: str | Path) -> dict[str, tuple[list[str], list[float | None]]]:
     """id → (tags, confidences) from a `llmtags generate` output; lines without confidences are
     reported and skipped (they come from an engine or version that does not give them)."""
-    from .evaluate import read_prediction_rows
-
     return read_prediction_rows(path, _tags_and_confidences)
 
 
 def calibrate_files(gold: str | Path, pred: str | Path, target_precision: float = 0.9) -> Calibration:
-    from .records import load_labelled
-
     records = [r for r in load_labelled(gold) if r.tags is not None]
     scored = read_scored_predictions(pred)
     missing = [r.id for r in records if r.id not in scored]

@@ -12,14 +12,15 @@ look like test prompts.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .metrics import canonical
-from .records import GoldTag
+from .records import GoldTag, load_labelled
 from .spans import ValueIndex, value_key
-from .vocab import VocabEntry, Vocabulary
+from .vocab import VocabEntry, Vocabulary, build_vocabulary
 
 
 @dataclass(frozen=True)
@@ -96,11 +97,6 @@ def load_candidate_vocabulary(spec: str) -> Vocabulary:
     """Vocabulary files, or labelled JSONL files whose gold tags are collected on the fly (a licence
     may forbid shipping a vocabulary derived from a data set, but allow reading the set itself).
     Several comma-separated sources merge into one vocabulary."""
-    import json
-
-    from .records import load_labelled
-    from .vocab import build_vocabulary
-
     merged = Vocabulary()
     for path in candidate_sources(spec):
         with open(path, encoding="utf-8") as f:
@@ -116,3 +112,8 @@ def load_candidate_vocabulary(spec: str) -> Vocabulary:
         for entry in vocab:
             merged.add(entry.tag, entry.count, entry.aliases)
     return merged
+
+
+def candidate_finder(spec: str) -> CandidateFinder:
+    """The finder of `--candidates SPEC`: the entries of its vocabulary (see `load_candidate_vocabulary`)."""
+    return CandidateFinder(load_candidate_vocabulary(spec))

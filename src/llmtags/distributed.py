@@ -57,19 +57,6 @@ def part_path(directory: Path, index: int) -> Path:
     return directory / f"part-{index:05d}.jsonl"
 
 
-def engine_tagger(base_model: str | None, options: Any, device: str = "auto", dtype: str = "auto",
-                  normaliser: Any = None, engine: str = "auto") -> Callable[..., Any]:
-    """The `tag(records, on_batch)` callable of a run without adapters (what each worker builds)."""
-    from functools import partial
-
-    from .engine import load_engine
-    from .tagger import tag_chunks
-
-    loaded = load_engine(engine, base_model, device=device, dtype=dtype)
-    chunks = partial(tag_chunks, engine=loaded, options=options, normaliser=normaliser)
-    return lambda records, on_batch: chunks(records, on_batch=on_batch)
-
-
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:

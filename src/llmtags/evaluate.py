@@ -9,17 +9,23 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tqdm import tqdm
+
+from .candidates import candidate_finder, candidate_recall
+from .engines.cache import CachedEngine, GenerationCache
+from .engines.select import load_engine, pick_engine
 from .metrics import bootstrap_prf_counts, paired_bootstrap
-from .records import Record, RecordError
+from .models import EMBEDDED, base_model_spec, cache_root, load_tokenizer_only, resolve_base_model, resolve_gguf_base
+from .options import TaggingOptions
+from .records import Fields, Record, RecordError, load_labelled
 from .report import EvalReport
-from .tagger import TaggingOptions, TagResult, build_prompt, constraint_for, tag_records
+from .tagger import TagResult, build_prompt, constraint_for, tag_records
 
 T = TypeVar("T")
 
@@ -68,8 +74,6 @@ def score_predictions(
 
 
 def score_files(gold: str | Path, pred: str | Path, normaliser: Any = None, errors: Any = None) -> EvalReport:
-    from .records import load_labelled
-
     errors = errors or sys.stderr
     records = [r for r in load_labelled(gold) if r.tags is not None]
     predictions = read_predictions(pred, errors)
@@ -87,11 +91,7 @@ def cached_engine(base_model: str | None, device: str = "auto", dtype: str = "au
                   engine: str = "auto") -> Any:
     """A CachedEngine for `base_model`: the tokenizer now, the model only when a prompt misses the cache.
     llama.cpp's generations are cached apart from transformers' (its quantised arithmetic differs)."""
-    from .cache import CachedEngine, GenerationCache
-    from .engine import load_engine, pick_engine
-    from .models import EMBEDDED, DEFAULT_BASE_MODEL, cache_root, load_tokenizer_only, resolve_base_model, resolve_gguf_base
-
-    spec = base_model or os.environ.get("LLMTAGS_BASE_MODEL") or DEFAULT_BASE_MODEL
+    spec = base_model_spec(base_model)
     chosen = pick_engine(engine, spec, device, dtype)
     resolve = resolve_gguf_base if chosen == "llama.cpp" else resolve_base_model
     identity = f"sha256:{EMBEDDED[spec].sha256}" if spec in EMBEDDED else resolve(spec).identity
@@ -107,8 +107,6 @@ def cached_engine(base_model: str | None, device: str = "auto", dtype: str = "au
 def run_generation(
     records: Sequence[Record], engine: Any, options: TaggingOptions, progress: bool = True, desc: str = "tagging"
 ) -> list[TagResult]:
-    from tqdm import tqdm
-
     with tqdm(total=len(records), unit="product", desc=desc, disable=not progress, file=sys.stderr) as bar:
         return list(tag_records(records, engine, options, on_batch=bar.update))
 
@@ -240,10 +238,31 @@ def compare_templates(
 
 def labelled_records(path: str | Path, limit: int | None = None, fields: Any = None) -> list[Record]:
     """The labelled records of a file, first `limit` of them; refuses a file with no gold tags."""
-    from .records import Fields, load_labelled
-
     records = [r for r in load_labelled(path, fields or Fields()) if r.tags is not None][:limit]
     if not records:
         raise ValueError(f"{path}: no labelled records (a 'tags' field is needed for evaluation)")
     return records
 
+
+
+# --- what `llmtags eval` adds to a report ---------------------------------------------------------------
+
+
+def add_candidate_recall(report: EvalReport, records: Sequence[Record], candidates: str) -> None:
+    """The share of gold tags among the candidates that `--candidates` offers the prompts."""
+    finder = candidate_finder(candidates)
+    labelled = [r for r in records if r.tags is not None]
+    report.candidate_recall = candidate_recall([r.tags for r in labelled],
+                                               [finder.tags(r.text, attributes=r.schema) for r in labelled])
+
+
+def headline_metrics(report: EvalReport, data: str | None, markdown: str | None) -> dict[str, Any]:
+    """The headline figures of a report, as an adapter's `metrics.test` stores them."""
+    view = report.final_view
+    typed = report.scores(view, "typed").micro
+    metrics = {"set": data, "records": len(report.golds), "precision": round(typed.precision, 4),
+               "recall": round(typed.recall, 4), "f1": round(typed.f1, 4),
+               "f1_ci95": [round(x, 4) for x in report.ci95(view, "typed")],
+               "value_f1": round(report.scores(view, "values").micro.f1, 4),
+               "candidate_recall": report.candidate_recall, "report": markdown}
+    return metrics

@@ -22,6 +22,7 @@ from typing import Any
 from .metrics import split_tag
 from .parse import ParsedTag
 from .spans import ValueIndex, value_key
+from .vocab import to_simplified
 
 
 def piece_confidence(span: tuple[int, int] | None, generation: Any) -> float | None:
@@ -49,15 +50,11 @@ def piece_confidence(span: tuple[int, int] | None, generation: Any) -> float | N
 
 def _searched_texts(text: str) -> list[str]:
     """The text, and its simplified form where conversion changes it but keeps every character's place."""
-    from .vocab import to_simplified
-
     simplified = to_simplified(text)
     return [text] if simplified == text or len(simplified) != len(text) else [text, simplified]
 
 
 def _first_match(texts: Sequence[str], values: Sequence[str]) -> tuple[int, int] | None:
-    from .vocab import to_simplified
-
     for value in values:
         key = value_key(to_simplified(value))
         if not key:

@@ -69,6 +69,11 @@ class ResolvedModel:
     gguf: Path | None = None  # the source GGUF, for engines that read it directly
 
 
+def base_model_spec(spec: str | None = None, default: str | None = DEFAULT_BASE_MODEL) -> str | None:
+    """`--base-model`, else $LLMTAGS_BASE_MODEL, else `default` (the embedded model)."""
+    return spec or os.environ.get("LLMTAGS_BASE_MODEL") or default
+
+
 def cache_root() -> Path:
     """$LLMTAGS_CACHE, else $XDG_CACHE_HOME/llmtags, else ~/.cache/llmtags."""
     if os.environ.get("LLMTAGS_CACHE"):
@@ -212,7 +217,7 @@ def gguf_tokenizer_dir(gguf: Path, sha256: str) -> Path:
 def resolve_gguf_base(spec: str | None = None) -> ResolvedModel:
     """`--base-model` for the llama.cpp engine, which reads the GGUF itself: an embedded model or a
     .gguf file. Nothing is dequantised; only the tokenizer is extracted (once)."""
-    spec = spec or os.environ.get("LLMTAGS_BASE_MODEL") or DEFAULT_BASE_MODEL
+    spec = base_model_spec(spec)
     if spec in EMBEDDED:
         gguf, sha256 = embedded_gguf(spec), EMBEDDED[spec].sha256
     elif Path(spec).expanduser().is_file() and spec.lower().endswith(".gguf"):
@@ -229,7 +234,7 @@ def resolve_base_model(spec: str | None = None) -> ResolvedModel:
 
     Embedded models and GGUF files are converted on first use. Only a hub id may touch the network.
     """
-    spec = spec or os.environ.get("LLMTAGS_BASE_MODEL") or DEFAULT_BASE_MODEL
+    spec = base_model_spec(spec)
     if spec in EMBEDDED:
         model = EMBEDDED[spec]
         gguf = embedded_gguf(spec)
@@ -324,7 +329,7 @@ def load_model(resolved: ResolvedModel, device: str = "auto", dtype: str = "auto
 
 def load_tokenizer_only(spec: str | None = None) -> Any:
     """The tokenizer (with its chat template) without converting or reading the weights."""
-    spec = spec or os.environ.get("LLMTAGS_BASE_MODEL") or DEFAULT_BASE_MODEL
+    spec = base_model_spec(spec)
     if spec in EMBEDDED:
         return load_tokenizer(ResolvedModel(spec, str(embedded_tokenizer_dir(spec)), f"sha256:{EMBEDDED[spec].sha256}"))
     return load_tokenizer(resolve_base_model(spec))

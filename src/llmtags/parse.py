@@ -2,6 +2,8 @@
 
 Models answer in many shapes even when asked for one tag per line: a JSON list, a comma- or
 `、`-separated line, numbered or bulleted lists, quoted items, hashtags. This accepts all of them.
+The line format itself (`Attribute:value`, one a line) is defined once, in `constrain/grammar.py`,
+which the constrained decoder shares.
 """
 
 from __future__ import annotations
@@ -10,15 +12,14 @@ import json
 import re
 from dataclasses import dataclass
 
+from .constrain.grammar import INLINE_SEPARATOR_RE, KEY_VALUE_RE, LINE_RE
+
 MAX_TAGS = 64  # a looping model must not flood one record's output
 MAX_TAG_CHARS = 100
 
-# Separators of a one-line list, including inline numbering: "1. a 2. b".
-_INLINE_SEPARATORS = re.compile(r"[,，、;；#|]+|\s+(?=\d{1,3}[.)]\s)")
 _NUMBERING = re.compile(r"^\s*(?:[-*•·>]+|\(?\d{1,3}[.)、:：]|\(?[a-zA-Z][.)](?=\s))\s*")
 _QUOTES = "\"'`“”‘’「」『』"
 _BRACKETS = {"[": "]", "【": "】", "(": ")", "（": "）", "{": "}"}
-_KEY_VALUE = re.compile(r"^\s*([^:：]{1,40}?)\s*[:：]\s*(.+?)\s*$")
 
 
 def _from_json(text: str) -> list[str] | None:
@@ -59,7 +60,7 @@ def clean_tag(raw: str) -> str:
     # A bracket pair around the whole tag is decoration; a bracket inside a value ("9 M (US)") is not.
     while len(tag) > 1 and _BRACKETS.get(tag[0]) == tag[-1]:
         tag = tag[1:-1].strip()
-    match = _KEY_VALUE.match(tag)
+    match = KEY_VALUE_RE.match(tag)
     if match:
         attribute = match.group(1).strip().strip(_QUOTES).strip()
         value = match.group(2).strip().strip(_QUOTES).strip()
@@ -67,10 +68,6 @@ def clean_tag(raw: str) -> str:
             return ""
         tag = f"{attribute}:{value}" if attribute else value
     return tag[:MAX_TAG_CHARS]
-
-
-# The line boundaries of str.splitlines.
-_LINE = re.compile(r"[^\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]+")
 
 
 @dataclass(frozen=True)
@@ -92,14 +89,14 @@ def _pieces(text: str) -> list[tuple[str, tuple[int, int] | None]]:
             located.append((tag, (at, at + len(value)) if at >= 0 else None))
             cursor = at + len(value) if at >= 0 else cursor
         return located
-    lines = [(m.group(), (m.start(), m.end())) for m in _LINE.finditer(text) if m.group().strip()]
+    lines = [(m.group(), (m.start(), m.end())) for m in LINE_RE.finditer(text) if m.group().strip()]
     # One tag per line is the format the templates ask for; values may then hold commas
     # ("Color:Black, Red" stays one tag). A single line is a separated list.
     if len(lines) > 1:
         return lines  # type: ignore[return-value]
     pieces: list[tuple[str, tuple[int, int] | None]] = []
     start = 0
-    for separator in _INLINE_SEPARATORS.finditer(text):
+    for separator in INLINE_SEPARATOR_RE.finditer(text):
         pieces.append((text[start : separator.start()], (start, separator.start())))
         start = separator.end()
     pieces.append((text[start:], (start, len(text))))

@@ -147,6 +147,12 @@ def load_template(name_or_path: str | Path) -> PromptTemplate:
     return template
 
 
+def template_choice(choice: str | PromptTemplate) -> str | PromptTemplate:
+    """A `--template` value as tagging uses it: 'auto' stays per record (see `template_for`); anything
+    else is loaded, and checked, once."""
+    return choice if isinstance(choice, PromptTemplate) or choice == "auto" else load_template(choice)
+
+
 def template_for(record: Record, choice: str | PromptTemplate) -> PromptTemplate:
     """Resolve 'auto' per record: the Chinese default for Chinese text, the English one otherwise."""
     if isinstance(choice, PromptTemplate):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .models import embedded_tokenizer_dir
+
 
 def tiny_qwen2(out: str | Path, tokenizer_dir: str | Path | None = None, seed: int = 0) -> Path:
     """Write a random 2-layer Qwen2 (safetensors) with the embedded model's tokenizer into `out`."""
@@ -15,8 +17,6 @@ def tiny_qwen2(out: str | Path, tokenizer_dir: str | Path | None = None, seed: i
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     if tokenizer_dir is None:
-        from .models import embedded_tokenizer_dir
-
         tokenizer_dir = embedded_tokenizer_dir()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = Qwen2Config(

@@ -1,8 +1,8 @@
 """Stage 3 on llama.cpp (`generate --engine llama.cpp`): the quantised GGUF as it ships, on CPU.
 
-Same contract as `engine.TransformersEngine.generate`: greedy completions in input order, each a
+Same contract as `TransformersEngine.generate` (the `Engine` protocol of `base.py`): greedy completions in input order, each a
 `Generation` with per-token log-probabilities, cut at the end-of-turn token, `max_new_tokens`, or a
-repeated line; the same `constrain.py` rows mask the logits. What differs is how the work is packed:
+repeated line; the same `constrain/` rows mask the logits. What differs is how the work is packed:
 
 - Continuous batching: up to `batch_size` prompts (default 8, at most `max_sequences`) decode
   together, each in its own llama.cpp sequence; a finished sequence is replaced by the next prompt at once, so no row idles while the
@@ -27,8 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine import Generation, PromptEncoder, newline_token_ids, repeats_a_line, token_end_offsets
-from .models import ModelError, ResolvedModel
+from ..adapters.gguf_export import lora_to_gguf
+from ..adapters.registry import CONFIG_FILE, weights_sha256
+from ..constrain.grammar import repeats_a_line
+from ..constrain.rows import allowed_bias, constraint_row
+from ..constrain.tokens import token_table
+from ..models import ModelError, ResolvedModel, cache_root, load_tokenizer, resolve_gguf_base, sha256_file
+from .base import MAX_NEW_TOKENS, Generation, PromptEncoder, finish_row, newline_token_ids, stop_token_ids
 
 PREFIX_MIN_TOKENS = 8  # below this, copying a prefix saves less than it costs
 
@@ -62,7 +67,7 @@ class _Sequence:
     seq: int
     feed: list[int]  # prompt tokens not yet evaluated
     pos: int  # position of the next token to evaluate
-    constraint: Any = None  # a constrain._Row, or None
+    constraint: Any = None  # a constrain.rows row, or None
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     end_logprob: float | None = None
@@ -96,8 +101,7 @@ class LlamaCppEngine(PromptEncoder):
         self.n_batch = n_batch
         self.prefix_cache = prefix_cache
         self.stop_on_repeat = True
-        end_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-        self.stop_token_ids = sorted(i for i in end_ids if isinstance(i, int) and i >= 0)
+        self.stop_token_ids = stop_token_ids(tokenizer)
         self._newline_ids = newline_token_ids(tokenizer)
         self._model = _internals.LlamaModel(path_model=str(gguf_path), params=llama_cpp.llama_model_default_params(),
                                             verbose=False)
@@ -118,8 +122,6 @@ class LlamaCppEngine(PromptEncoder):
 
     @classmethod
     def load(cls, base_model: str | None = None, **kwargs: Any) -> LlamaCppEngine:
-        from .models import load_tokenizer, resolve_gguf_base
-
         resolved = resolve_gguf_base(base_model)
         return cls(resolved.gguf, load_tokenizer(resolved), resolved, **kwargs)
 
@@ -131,10 +133,6 @@ class LlamaCppEngine(PromptEncoder):
 
     def add_adapter(self, name: str, adapter_dir: str | Path) -> None:
         """Load a peft LoRA adapter (converted to a GGUF LoRA once, cached by its hash)."""
-        from .adapters import CONFIG_FILE, weights_sha256
-        from .gguf_export import lora_to_gguf
-        from .models import cache_root, sha256_file
-
         adapter_dir = Path(adapter_dir)
         digest = weights_sha256(adapter_dir)
         config_digest = sha256_file(adapter_dir / CONFIG_FILE)
@@ -170,7 +168,7 @@ class LlamaCppEngine(PromptEncoder):
     def generate(
         self,
         prompts: Sequence[str],
-        max_new_tokens: int = 64,
+        max_new_tokens: int = MAX_NEW_TOKENS,
         batch_size: int | None = None,
         on_batch: Callable[[int], None] | None = None,
         constraints: Sequence[Any] | None = None,
@@ -245,8 +243,6 @@ class LlamaCppEngine(PromptEncoder):
     def _constraint_rows(self, constraints: Sequence[Any] | None, n: int) -> list[Any]:
         if constraints is None:
             return [None] * n
-        from .constrain import constraint_row, token_table
-
         table = token_table(self.tokenizer)
         return [None if spec is None else constraint_row(table, self.tokenizer, spec, self.stop_token_ids)
                 for spec in constraints]
@@ -278,8 +274,6 @@ class LlamaCppEngine(PromptEncoder):
         import numpy as np
 
         if s.constraint is not None:
-            from .constrain import allowed_bias
-
             allowed = s.constraint.allowed()
             if allowed is not None:
                 logits = logits + allowed_bias(allowed, logits.shape[0], s.constraint.table.eos_id)
@@ -300,10 +294,5 @@ class LlamaCppEngine(PromptEncoder):
         return False
 
     def _generation(self, s: _Sequence, prompt_tokens: int) -> Generation:
-        tokens = s.tokens
-        keep = s.constraint.safe_length(len(tokens) + s.stopped) if s.constraint is not None else None
-        kept = tokens if keep is None else tokens[:keep]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        end = s.end_logprob if keep is None else None
-        return Generation(text, prompt_tokens, len(tokens), s.logprobs[: len(kept)],
-                          token_end_offsets(self.tokenizer, kept, text), end)
+        keep = s.constraint.safe_length(len(s.tokens) + s.stopped) if s.constraint is not None else None
+        return finish_row(self.tokenizer, prompt_tokens, s.tokens, s.logprobs, s.end_logprob, keep)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .engine import Generation
+from .base import MAX_NEW_TOKENS, Generation
 
 
 # Bump when the decoding rule changes (it changes what a prompt generates), so stale entries miss.
@@ -98,7 +98,7 @@ class CachedEngine:
     def generate(
         self,
         prompts: Sequence[str],
-        max_new_tokens: int = 64,
+        max_new_tokens: int = MAX_NEW_TOKENS,
         batch_size: int = 8,
         on_batch: Callable[[int], None] | None = None,
         constraints: Sequence[Any] | None = None,

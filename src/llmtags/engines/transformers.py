@@ -1,30 +1,23 @@
-"""Stage 3: batched greedy generation with a transformers causal LM.
+"""Stage 3 on transformers (`--engine transformers`): batched greedy generation with a causal LM.
 
 Prompts are sorted by token length before batching, so each batch pads little, and results are put
 back in input order. Decoding is greedy and bounded by `max_new_tokens`; it stops at the chat
-template's end-of-turn token. Per-prompt constraints (`constrain.py`) mask the tokens a row may take.
+template's end-of-turn token or a repeated line. Per-prompt constraints (`constrain/`) mask the tokens
+a row may take, through `TagConstraintProcessor`, the logits processor that lives here because only
+this engine runs torch's generate loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from .models import ResolvedModel, load_model, load_tokenizer, pick_device, resolve_base_model
-
-
-@dataclass
-class Generation:
-    text: str
-    prompt_tokens: int
-    new_tokens: int
-    # Per kept token: its log-probability under greedy decoding (after any constraint), and the
-    # character offset in `text` where it ends; `end_logprob` is that of the token that ended the
-    # reply (None when max_new_tokens cut it). They give each tag a confidence (grounding.py).
-    token_logprobs: list[float] | None = None
-    token_ends: list[int] | None = None
-    end_logprob: float | None = None
+from ..constrain.grammar import repeats_a_line
+from ..constrain.rows import allowed_bias, constraint_row
+from ..constrain.spec import ConstraintSpec
+from ..constrain.tokens import token_table
+from ..models import ResolvedModel, load_model, load_tokenizer, pick_device, resolve_base_model
+from .base import MAX_NEW_TOKENS, Generation, PromptEncoder, finish_row, length_sorted_batches, newline_token_ids, stop_token_ids
 
 
 class GreedyLogprobs:
@@ -43,32 +36,6 @@ class GreedyLogprobs:
 
     def row(self, row: int, n: int) -> list[float]:
         return [float(step[row]) for step in self.steps[:n]]
-
-
-def token_end_offsets(tokenizer: Any, tokens: Sequence[int], text: str) -> list[int]:
-    """Where each token's text ends in the decoded `text`: decoding prefixes, because a Chinese
-    character may span two byte-level tokens (the first then ends where the character does)."""
-    ends: list[int] = []
-    for i in range(1, len(tokens) + 1):
-        prefix = tokenizer.decode(tokens[:i], skip_special_tokens=True).rstrip("\ufffd")
-        ends.append(min(max(len(prefix), ends[-1] if ends else 0), len(text)))
-    return ends
-
-
-def repeats_a_line(text: str) -> bool:
-    """True when the last complete line of `text` already appeared above it: the model is looping.
-
-    Tags come one per line, so a repeated line can only add a duplicate tag (which the parser drops
-    anyway) and is the usual start of a loop that would run to `max_new_tokens`.
-    """
-    lines = [line.strip() for line in text.split("\n")]
-    complete = [line for line in lines[:-1] if line]
-    return len(complete) >= 2 and complete[-1] in complete[:-1]
-
-
-def newline_token_ids(tokenizer: Any) -> set[int]:
-    """The tokens whose text holds a newline: only after one of them can a line repeat."""
-    return {i for token, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([token])}
 
 
 class LoopStop:
@@ -92,26 +59,6 @@ class LoopStop:
         return done
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, longest first (so memory peaks early)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-class PromptEncoder:
-    """What every engine does with prompts before generating: token ids from the tokenizer, with no
-    special tokens added (the chat template already holds them)."""
-
-    tokenizer: Any
-
-    def count_tokens(self, prompts: Sequence[str]) -> list[int]:
-        return [len(ids) for ids in self.encode(prompts)]
-
-    def encode(self, prompts: Sequence[str], constraints: Sequence[Any] | None = None) -> list[list[int]]:
-        if constraints is not None and len(constraints) != len(prompts):
-            raise ValueError(f"{len(constraints)} constraints for {len(prompts)} prompts")
-        return self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
-
 
 class TransformersEngine(PromptEncoder):
     """One base model (optionally with peft adapters) and its tokenizer."""
@@ -120,8 +67,7 @@ class TransformersEngine(PromptEncoder):
         self.model = model
         self.tokenizer = tokenizer
         self.resolved = resolved
-        end_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-        self.stop_token_ids = sorted(i for i in end_ids if isinstance(i, int) and i >= 0)
+        self.stop_token_ids = stop_token_ids(tokenizer)
         self.stop_on_repeat = True
         self._loop_stop: LoopStop | None = None
         # Extra keyword arguments for `model.generate` (e.g. prompt_lookup_num_tokens, at batch 1).
@@ -143,7 +89,7 @@ class TransformersEngine(PromptEncoder):
     def generate(
         self,
         prompts: Sequence[str],
-        max_new_tokens: int = 64,
+        max_new_tokens: int = MAX_NEW_TOKENS,
         batch_size: int = 8,
         on_batch: Callable[[int], None] | None = None,
         constraints: Sequence[Any] | None = None,
@@ -172,8 +118,6 @@ class TransformersEngine(PromptEncoder):
                 stopping = StoppingCriteriaList([self._loop_stop])
             processor = None
             if constraints is not None and any(constraints[i] is not None for i in batch):
-                from .constrain import TagConstraintProcessor
-
                 processor = TagConstraintProcessor(
                     self.tokenizer, [constraints[i] for i in batch], inputs["input_ids"].shape[1], self.stop_token_ids
                 )
@@ -200,49 +144,68 @@ class TransformersEngine(PromptEncoder):
                     if token in self.stop_token_ids:
                         tokens, stopped = tokens[:n], True
                         break
-                kept = tokens if keep[row] is None else tokens[: keep[row]]
-                text = self.tokenizer.decode(kept, skip_special_tokens=True)
                 logprobs = recorder.row(row, len(tokens) + 1)
-                end = logprobs[len(tokens)] if stopped and keep[row] is None else None
-                results[index] = Generation(text, len(encoded[index]), len(tokens), logprobs[: len(kept)],
-                                            token_end_offsets(self.tokenizer, kept, text), end)
+                results[index] = finish_row(self.tokenizer, len(encoded[index]), tokens, logprobs,
+                                            logprobs[len(tokens)] if stopped else None, keep[row])
             if on_batch:
                 on_batch(len(batch))
         return [r for r in results if r is not None]
 
 
-ENGINE_CHOICES = ("auto", "transformers", "llama.cpp")
+class TagConstraintProcessor:
+    """A transformers logits processor (duck-typed, so importing this module does not import torch):
+    one constraint state per batch row. `constraints[i]` is row i's `ConstraintSpec` (None: no
+    constraint). Prompts are left-padded, so every row's generated tokens start at `prompt_length`.
 
+    One processor serves one `generate` call; it follows each row by reading the tokens appended
+    since its last call.
+    """
 
-def pick_engine(choice: str = "auto", base_model: str | None = None, device: str = "auto", dtype: str = "auto") -> str:
-    """`--engine auto`: llama.cpp where it is faster (measured in eval/bench_generate.md): a GGUF base
-    (the embedded models, a .gguf file) on CPU, with llama-cpp-python installed and no --dtype asked
-    for. Everything else runs on transformers."""
-    import importlib.util
-    import os
+    def __init__(
+        self,
+        tokenizer: Any,
+        constraints: Sequence[ConstraintSpec | None],
+        prompt_length: int,
+        stop_ids: Iterable[int] = (),
+    ):
+        self.table = token_table(tokenizer)
+        self.prompt_length = prompt_length
+        self._seen = prompt_length
+        self.rows = [None if spec is None else constraint_row(self.table, tokenizer, spec, stop_ids)
+                     for spec in constraints]
 
-    from .models import DEFAULT_BASE_MODEL, EMBEDDED, ModelError
+    def _catch_up(self, new_tokens: Sequence[Sequence[int]], offset: int) -> None:
+        for row, tokens in zip(self.rows, new_tokens):
+            if row is not None:
+                for token in tokens[offset:]:
+                    row.advance(int(token))
 
-    spec = base_model or os.environ.get("LLMTAGS_BASE_MODEL") or DEFAULT_BASE_MODEL
-    is_gguf = spec in EMBEDDED or spec.lower().endswith(".gguf")
-    if choice == "llama.cpp":
-        if dtype != "auto":
-            raise ModelError("--dtype applies to the transformers engine; llama.cpp runs the GGUF's own weights")
-        if device not in ("auto", "cpu"):
-            raise ModelError(f"--engine llama.cpp runs on CPU here, not {device}")
-        return choice
-    if choice != "auto":
-        return choice
-    if (is_gguf and dtype == "auto" and pick_device(device) == "cpu"
-            and importlib.util.find_spec("llama_cpp") is not None):
-        return "llama.cpp"
-    return "transformers"
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
 
+        length = input_ids.shape[1]
+        if length > self._seen:
+            self._catch_up(input_ids[:, self._seen : length].tolist(), 0)
+            self._seen = length
+        allowed = [row.allowed() if row is not None else None for row in self.rows]
+        if all(a is None for a in allowed):
+            return scores
+        out = scores.clone()
+        for r, a in enumerate(allowed):
+            if a is not None:
+                bias = allowed_bias(a, scores.shape[1], self.table.eos_id)
+                out[r] += torch.from_numpy(bias).to(device=scores.device, dtype=scores.dtype)
+        return out
 
-def load_engine(choice: str = "auto", base_model: str | None = None, device: str = "auto", dtype: str = "auto") -> Any:
-    """The generation engine `--engine choice` names, loaded."""
-    if pick_engine(choice, base_model, device, dtype) == "llama.cpp":
-        from .engine_llamacpp import LlamaCppEngine
+    def finish(self, new_tokens: Sequence[Sequence[int]]) -> list[int | None]:
+        """Follow the last generated tokens; per row, how many generated tokens to keep (None: all).
+        A row that `max_new_tokens` cut inside a line keeps only its complete lines."""
+        self._catch_up(new_tokens, self._seen - self.prompt_length)
+        length = len(new_tokens[0]) if new_tokens else 0
+        self._seen = max(self._seen, self.prompt_length + length)
+        return [row.safe_length(length) if row is not None else None for row in self.rows]
 
-        return LlamaCppEngine.load(base_model)
-    return TransformersEngine.load(base_model, device=device, dtype=dtype)
+    def token_ok(self, row: int, token: int) -> bool:
+        """The slow reference rule for one token of one row (for tests)."""
+        state = self.rows[row]
+        return True if state is None else state.token_ok(token)

@@ -1,0 +1,75 @@
+"""`llmtags adapters list|show` (the registry) and `llmtags merge` (fold an adapter into its base)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..adapters.merge import merge_adapter
+from ..adapters.registry import adapters_root, list_adapters, show_adapter
+from .common import add_root
+
+
+def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
+    leaves: dict[str, argparse.ArgumentParser] = {}
+    adapters = commands.add_parser("adapters", help="the adapter registry").add_subparsers(
+        dest="adapters_command", required=True
+    )
+    p = adapters.add_parser("list", help="list the adapters in the registry")
+    add_root(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per adapter")
+    p.set_defaults(func=cmd_adapters_list)
+    leaves["adapters list"] = p
+    p = adapters.add_parser("show", help="print an adapter's metadata (llmtags.json) as JSON")
+    p.add_argument("adapter", help="adapter name or directory")
+    add_root(p)
+    p.set_defaults(func=cmd_adapters_show)
+    leaves["adapters show"] = p
+
+    p = commands.add_parser("merge", help="fold an adapter into its base model: a standalone model directory")
+    p.add_argument("adapter", help="adapter name or directory")
+    p.add_argument("-o", "--output", required=True, help="directory for the merged model (must be new or empty)")
+    p.add_argument("--base-model", help="default: the base model recorded in the adapter")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--load-in-4bit", action="store_true", help="merge into a 4-bit base (lossy; warns)")
+    p.add_argument("--force", action="store_true", help="merge even when the base model differs")
+    add_root(p)
+    p.set_defaults(func=cmd_merge)
+    leaves["merge"] = p
+    return leaves
+
+
+def cmd_adapters_list(args: argparse.Namespace) -> int:
+    infos = list_adapters(args.adapters_root)
+    if args.json:
+        for info in infos:
+            print(json.dumps({**info.summary(), "path": str(info.path)}, ensure_ascii=False))
+        return 0
+    if not infos:
+        print(f"llmtags: no adapters in {adapters_root(args.adapters_root)}", file=sys.stderr)
+        return 0
+    rows = [["name", "base model", "template", "train records", "dev F1", "created"]]
+    for info in infos:
+        s = info.summary()
+        f1 = f"{s['dev_f1']:.3f}" if isinstance(s["dev_f1"], (int, float)) else "-"
+        rows.append([s["name"], str(s["base"]), str(s["template"]), str(s["train_records"] or "-"), f1,
+                     str(s["created"] or "-")])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_adapters_show(args: argparse.Namespace) -> int:
+    print(json.dumps(show_adapter(args.adapter, args.adapters_root), ensure_ascii=False, indent=2))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    out = merge_adapter(args.base_model, args.adapter, args.output, device=args.device, dtype=args.dtype,
+                        load_in_4bit=args.load_in_4bit, force=args.force, root=args.adapters_root)
+    print(f"llmtags: merged model in {out} (use it with --base-model {out})", file=sys.stderr)
+    return 0

@@ -1,0 +1,132 @@
+"""Flags several commands share, and the one place where parsed flags become library settings.
+
+Every default shown here is the library's own (`options.Settings`, `records.Fields`), so the CLI and a
+caller of the library get the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..engines.select import ENGINE_CHOICES
+from ..options import Settings
+from ..records import Fields
+
+DEFAULTS = Settings()
+
+
+class CliError(Exception):
+    """A command line that cannot run; reported as `llmtags: error: ...` with exit status 2."""
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The library settings of parsed flags: the edge where `argparse` ends."""
+    return Settings.from_mapping(vars(args))
+
+
+def fields_from(args: argparse.Namespace) -> Fields:
+    return Fields(args.id_field, args.text_field, args.category_field, args.tags_field)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as typed, for an adapter's `llmtags.json`."""
+    argv = getattr(args, "argv", None)
+    return shlex.join(["llmtags", *(argv if argv is not None else sys.argv[1:])])
+
+
+def open_output(path: str | None, mode: str = "w") -> Any:
+    if path in (None, "-"):
+        return sys.stdout
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return open(path, mode, encoding="utf-8")
+
+
+# --- option groups -----------------------------------------------------------------------------------------
+
+
+def add_fields(p: argparse.ArgumentParser) -> None:
+    defaults = Fields()
+    p.add_argument("--id-field", default=defaults.id)
+    p.add_argument("--text-field", default=defaults.text)
+    p.add_argument("--category-field", default=defaults.category)
+    p.add_argument("--tags-field", default=defaults.tags)
+
+
+def add_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=["jsonl", "csv", "parquet"], help="input format (default: from the suffix)")
+
+
+def add_input(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("input", nargs="?" if optional else None, help="JSONL, CSV or Parquet file, or - for stdin (JSONL)")
+    add_format(p)
+    add_fields(p)
+
+
+def add_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapters-root", help="adapter registry directory (default: $LLMTAGS_ADAPTERS, else ./adapters)")
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--base-model",
+        help="'embedded' (default), 'embedded-1.5b', a model directory, a .gguf file, or a hub id "
+        "(also $LLMTAGS_BASE_MODEL)",
+    )
+    p.add_argument("--device", default=DEFAULTS.device, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=DEFAULTS.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--engine", default=DEFAULTS.engine, choices=ENGINE_CHOICES,
+                   help="auto (default): llama.cpp for a GGUF base on CPU when llama-cpp-python is installed "
+                   "(pip install 'llmtags[llamacpp]'), else transformers")
+
+
+def add_prompt(p: argparse.ArgumentParser, template: bool = True) -> None:
+    if template:
+        p.add_argument("--template", default=DEFAULTS.template,
+                       help="auto (zh or en by text), zh, en, few_shot, or a .j2 file")
+    p.add_argument("--demos", help="labelled JSONL file with demonstrations for few-shot templates")
+    p.add_argument("--shots", type=int, default=DEFAULTS.shots, help=f"how many demonstrations (default {DEFAULTS.shots})")
+    p.add_argument("--candidates", metavar="VOCAB",
+                   help="offer the model the entries of this vocabulary (or labelled file; several joined by "
+                   "commas) found in each text")
+    p.add_argument("--no-candidates", action="store_true",
+                   help="offer no candidates, even where the adapter was trained with them")
+
+
+def add_generation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens)
+    p.add_argument("--limit", type=int, help="tag only the first N valid records")
+    p.add_argument("--chunk-size", type=int, default=DEFAULTS.chunk_size,
+                   help=f"records generated between two appends to the output (default {DEFAULTS.chunk_size})")
+    p.add_argument("--constrain", choices=["free", "extract", "closed"], default=DEFAULTS.constrain,
+                   help="constrained decoding: free (a record's schema limits attribute names), extract (values "
+                   "are spans of the text), closed (lines are entries of --constrain-vocab) (default free)")
+    p.add_argument("--constrain-vocab", metavar="VOCAB",
+                   help="vocabulary (or labelled file) for --constrain closed (default: --vocab)")
+    p.add_argument("--min-confidence", metavar="P",
+                   help="drop tags whose confidence is below P (0-1), or 'calibrated': the threshold "
+                   "`llmtags calibrate` stored in the --adapter; dropped tags are listed as below_confidence")
+
+
+def add_vocab(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vocab", help="vocabulary file (JSONL or plain list): normalise tags against it")
+    p.add_argument("--policy", choices=["open", "closed"], default=DEFAULTS.policy,
+                   help="open: keep unknown tags, marked new; closed: map them to the nearest entry or drop them")
+    p.add_argument("--fuzzy-threshold", type=float, default=DEFAULTS.fuzzy_threshold,
+                   help="rapidfuzz ratio needed for a fuzzy match")
+
+
+def add_adapter_options(p: argparse.ArgumentParser) -> None:
+    """`--adapter NAME` | `--adapter-map FILE`, for `llmtags generate`."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--adapter", help="LoRA adapter (registry name or directory) for every record")
+    group.add_argument("--adapter-map", help="TOML category→adapter map: [categories] \"美妆\" = \"NAME\", "
+                       "optional default = \"NAME\"; other records use the base model")
+    if not any(a.dest == "adapters_root" for a in p._actions):
+        add_root(p)
+    p.add_argument("--force-adapter", action="store_true",
+                   help="use adapters trained for another base model or prompt template (warns)")

@@ -1,0 +1,93 @@
+"""`llmtags eval`: score predictions against gold tags, or generate with the model and score."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..adapters.registry import set_metadata_entry
+from ..evaluate import (
+    add_candidate_recall,
+    cached_engine,
+    generate_and_score,
+    headline_metrics,
+    labelled_records,
+    score_files,
+)
+from ..options import normaliser_for, tagging_options
+from ..records import load_labelled
+from .common import (
+    CliError,
+    add_fields,
+    add_format,
+    add_generation,
+    add_model,
+    add_prompt,
+    add_root,
+    add_vocab,
+    fields_from,
+    open_output,
+    settings_from,
+)
+
+
+def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
+    p = commands.add_parser("eval", help="score predictions against gold tags, or generate and score")
+    p.add_argument("--gold", help="labelled JSONL")
+    p.add_argument("--pred", help="predictions from llmtags generate")
+    p.add_argument("--data", help="labelled file: generate with the model, then score")
+    add_format(p)
+    add_fields(p)
+    add_model(p)
+    add_prompt(p)
+    add_generation(p)
+    add_vocab(p)
+    p.add_argument("--errors", dest="errors_k", type=int, default=0, metavar="K", help="list the K worst records")
+    p.add_argument("--report", help="write the full report as JSON here")
+    p.add_argument("--markdown", help="write the tables as Markdown here")
+    p.add_argument("--save-predictions", help="with --data: write the generated predictions here")
+    p.add_argument("--record-to-adapter", metavar="NAME",
+                   help="store these figures as adapter NAME's test metrics in its llmtags.json")
+    add_root(p)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+    return {"eval": p}
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    normaliser = normaliser_for(settings)
+    if args.pred:
+        if not args.gold:
+            raise CliError("--pred needs --gold")
+        report = score_files(args.gold, args.pred, normaliser)
+    elif args.data:
+        records = labelled_records(args.data, args.limit, fields_from(args))
+        engine = cached_engine(settings.base_model, settings.device, settings.dtype, engine=settings.engine)
+        report, results = generate_and_score(records, engine, tagging_options(settings), normaliser, args.data,
+                                             progress=not args.quiet)
+        if args.save_predictions:
+            with open_output(args.save_predictions) as out:
+                for result in results:
+                    out.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
+    else:
+        raise CliError("give --gold FILE --pred FILE, or --data FILE to generate and score")
+    if settings.candidates:
+        add_candidate_recall(report, records if args.data else load_labelled(args.gold), settings.candidates)
+    write_report(report, args)
+    if args.record_to_adapter:
+        set_metadata_entry(args.record_to_adapter, ("metrics", "test"),
+                           headline_metrics(report, args.gold or args.data, args.markdown), settings.adapters_root)
+    return 0
+
+
+def write_report(report: Any, args: argparse.Namespace) -> None:
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(report.to_json(worst=args.errors_k or 20), ensure_ascii=False, indent=1))
+    markdown = report.to_markdown(worst=args.errors_k or 0)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown + "\n", encoding="utf-8")
+    print(markdown)

@@ -1,0 +1,103 @@
+"""`llmtags prompt render` (exactly what the model sees for one record) and `llmtags prompt compare`
+(templates run on the same labelled records, compared)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..evaluate import cached_engine, compare_templates, labelled_records
+from ..models import load_tokenizer_only
+from ..options import normaliser_for, tagging_options
+from ..prompts import load_template, template_for
+from ..records import Record, RecordError, clean_text, read_records
+from ..tagger import build_prompt
+from .common import (
+    CliError,
+    add_fields,
+    add_generation,
+    add_input,
+    add_model,
+    add_prompt,
+    add_vocab,
+    fields_from,
+    settings_from,
+)
+
+
+def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
+    prompt = commands.add_parser("prompt", help="prompt templates").add_subparsers(dest="prompt_command", required=True)
+    p = prompt.add_parser("render", help="show exactly what the model sees for one record")
+    add_input(p, optional=True)
+    p.add_argument("--id", help="the record's id (default: the first record)")
+    p.add_argument("--index", type=int, default=0, help="the record's position among valid records")
+    p.add_argument("--text", help="render this product text instead of reading a file")
+    p.add_argument("--base-model")
+    add_prompt(p)
+    p.set_defaults(func=cmd_prompt_render)
+    render = p
+
+    p = prompt.add_parser("compare", help="run templates on the same labelled records and compare them")
+    p.add_argument("templates", nargs="+", help="template names (zh, en, few_shot) or .j2 files")
+    p.add_argument("--data", required=True, help="labelled JSONL (e.g. a dev split)")
+    add_fields(p)
+    add_model(p)
+    add_prompt(p, template=False)
+    add_generation(p)
+    add_vocab(p)
+    p.add_argument("--show", type=int, default=10, help="how many disagreeing records to print")
+    p.add_argument("--report", help="write the comparison as JSON here")
+    p.add_argument("--markdown", help="write the tables as Markdown here")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_prompt_compare, template="auto")
+    return {"prompt render": render, "prompt compare": p}
+
+
+def _record_to_render(args: argparse.Namespace) -> Record:
+    if args.text is not None:
+        return Record("cli", clean_text(args.text))
+    if args.input is None:
+        raise CliError("give an input file or --text")
+    for n, item in enumerate(read_records(args.input, args.format, fields_from(args))):
+        if isinstance(item, RecordError):
+            continue
+        if (args.id is not None and item.id == args.id) or (args.id is None and n == args.index):
+            return item
+    raise CliError(f"no valid record with {'id ' + repr(args.id) if args.id else 'index ' + str(args.index)}")
+
+
+def cmd_prompt_render(args: argparse.Namespace) -> int:
+    record = _record_to_render(args)
+    options = tagging_options(settings_from(args))
+    tokenizer = load_tokenizer_only(args.base_model)
+    prompt = build_prompt(record, tokenizer, options)
+    template = template_for(record, options.template)
+    print(f"# record {record.id}, template {template.name} (sha256 {template.sha256[:12]}), "
+          f"{len(tokenizer(prompt, add_special_tokens=False)['input_ids'])} tokens", file=sys.stderr)
+    sys.stdout.write(prompt)
+    if record.tags:
+        print(f"# training target:\n{template.answer(record.tags)}", file=sys.stderr)
+    return 0
+
+
+def cmd_prompt_compare(args: argparse.Namespace) -> int:
+    if len(args.templates) < 2:
+        raise CliError("give at least two templates to compare")
+    settings = settings_from(args)
+    templates = [load_template(t) for t in args.templates]
+    records = labelled_records(args.data, args.limit, fields_from(args))
+    options = tagging_options(settings)
+    engine = cached_engine(settings.base_model, settings.device, settings.dtype, engine=settings.engine)
+    comparison = compare_templates(records, templates, engine, options, normaliser_for(settings),
+                                   progress=not args.quiet)
+    markdown = comparison.to_markdown(disagreements=args.show)
+    if args.report:
+        Path(args.report).write_text(json.dumps(comparison.to_json(), ensure_ascii=False, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown + "\n", encoding="utf-8")
+    print(markdown)
+    print(f"llmtags: {engine.misses} generations, the rest from the cache", file=sys.stderr)
+    return 0

@@ -1,0 +1,129 @@
+"""`llmtags train`: fine-tune a LoRA adapter on labelled records (`train.recipe.train`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..adapters.registry import adapters_root, resolve_adapter, validate_adapter_name
+from ..records import Fields, Record, RecordError, interleave, read_records
+from ..train.config import TrainConfig, TrainError
+from ..train.recipe import data_description, train
+from .common import add_fields, add_format, add_root, command_line, fields_from
+
+# TrainConfig fields settable by a flag (dest = field name); every default is None so that unset
+# flags keep the values of --train-config (or TrainConfig's defaults).
+_HYPERPARAMETER_FLAGS: list[tuple[str, dict[str, Any]]] = [
+    ("--rank", {"type": int, "help": "LoRA rank (default 16)"}),
+    ("--alpha", {"type": int, "help": "LoRA alpha (default 32)"}),
+    ("--dropout", {"type": float, "help": "LoRA dropout (default 0.05)"}),
+    ("--target-modules", {"help": "comma-separated module names (default q,k,v,o,gate,up,down _proj)"}),
+    ("--layers", {"help": "layers that get adapters: N (the top N, default 8), 'all', or indices '20,21-23'"}),
+    ("--lr", {"type": float, "help": "learning rate (default 2e-4)"}),
+    ("--schedule", {"help": "learning-rate schedule (default cosine; linear, constant_with_warmup, ...)"}),
+    ("--warmup-ratio", {"type": float, "help": "share of steps spent warming up (default 0.03)"}),
+    ("--epochs", {"type": float, "help": "epochs (default 2)"}),
+    ("--max-steps", {"type": int, "help": "optimizer steps; overrides --epochs"}),
+    ("--max-length", {"type": int, "help": "tokens per example, prompt + answer (default 160)"}),
+    ("--batch-size", {"type": int, "help": "examples per micro-batch (default 4)"}),
+    ("--grad-accum", {"type": int, "help": "micro-batches per optimizer step (default 4)"}),
+    ("--seed", {"type": int}),
+    ("--eval-every", {"type": int, "help": "steps between dev evaluations by generation (default 50; 0: at the end)"}),
+    ("--eval-limit", {"type": int, "help": "dev records generated per evaluation (default 100)"}),
+    ("--eval-batch-size", {"type": int}),
+    ("--max-new-tokens", {"type": int, "help": "generation limit during evaluation (default 64)"}),
+    ("--save-every", {"type": int, "help": "steps between checkpoints (default: --eval-every)"}),
+    ("--save-total-limit", {"type": int, "help": "checkpoints kept (default 2)"}),
+    ("--log-every", {"type": int}),
+    ("--dtype", {"choices": ["auto", "float32", "bfloat16"], "help": "auto: fp32 on CPU, bf16 on CUDA"}),
+    ("--qlora", {"choices": ["auto", "true", "false"], "help": "4-bit base model (auto: on CUDA only)"}),
+    ("--device", {"help": "auto, cpu, cuda, cuda:1, ..."}),
+    ("--base-model", {"help": "base model spec (default: $LLMTAGS_BASE_MODEL, else 'embedded')"}),
+    ("--template", {"help": "auto (default), zh, en, few_shot, or a .j2 file"}),
+    ("--init-adapter", {"metavar": "ADAPTER", "help": "warm start: continue training this adapter's weights "
+                        "(its rank, alpha, modules and layers replace the flags; base and templates must match)"}),
+    ("--candidates", {"metavar": "VOCAB", "help": "offer vocabulary entries found in the text in the prompt, "
+                      "as generate --candidates (a vocabulary, or a labelled file whose tags are collected)"}),
+]
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
+    p = commands.add_parser("train", help="fine-tune a LoRA adapter on labelled records")
+    p.add_argument("train", nargs="+", help="labelled training records (JSONL, CSV or Parquet); several files "
+                   "are interleaved record by record, so --limit and every batch draw from all of them")
+    p.add_argument("--dev", nargs="+", help="labelled dev records (one file or several, interleaved like the "
+                   "training files): evaluated by generation, the best adapter is kept")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--name", help="save as this adapter in the registry (ADAPTERS_ROOT/NAME)")
+    where.add_argument("--out", help="save the adapter in this directory instead")
+    add_root(p)
+    p.add_argument("--train-config", help="TOML file of TrainConfig values (a [train] table, or top-level keys)")
+    for flag, kwargs in _HYPERPARAMETER_FLAGS:
+        p.add_argument(flag, dest=_dest(flag), default=None, **kwargs)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing adapter or unfinished run")
+    p.add_argument("--skip", type=int, default=0, help="leave out the first N valid records (with --init-adapter: "
+                   "the ones it already saw)")
+    p.add_argument("--limit", type=int, help="train on the first N valid records only (after --skip)")
+    p.add_argument("--licence", "--license", dest="licence", help="licence of the training data, for the metadata")
+    p.add_argument("--vocab", help="normalisation vocabulary the adapter goes with (recorded in the metadata)")
+    add_format(p)
+    add_fields(p)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+    return {"train": p}
+
+
+def read_labelled(path: str, fmt: str | None, fields: Fields, what: str) -> list[Record]:
+    """The valid records of `path`, with a line on stderr for each bad one and a count at the end."""
+    records, errors = [], 0
+    for item in read_records(path, fmt, fields):
+        if isinstance(item, RecordError):
+            errors += 1
+            print(f"llmtags: {what}: skipped {item}", file=sys.stderr)
+        elif isinstance(item, Record):
+            records.append(item)
+    unlabelled = sum(r.tags is None for r in records)
+    print(f"llmtags: {what}: {len(records) - unlabelled} labelled records from {path}"
+          f" ({errors} bad, {unlabelled} without tags)", file=sys.stderr)
+    return records
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """--train-config FILE, then every flag that was given."""
+    config = TrainConfig.from_toml(args.train_config) if getattr(args, "train_config", None) else TrainConfig()
+    overrides = {_dest(flag): getattr(args, _dest(flag), None) for flag, _ in _HYPERPARAMETER_FLAGS}
+    return config.merged(**overrides)
+
+
+def train_out_dir(args: argparse.Namespace) -> Path:
+    if args.out:
+        return Path(args.out)
+    return adapters_root(args.adapters_root) / validate_adapter_name(args.name)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = train_config_from_args(args)
+    out = train_out_dir(args)
+    if args.skip < 0:
+        raise TrainError(f"--skip must not be negative, not {args.skip}")
+    fields = fields_from(args)
+    train_records = interleave([read_labelled(path, args.format, fields, "train") for path in args.train])[args.skip:]
+    if args.limit is not None:
+        train_records = train_records[: args.limit]
+    if config.init_adapter:
+        config = config.merged(init_adapter=str(resolve_adapter(config.init_adapter, args.adapters_root)))
+    dev_records = interleave([read_labelled(path, args.format, fields, "dev") for path in args.dev or []])
+    one_or_all = lambda paths: paths[0] if paths and len(paths) == 1 else paths  # noqa: E731
+    data = data_description(train_records, dev_records, one_or_all(args.train), one_or_all(args.dev), args.licence)
+    result = train(train_records, dev_records, config, out, command_line(args), data=data, vocab=args.vocab,
+                   resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    for line in result.summary_lines():
+        print(f"llmtags: {line}", file=sys.stderr)
+    return 0

@@ -1,0 +1,198 @@
+"""Options, built in ONE place: what the user asked for (`Settings`: CLI flags, a TOML config, or a
+caller's keywords) and what the shipped adapter was trained with become the `TaggingOptions` the
+tagger runs with.
+
+- `Settings` holds every option that shapes a run, with the defaults the CLI shows. The CLI turns its
+  parsed flags into one `Settings` at the edge (`Settings.from_mapping(vars(args))`); the library never
+  sees an `argparse.Namespace`.
+- `with_adapter_defaults(settings)`: with one `--adapter`, the prompt options the user left unset take
+  the adapter's own (its template, its candidate vocabulary).
+- `tagging_options(settings)`, `normaliser_for(settings)`, `min_confidence(settings)`,
+  `adapter_options(name, settings, options)`: the objects the tagger takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .adapters.registry import read_metadata, resolve_adapter
+from .candidates import candidate_finder, candidate_sources, load_candidate_vocabulary
+from .engines.base import MAX_NEW_TOKENS
+from .prompts import Demo, PromptTemplate, demos_from, template_choice
+from .records import load_labelled
+from .vocab import Normaliser, Vocabulary
+
+
+class OptionsError(ValueError):
+    """Options that cannot work together, or a value out of range; the message names the flag."""
+
+
+@dataclass
+class TaggingOptions:
+    template: str | PromptTemplate = "auto"
+    demos: Sequence[Demo] = ()
+    max_new_tokens: int = MAX_NEW_TOKENS
+    batch_size: int = 8
+    # Records generated between two appends to the output: a few batches, so prompts sort by length
+    # within a chunk, while a crash loses at most one chunk of work.
+    chunk_size: int = 64
+    # Product text beyond this many characters is cut before prompting: titles and the head of a
+    # description carry the tags, and a 1 MB description must not blow up the model's context.
+    max_text_chars: int = 2000
+    candidates: Any = None  # a CandidateFinder: vocabulary entries found in the text go into the prompt
+    # Constrained decoding (constrain/): "free" (only the record's schema limits attribute names),
+    # "extract" (values are spans of the text) or "closed" (lines are entries of `constrain_vocab`).
+    constrain: str = "free"
+    constrain_vocab: Vocabulary | None = None  # for "closed"
+    min_confidence: float | None = None  # drop tags the model is less sure of (grounding.py)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every option of `generate`, `eval` and `prompt compare` that is not about files in or out.
+
+    The CLI's flags share these names and defaults. Values are as the user gave them (paths and
+    names, not loaded objects), so settings can be recorded beside an output and sent to workers.
+    """
+
+    # the model
+    base_model: str | None = None  # None: $LLMTAGS_BASE_MODEL, else the embedded model
+    device: str = "auto"
+    dtype: str = "auto"
+    engine: str = "auto"
+    # the prompt
+    template: str = "auto"
+    demos: str | None = None  # a labelled file of demonstrations
+    shots: int = 4
+    candidates: str | None = None  # a vocabulary or labelled file(s), comma-joined
+    no_candidates: bool = False
+    # generation
+    batch_size: int = 8
+    max_new_tokens: int = MAX_NEW_TOKENS
+    chunk_size: int = 64
+    constrain: str = "free"
+    constrain_vocab: str | None = None
+    min_confidence: str | None = None  # a number in [0, 1], or "calibrated"
+    # normalisation
+    vocab: str | None = None
+    policy: str = "open"
+    fuzzy_threshold: float = 90.0
+    # adapters
+    adapter: str | None = None
+    adapter_map: str | None = None
+    adapters_root: str | None = None
+    force_adapter: bool = False
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Settings:
+        """The settings among `values` (e.g. `vars()` of parsed flags); other keys are ignored, and
+        absent ones keep their defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def wants_adapters(self) -> bool:
+        return bool(self.adapter or self.adapter_map)
+
+
+def tagging_options(settings: Settings) -> TaggingOptions:
+    """The `TaggingOptions` of `settings`: templates, demonstrations and vocabularies loaded."""
+    template = template_choice(settings.template)
+    demos = demos_from(load_labelled(settings.demos), settings.shots) if settings.demos else ()
+    if template != "auto" and "demos" in template.source and not demos:
+        raise OptionsError(f"template {template.name!r} shows demonstrations: give --demos FILE")
+    candidates = None
+    if settings.candidates and not settings.no_candidates:
+        candidates = candidate_finder(settings.candidates)
+    constrain_vocab = None
+    if settings.constrain == "closed":
+        path = settings.constrain_vocab or settings.vocab
+        if not path:
+            raise OptionsError("--constrain closed needs --constrain-vocab VOCAB (or --vocab)")
+        constrain_vocab = load_candidate_vocabulary(path)
+    return TaggingOptions(template, demos, settings.max_new_tokens, settings.batch_size, settings.chunk_size,
+                          candidates=candidates, constrain=settings.constrain, constrain_vocab=constrain_vocab,
+                          min_confidence=min_confidence(settings))
+
+
+def min_confidence(settings: Settings) -> float | None:
+    """`--min-confidence`: a number in [0, 1], or 'calibrated', the threshold stored in the --adapter."""
+    value = settings.min_confidence
+    if value is None:
+        return None
+    if value == "calibrated":
+        if not settings.adapter:
+            raise OptionsError("--min-confidence calibrated needs --adapter NAME (the threshold is stored there)")
+        calibration = read_metadata(resolve_adapter(settings.adapter, settings.adapters_root)).get("calibration") or {}
+        if calibration.get("threshold") is None:
+            raise OptionsError(f"adapter {settings.adapter!r} has no calibrated threshold: run llmtags calibrate first")
+        print(f"llmtags: adapter {settings.adapter}: min confidence {calibration['threshold']:.3f} (calibrated for "
+              f"precision {calibration['target_precision']:.2f})", file=sys.stderr)
+        return float(calibration["threshold"])
+    try:
+        threshold = float(value)
+    except ValueError:
+        raise OptionsError(f"--min-confidence: expected a number between 0 and 1 or 'calibrated', got {value!r}") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise OptionsError(f"--min-confidence: {threshold} is not between 0 and 1")
+    return threshold
+
+
+def normaliser_for(settings: Settings) -> Normaliser | None:
+    """The `--vocab` normaliser, or None."""
+    if not settings.vocab:
+        return None
+    return Normaliser(Vocabulary.load(settings.vocab), policy=settings.policy, fuzzy_threshold=settings.fuzzy_threshold)
+
+
+# --- what an adapter brings ------------------------------------------------------------------------------
+
+
+def adapter_prompt_defaults(name: str, settings: Settings) -> tuple[str | None, str | None]:
+    """(template spec, candidates source) that adapter `name` was trained with, for the options the
+    user left unset. A candidates source absent here is dropped with a warning (the adapter still
+    works, with lower recall), so `generate` runs on a machine without the training data."""
+    meta = read_metadata(resolve_adapter(name, settings.adapters_root))
+    template = None
+    if settings.template == "auto":
+        template = (meta.get("template") or {}).get("spec")
+    source = ((meta.get("vocabulary") or {}).get("candidates") or {}).get("path")
+    if not source or settings.candidates or settings.no_candidates:
+        return template, None
+    missing = [path for path in candidate_sources(source) if not Path(path).is_file()]
+    if missing:
+        print(f"llmtags: warning: adapter {name} was trained with vocabulary candidates from {source}, but "
+              f"{', '.join(missing)} is absent here: tagging without candidates, which lowers recall; "
+              "give --candidates VOCAB (that file, or a vocabulary built from it)", file=sys.stderr)
+        return template, None
+    print(f"llmtags: adapter {name}: candidates from {source}", file=sys.stderr)
+    return template, source
+
+
+def adapter_options(name: str, settings: Settings, options: TaggingOptions) -> TaggingOptions:
+    """`options` with adapter `name`'s own template and candidates filled in (see adapter_prompt_defaults)."""
+    template, source = adapter_prompt_defaults(name, settings)
+    changes: dict[str, Any] = {}
+    if template:
+        changes["template"] = template_choice(template)
+    if source:
+        changes["candidates"] = candidate_finder(source)
+    return dataclasses.replace(options, **changes)
+
+
+def with_adapter_defaults(settings: Settings) -> Settings:
+    """With one --adapter, unset prompt options default to what the adapter was trained with: its
+    template (instead of 'auto') and its candidate vocabulary, so `generate --adapter NAME` just works."""
+    if not settings.adapter:
+        return settings
+    template, source = adapter_prompt_defaults(settings.adapter, settings)
+    changes = {k: v for k, v in (("template", template), ("candidates", source)) if v}
+    return settings.replace(**changes) if changes else settings

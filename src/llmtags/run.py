@@ -1,0 +1,285 @@
+"""A whole run of `generate`: a file of records in, a JSONL file of tags out, resumable.
+
+`tag_file` streams records through a `tag(records, on_batch)` callable (`make_tagger` builds the one
+the settings ask for: a plain engine, or adapters routed per record), appends each chunk of results in
+one synced write, and reports bad records without stopping. `run_settings` and `check_run_settings`
+keep the settings that decide the tags beside the output, so `--resume` never mixes two models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .adapters.registry import resolve_adapter, weights_sha256
+from .adapters.routing import adapter_tagger, load_adapter_map
+from .engines.select import load_engine
+from .models import sha256_file
+from .options import Settings, TaggingOptions, normaliser_for, tagging_options, with_adapter_defaults
+from .records import Fields, ReadStats, Record, RecordError, count_records, read_records
+from .tagger import TagResult, tag_chunks
+
+Tagger = Callable[[Iterable[Record], Callable[[int], None]], Iterator[list[TagResult]]]
+
+
+@dataclass
+class RunSummary:
+    read: int = 0
+    tagged: int = 0
+    errors: int = 0
+    duplicates: int = 0
+    empty: int = 0  # records for which the model produced no tag
+    truncated: int = 0  # records whose text was cut to TaggingOptions.max_text_chars
+    resumed: int = 0  # records found done in the output of an earlier run, and skipped
+    interrupted: bool = False
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, result: TagResult) -> None:
+        self.tagged += 1
+        self.empty += not result.tags
+        self.truncated += result.truncated
+        self.prompt_tokens += result.prompt_tokens
+        self.new_tokens += result.new_tokens
+
+    @property
+    def products_per_second(self) -> float:
+        return self.tagged / self.seconds if self.seconds else 0.0
+
+    def lines(self) -> list[str]:
+        rate = f"{self.products_per_second:.2f} products/s, {self.new_tokens / max(self.seconds, 1e-9):.1f} tokens/s"
+        lines = [
+            f"tagged {self.tagged} of {self.read} records in {self.seconds:.1f} s ({rate})",
+            f"skipped {self.errors} bad records and {self.duplicates} exact duplicates; "
+            f"{self.empty} records got no tag; {self.truncated} long texts were truncated",
+        ]
+        if self.resumed:
+            lines.append(f"resumed: {self.resumed} records were already done")
+        if self.interrupted:
+            lines.append("interrupted: the output holds whole records only; run again with --resume to finish")
+        return lines
+
+
+def _whole_lines(path: str | Path) -> bytes:
+    """The bytes of a JSONL file up to its last newline, after cutting off (in the file too) a partial
+    last line left by a run killed mid-write; b"" when there is no file."""
+    path = Path(path)
+    if not path.is_file():
+        return b""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+        data = data[: data.rfind(b"\n") + 1]
+    return data
+
+
+class SettingsMismatch(ValueError):
+    """A resumed run would append tags made with other settings to an output."""
+
+
+SETTINGS_SUFFIX = ".settings.json"
+
+
+def check_run_settings(output: str | Path, settings: dict[str, Any], resume: bool) -> Path:
+    """Record the settings of the run that writes `output` beside it (`OUTPUT.settings.json`); with
+    `resume`, first refuse settings that differ from those recorded, because appending tags made by
+    another model, adapter or prompt would mix two runs in one file without a trace. An output from
+    before settings were recorded is resumed as it is. Returns the settings file."""
+    path = Path(str(output) + SETTINGS_SUFFIX)
+    current = json.loads(json.dumps(settings, ensure_ascii=False, sort_keys=True))
+    if resume and path.is_file():
+        try:
+            earlier = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SettingsMismatch(f"cannot resume {output}: its settings file {path} is unreadable ({exc}); "
+                                   "delete the output and its settings file to start over") from exc
+        if not isinstance(earlier, dict):
+            raise SettingsMismatch(f"cannot resume {output}: its settings file {path} does not hold an object")
+        changed = [f"{key}: {earlier.get(key)!r} then, {current.get(key)!r} now"
+                   for key in sorted(earlier.keys() | current.keys()) if earlier.get(key) != current.get(key)]
+        if changed:
+            raise SettingsMismatch(
+                f"cannot resume {output}: it was written with other settings ({'; '.join(changed)}); "
+                "run with the earlier settings, write to another output, or delete it (and its .parts folder, if any) "
+                "to start over")
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(current, ensure_ascii=False, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def completed_records(path: str | Path) -> set[tuple[str, str]]:
+    """(id, text_hash) of every complete line of an earlier output; a torn last line is cut off."""
+    done = set()
+    for line in _whole_lines(path).splitlines():
+        row = json.loads(line)
+        done.add((str(row["id"]), row.get("text_hash", "")))
+    return done
+
+
+def _append(stream: Any, lines: list[str], sync: bool) -> None:
+    """One write per chunk, flushed (and with `sync`, on disk) before the next chunk starts."""
+    stream.write("".join(lines))
+    stream.flush()
+    if sync:
+        os.fsync(stream.fileno())
+
+
+def tag_file(
+    source: str,
+    output: str | None,
+    tag: Tagger,
+    *,
+    fmt: str | None = None,
+    fields: Any = None,
+    limit: int | None = None,
+    errors: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> RunSummary:
+    """Tag every record of `source` ("-" for stdin) into the JSONL file `output` (None or "-": stdout).
+
+    `tag(records, on_batch)` yields lists of results (see `make_tagger`).
+    Each list is appended in one write and synced, so a killed run leaves whole lines only. With
+    `resume`, records already in `output` (same id and text hash) are skipped and the rest appended:
+    the file then equals that of an uninterrupted run. Bad records are appended to `errors` (JSONL;
+    default stderr) and skipped. Ctrl-C stops after the chunk in flight is dropped, with a summary.
+    """
+    to_stdout = output in (None, "-")
+    if resume and to_stdout:
+        raise ValueError("--resume needs an output file (-o FILE)")
+    done = completed_records(output) if resume else set()
+    # The errors file is written as bad records are read, so a killed run can leave half a line there too.
+    reported = set(_whole_lines(errors).decode("utf-8").splitlines()) if resume and errors else set()
+    stats = ReadStats()
+    summary = RunSummary()
+    if not to_stdout:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+    out = sys.stdout if to_stdout else open(output, "a" if resume else "w", encoding="utf-8")
+    err = open(errors, "a", encoding="utf-8") if errors else sys.stderr
+
+    total = count_records(source, fmt) if source != "-" else None
+    if limit is not None:
+        total = min(total, limit) if total is not None else limit
+    records = itertools.islice(_valid_records(source, fmt, fields or Fields(), stats, err, reported, bool(errors)), limit)
+
+    def pending() -> Iterator[Record]:
+        for record in records:
+            if (record.id, record.text_hash) in done:
+                summary.resumed += 1
+                bar.update(1)
+            else:
+                yield record
+
+    start = time.perf_counter()
+    try:
+        with tqdm(total=total, unit="product", desc="tagging", disable=not progress, file=sys.stderr) as bar:
+            for chunk in tag(pending(), bar.update):
+                _append(out, [json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in chunk], sync=not to_stdout)
+                for result in chunk:
+                    summary.add(result)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        if not to_stdout:
+            out.close()
+        if errors:
+            err.close()
+    summary.seconds = time.perf_counter() - start
+    summary.read, summary.errors, summary.duplicates = stats.read, stats.errors, stats.duplicates
+    return summary
+
+
+def _valid_records(source: str, fmt: str | None, fields: Fields, stats: ReadStats, err: Any, reported: set[str],
+                   announce: bool) -> Iterator[Record]:
+    """The valid records of `source`; each bad one is written to `err` as a JSON line (unless an earlier
+    run already reported it: `reported`) and, with `announce`, noted on stderr."""
+    for item in read_records(source, fmt, fields, stats=stats):
+        if isinstance(item, RecordError):
+            line = json.dumps(item.to_json(), ensure_ascii=False)
+            if line not in reported:
+                err.write(line + "\n")
+                if announce:
+                    tqdm.write(f"llmtags: skipped {item}", file=sys.stderr)
+            continue
+        yield item
+
+
+# Settings that change how fast or where a run goes, not which tags it writes: a resumed run may differ here.
+RUN_ONLY_SETTINGS = ("device", "dtype", "engine", "batch_size", "chunk_size")
+
+
+def run_settings(settings: Settings, fields: Fields = Fields(), fmt: str | None = None) -> dict[str, Any]:
+    """What decides the tags of a `generate` run: every setting but the run-only ones, the input's
+    format and fields, and the content hashes of the files they name (adapters' weights, vocabularies,
+    templates), so a retrained adapter counts as a change."""
+    values = {k: v for k, v in dataclasses.asdict(settings).items() if k not in RUN_ONLY_SETTINGS}
+    values.update(format=fmt, id_field=fields.id, text_field=fields.text, category_field=fields.category,
+                  tags_field=fields.tags)
+    values = dict(sorted(values.items()))
+    for key in ("candidates", "vocab", "constrain_vocab", "demos", "adapter_map", "template"):
+        value = values.get(key)
+        if isinstance(value, str) and Path(value).is_file():
+            values[f"{key} sha256"] = sha256_file(value)
+    names = ([settings.adapter] if settings.adapter
+             else load_adapter_map(settings.adapter_map).adapter_names if settings.adapter_map else [])
+    for name in names:
+        values[f"adapter {name} sha256"] = weights_sha256(resolve_adapter(name, settings.adapters_root))
+    return values
+
+
+def make_tagger(settings: Settings, options: TaggingOptions, normaliser: Any = None) -> Tagger:
+    """The `tag(records, on_batch)` callable that `tag_file` takes: the engine `settings` name, with the
+    adapter or adapter map they name (each record routed to its own), loaded once."""
+    if settings.wants_adapters:
+        return adapter_tagger(settings, options, normaliser)
+    engine = load_engine(settings.engine, settings.base_model, device=settings.device, dtype=settings.dtype)
+    return lambda records, on_batch: tag_chunks(records, engine, options, normaliser, on_batch)
+
+
+def prepare_generate(settings: Settings, output: str | None, fields: Fields = Fields(), fmt: str | None = None,
+                     compare: bool = False) -> tuple[Settings, TaggingOptions, Any]:
+    """The start of every `generate` run: the adapter's defaults filled in (`with_adapter_defaults`), the
+    tagging options and normaliser built, and the settings file written beside `output` (with `compare`,
+    first checked against the one an earlier run left there). Returns (settings, options, normaliser)."""
+    settings = with_adapter_defaults(settings)
+    options, normaliser = tagging_options(settings), normaliser_for(settings)
+    if output not in (None, "-"):
+        check_run_settings(output, run_settings(settings, fields, fmt), compare)
+    return settings, options, normaliser
+
+
+def generate_file(source: str, output: str | None, settings: Settings, *, fields: Fields = Fields(),
+                  fmt: str | None = None, limit: int | None = None, errors: str | None = None, resume: bool = False,
+                  progress: bool = True, explain: bool = False) -> RunSummary:
+    """`llmtags generate` on this machine: tag every record of `source` into `output` (see `tag_file`)
+    with what `settings` name; with `explain`, each result is also shown on stderr."""
+    settings, options, normaliser = prepare_generate(settings, output, fields, fmt, compare=resume)
+    tag = make_tagger(settings, options, normaliser)
+    return tag_file(source, output, explaining(tag) if explain else tag, fmt=fmt, fields=fields, limit=limit,
+                    errors=errors, resume=resume, progress=progress)
+
+
+def explaining(tag: Tagger) -> Tagger:
+    """Wrap a `tag(records, on_batch)` callable so each result is also shown, highlighted, on stderr."""
+
+    def explained(records: Any, on_batch: Any) -> Any:
+        for chunk in tag(records, on_batch):
+            for result in chunk:
+                tqdm.write("\n".join(result.explain()), file=sys.stderr)
+            yield chunk
+
+    return explained

@@ -1,0 +1,144 @@
+"""The trainer's callbacks: a progress bar with the running loss, and dev evaluation by generation that
+keeps the best adapter. transformers' `TrainerCallback` is imported when a run first needs the
+classes (`callback_classes()`), so importing this module does not import torch."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ..adapters.registry import WEIGHTS_FILE
+from ..engines.transformers import TransformersEngine
+from ..metrics import score
+from ..tagger import tag_records
+
+
+class _LossProgress:
+    """One tqdm bar with the running loss (and the last dev F1) instead of printed log dicts."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar: Any = None
+        self.postfix: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
+                        disable=not self.enabled, file=sys.stderr, dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.postfix["loss"] = f"{logs['loss']:.4f}"
+            self.bar.set_postfix(self.postfix, refresh=False)
+
+    def note(self, key: str, value: str) -> None:
+        self.postfix[key] = value
+        if self.bar is not None:
+            self.bar.set_postfix(self.postfix, refresh=False)
+
+    def write(self, text: str) -> None:
+        if self.enabled:
+            tqdm.write(text, file=sys.stderr)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _GenerationEval:
+    """Tag dev records by generation every `every` steps; keep the adapter with the best micro F1."""
+
+    def __init__(self, records, tokenizer, options, every, best_dir: Path, progress, resume: bool):
+        self.records = list(records)
+        self.tokenizer = tokenizer
+        self.options = options
+        self.every = every
+        self.best_dir = best_dir
+        self.progress = progress
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.engine: Any = None
+        self.last_step = -1
+        if resume and (best_dir / "best.json").is_file() and (best_dir / WEIGHTS_FILE).is_file():
+            saved = json.loads((best_dir / "best.json").read_text())
+            self.best, self.history = saved["best"], saved.get("history", [])
+        elif best_dir.exists():
+            shutil.rmtree(best_dir)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run restarts at its checkpoint: evaluations made after it belong to steps that are
+        # about to be trained again, and a best adapter saved after it is no longer a candidate.
+        self.history = [h for h in self.history if h["step"] <= state.global_step]
+        if self.best is not None and self.best["step"] > state.global_step:
+            self.best = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            self.evaluate(model, state)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.last_step != state.global_step and not any(h["step"] == state.global_step for h in self.history):
+            self.evaluate(model, state)
+
+    def evaluate(self, model: Any, state: Any) -> dict[str, Any]:
+        self.last_step = state.global_step
+        was_training = model.training
+        padding_side = self.tokenizer.padding_side
+        model.eval()
+        self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left for generation
+        start = time.perf_counter()
+        try:
+            if self.engine is None or self.engine.model is not model:
+                # One engine per run: it keeps per-tokenizer state (stop tokens) between evaluations.
+                self.engine = TransformersEngine(model, self.tokenizer)
+            results = list(tag_records(self.records, self.engine, self.options))
+        finally:
+            self.tokenizer.padding_side = padding_side
+            if was_training:
+                model.train()
+        scores = score([r.tags for r in self.records], [r.tags for r in results])
+        loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
+        entry = {
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "loss": loss,
+            "precision": scores.micro.precision,
+            "recall": scores.micro.recall,
+            "f1": scores.micro.f1,
+            "records": len(self.records),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        self.history.append(entry)
+        # Ties go to the later adapter: same dev F1, more training.
+        if self.best is None or entry["f1"] >= self.best["f1"]:
+            self.best = entry
+            model.save_pretrained(str(self.best_dir), safe_serialization=True)
+            state.best_metric = entry["f1"]
+            state.best_global_step = entry["step"]
+        (self.best_dir).mkdir(parents=True, exist_ok=True)
+        (self.best_dir / "best.json").write_text(json.dumps({"best": self.best, "history": self.history}))
+        self.progress.note("dev_f1", f"{entry['f1']:.3f}")
+        self.progress.write(f"step {entry['step']}: dev micro F1 {entry['f1']:.3f} "
+                            f"(P {entry['precision']:.3f}, R {entry['recall']:.3f}) on {len(self.records)} "
+                            f"records; best {self.best['f1']:.3f} at step {self.best['step']}")
+        return entry
+
+
+@functools.cache
+def callback_classes() -> dict[str, type]:
+    """The callbacks as transformers `TrainerCallback`s (whose no-op methods fill the other events)."""
+    from transformers import TrainerCallback
+
+    return {"LossProgress": type("LossProgress", (_LossProgress, TrainerCallback), {}),
+            "GenerationEval": type("GenerationEval", (_GenerationEval, TrainerCallback), {})}

@@ -1,0 +1,171 @@
+"""Training hyper-parameters: `TrainConfig` (read from TOML, overridden by flags) and the layer choice."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from ..engines.base import MAX_NEW_TOKENS
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class TrainError(ValueError):
+    """A training run that cannot start; the message says why."""
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one run. `from_toml` reads them; CLI flags override with `merged`."""
+
+    base_model: str | None = None  # None: $LLMTAGS_BASE_MODEL, else 'embedded'
+    template: str = "auto"  # 'auto' (zh/en per record), a packaged name, or a .j2 path
+    # A vocabulary (or labelled file) whose entries found in a text are offered in the prompt, exactly as
+    # `generate --candidates`; training prompts leave out entries only the record's own gold tags make.
+    candidates: str | None = None
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    # Which transformer layers carry adapters: N = the top N layers, "all", or a list of layer indices.
+    layers: int | str | list[int] = 8
+    lr: float = 2e-4
+    schedule: str = "cosine"  # any transformers lr_scheduler_type: cosine, linear, constant_with_warmup, ...
+    warmup_ratio: float = 0.03
+    epochs: float = 2.0
+    max_steps: int = -1  # > 0 overrides epochs
+    max_length: int = 160  # tokens of prompt + answer; longer examples are cut at the end
+    batch_size: int = 4
+    grad_accum: int = 4
+    seed: int = 0
+    eval_every: int = 50  # optimizer steps between dev evaluations; 0: only at the end
+    eval_limit: int = 100  # dev records generated per evaluation
+    eval_batch_size: int = 16
+    max_new_tokens: int = MAX_NEW_TOKENS
+    save_every: int | None = None  # checkpoint interval in steps; None: same as eval_every (or 50)
+    save_total_limit: int = 2
+    log_every: int = 10
+    dtype: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA; or float32 / bfloat16
+    qlora: bool | str = "auto"  # auto: 4-bit QLoRA on CUDA, plain LoRA on CPU
+    device: str = "auto"
+    # Warm start: an adapter (registry name or directory) whose weights training continues from. Its LoRA
+    # shape (rank, alpha, modules, layers) replaces the values above; base and templates must match.
+    init_adapter: str | None = None
+
+    # --- reading and merging -------------------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise TrainError(f"{source}: unknown training option(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(cls.field_names())}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> TrainConfig:
+        """Read a TOML file: its `[train]` table if it has one, else its top-level keys."""
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise TrainError(f"cannot read training config {path}: {exc}") from exc
+        table = data["train"] if isinstance(data.get("train"), dict) else {
+            k: v for k, v in data.items() if not isinstance(v, dict)
+        }
+        return cls.from_dict(table, source=str(path))
+
+    def merged(self, **overrides: Any) -> TrainConfig:
+        """A copy with every override that is not None applied (so unset CLI flags keep file values)."""
+        config = dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if isinstance(self.layers, str):
+            self.layers = parse_layers(self.layers)
+        if isinstance(self.target_modules, str):
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        self.qlora = _auto_or_bool(self.qlora, "qlora")
+        checks = [
+            (self.rank > 0, "rank must be positive"),
+            (self.alpha > 0, "alpha must be positive"),
+            (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (self.lr > 0, "lr must be positive"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.max_steps > 0 or self.epochs > 0, "give epochs > 0 or max_steps > 0"),
+            (self.max_length > 0 and self.batch_size > 0 and self.grad_accum > 0,
+             "max_length, batch_size and grad_accum must be positive"),
+            (self.eval_every >= 0 and self.eval_limit >= 0, "eval_every and eval_limit must not be negative"),
+            (self.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16"), "dtype: auto, float32 or bfloat16"),
+            (bool(self.target_modules), "target_modules is empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TrainError(message)
+
+    @property
+    def checkpoint_every(self) -> int:
+        return self.save_every if self.save_every else (self.eval_every or 50)
+
+
+def _auto_or_bool(value: bool | str, name: str) -> bool | str:
+    """'auto', or a boolean written as true/false/yes/no/1/0."""
+    if isinstance(value, str) and value != "auto":
+        if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+            raise TrainError(f"{name} must be auto, true or false, not {value!r}")
+        return value.lower() in ("true", "yes", "1")
+    return value
+
+
+def parse_layers(text: str | int | Sequence[int]) -> int | str | list[int]:
+    """'all', 'top8' or '8' (top N layers), or '20,21,22' / '20-23' (explicit indices)."""
+    if isinstance(text, int) or isinstance(text, list):
+        return text
+    text = str(text).strip().lower()
+    if text == "all":
+        return "all"
+    if text.startswith("top"):
+        text = text[3:].strip(":= ")
+    if text.isdigit():
+        return int(text)
+    indices: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                low, high = (int(x) for x in part.split("-", 1))
+                indices.extend(range(low, high + 1))
+            elif part.strip():
+                indices.append(int(part))
+    except ValueError:
+        raise TrainError(f"layers: expected 'all', a number N (top N layers) or indices like '20,21-23', "
+                         f"not {text!r}") from None
+    return sorted(set(indices))
+
+
+def resolve_layers(layers: int | str | list[int], num_layers: int) -> list[int] | None:
+    """The layer indices that get adapters; None means all of them (peft's default)."""
+    if layers == "all":
+        return None
+    if isinstance(layers, int):
+        if layers <= 0:
+            raise TrainError("layers: the number of top layers must be positive")
+        return None if layers >= num_layers else list(range(num_layers - layers, num_layers))
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise TrainError(f"layers: the model has layers 0..{num_layers - 1}, not {bad}")
+    return list(layers)

@@ -1,0 +1,463 @@
+"""`llmtags train`: a plain LoRA / QLoRA supervised fine-tuning recipe (trl SFTTrainer + peft).
+
+The recipe, top to bottom:
+1. Each labelled record becomes a prompt/completion pair built by the SAME code as inference: the prompt
+   is `tagger.build_prompt` (Jinja2 template through the model's chat template, generation prompt added)
+   and the completion is the template's `answer` block for the gold tags plus the end-of-turn token.
+   The prompt is tokenised alone, exactly as the engine tokenises it; trl's SFTTrainer gets the ids with
+   a `completion_mask` and, under `completion_only_loss`, puts the loss on the answer only (-100 labels
+   on the prompt).
+2. The base model is loaded frozen: 4-bit NF4 with bf16 compute on CUDA (QLoRA), fp32 on CPU. LoRA
+   adapters go on the attention and MLP projections of the top `layers` transformer layers only, so the
+   backward pass stops at the lowest adapted layer: on the 24-layer 0.5B model on CPU, a step with the
+   top 8 layers takes about 0.65 of the time of one with all layers. No gradient checkpointing: it would
+   force gradients down to the embeddings.
+3. Every `eval_every` steps the model tags `eval_limit` dev records by greedy generation, exactly as
+   `llmtags generate` would, and the adapter with the best dev micro F1 is kept (ties: the later one).
+4. Checkpoints go to OUT/checkpoints every `save_every` steps; `resume=True` continues from the last one.
+5. OUT receives peft's safetensors adapter (the best one by dev F1, else the last) and `llmtags.json`.
+"""
+
+from __future__ import annotations
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..adapters.registry import (
+    CONFIG_FILE,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    build_metadata,
+    check_compatible,
+    copy_adapter_files,
+    quiet_bitsandbytes,
+    read_metadata,
+    resolve_adapter,
+    weights_sha256,
+    write_metadata,
+)
+from ..candidates import candidate_finder
+from ..models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_base_model, sha256_file
+from ..options import TaggingOptions
+from ..prompts import PromptTemplate, template_choice
+from ..records import Record
+from .callbacks import callback_classes
+from .config import TrainConfig, TrainError, resolve_layers
+from .examples import build_examples, end_of_turn, tokenize_examples
+
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    metadata: dict[str, Any]
+    global_step: int
+    start_step: int  # 0, or the step of the checkpoint a resumed run continued from
+    losses: list[tuple[int, float]]  # (step, training loss) as logged
+    evals: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    seconds: float
+    examples: int
+    truncated: int  # examples longer than max_length, cut at the end
+    model: Any = field(default=None, repr=False)  # the trained PeftModel (last step), for callers and tests
+    tokenizer: Any = field(default=None, repr=False)
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"trained {self.global_step - self.start_step} steps"
+                 + (f" (resumed at step {self.start_step})" if self.start_step else "")
+                 + f" on {self.examples} examples in {self.seconds:.0f} s; adapter in {self.out_dir}"]
+        if self.losses:
+            lines.append(f"loss {self.losses[0][1]:.4f} (step {self.losses[0][0]}) -> "
+                         f"{self.losses[-1][1]:.4f} (step {self.losses[-1][0]})")
+        if self.best:
+            lines.append(f"best dev micro F1 {self.best['f1']:.3f} at step {self.best['step']} (kept)")
+        if self.truncated:
+            lines.append(f"{self.truncated} examples were longer than max_length and cut at the end")
+        return lines
+
+
+def data_description(
+    train_records: Sequence[Record],
+    dev_records: Sequence[Record],
+    train_path: str | Sequence[str] | None = None,
+    dev_path: str | Sequence[str] | None = None,
+    licence: str | None = None,
+) -> dict[str, Any]:
+    def digest(path: str | Sequence[str] | None) -> str | list[str | None] | None:
+        if path is not None and not isinstance(path, str):
+            return [digest(p) for p in path]  # type: ignore[misc]
+        return sha256_file(path) if path and path != "-" and Path(path).is_file() else None
+
+    return {
+        "train": train_path,
+        "train_sha256": digest(train_path),
+        "dev": dev_path,
+        "dev_sha256": digest(dev_path),
+        "train_records": sum(r.tags is not None for r in train_records),
+        "dev_records": sum(r.tags is not None for r in dev_records),
+        "licence": licence,
+    }
+
+
+def _prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    checkpoints = out / CHECKPOINTS
+    has_checkpoints = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
+    if resume:
+        if not has_checkpoints and (out / METADATA_FILE).exists() and not overwrite:
+            raise TrainError(f"{out} holds a trained adapter but no checkpoint to resume from: "
+                             "pass --overwrite to train a new one in its place")
+        return
+    if (out / METADATA_FILE).exists() or has_checkpoints:
+        if not overwrite:
+            what = "a trained adapter" if (out / METADATA_FILE).exists() else "checkpoints of an unfinished run"
+            raise TrainError(f"{out} already holds {what}: pass --resume to continue from its last checkpoint, "
+                             "or --overwrite to start afresh")
+        for owned in (CHECKPOINTS, BEST, METADATA_FILE, WEIGHTS_FILE, "adapter_config.json"):
+            target = out / owned
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+
+
+@dataclass
+class TrainingRun:
+    """Everything `train` sets up before the first step; `prepare_run` returns it (tests inspect it)."""
+
+    trainer: Any
+    config: TrainConfig
+    out_dir: Path
+    resolved: Any
+    tokenizer: Any
+    template: str | PromptTemplate
+    device: str
+    qlora: bool
+    dtype: Any
+    layers: list[int] | None
+    num_layers: int
+    examples: int
+    truncated: int
+    progress: Any
+    evaluation: Any
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No transformers/datasets log lines, progress bars or v6 deprecation notes during a run."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars_were_disabled = datasets.is_progress_bar_enabled() is False
+    hf_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*deprecated and will be removed in v6.*")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if not bars_were_disabled:
+            datasets.enable_progress_bars()
+
+
+def prepare_run(
+    train_records: Sequence[Record],
+    dev_records: Sequence[Record],
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[Any] = (),
+) -> TrainingRun:
+    """Load the base model, build the examples and the SFTTrainer; nothing is trained yet."""
+    with _quiet():
+        return _prepare_run(train_records, dev_records, config, out_dir, resume=resume, overwrite=overwrite,
+                            progress=progress, callbacks=callbacks)
+
+
+def _prepare_run(
+    train_records: Sequence[Record],
+    dev_records: Sequence[Record],
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    callbacks: Sequence[Any],
+) -> TrainingRun:
+    quiet_bitsandbytes()
+    import torch
+    from peft import prepare_model_for_kbit_training
+
+    config.validate()
+    out = Path(out_dir)
+    if config.init_adapter and resolve_adapter(config.init_adapter).resolve() == out.resolve():
+        raise TrainError(f"the warm-start adapter {config.init_adapter} is also the output: train into another "
+                         "name (or --out), then replace the old adapter")
+    _prepare_out_dir(out, resume, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+
+    device = pick_device(config.device)
+    qlora = device.startswith("cuda") if config.qlora == "auto" else bool(config.qlora)
+    dtype = pick_dtype(config.dtype, device)
+    resolved = resolve_base_model(config.base_model)
+    tokenizer = load_tokenizer(resolved)
+    template = template_choice(config.template)
+    candidates = candidate_finder(config.candidates) if config.candidates else None
+
+    examples = tokenize_examples(build_examples(train_records, tokenizer, template, candidates), tokenizer)
+    if not examples:
+        raise TrainError("no labelled training records (records need a 'tags' field)")
+    truncated = sum(len(e["input_ids"]) > config.max_length for e in examples)
+    dev = [r for r in dev_records if r.tags is not None][: config.eval_limit]
+
+    model = load_model(resolved, device=device, dtype=config.dtype, load_in_4bit=qlora)
+    if qlora:
+        # Casts norms to fp32 and freezes the base; no gradient checkpointing (see the module docstring).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    num_layers = model.config.get_text_config().num_hidden_layers
+    if config.init_adapter:
+        model, init = warm_start(model, config, resolved, template, tokenizer)
+        config = dataclasses.replace(config, **init)
+    layers = resolve_layers(config.layers, num_layers)
+    progress_cb, eval_cb = _callbacks(config, dev, tokenizer, template, candidates, out, progress, resume)
+    trainer = _trl_trainer(model, examples, config, layers, out, tokenizer,
+                           bf16=dtype == torch.bfloat16 or qlora, use_cpu=device == "cpu")
+    # The progress bar first (evaluation notes go on it), then evaluation, then the caller's callbacks.
+    for callback in [progress_cb, eval_cb, *callbacks]:
+        if callback is not None:
+            trainer.add_callback(callback)
+    return TrainingRun(trainer, config, out, resolved, tokenizer, template, device, qlora, dtype, layers, num_layers,
+                       len(examples), truncated, progress_cb, eval_cb)
+
+
+def _trl_trainer(model: Any, examples: list[dict[str, list[int]]], config: TrainConfig, layers: list[int] | None,
+                 out: Path, tokenizer: Any, *, bf16: bool, use_cpu: bool) -> Any:
+    """trl's SFTTrainer, with transformers' own progress and log printing removed (ours replace them)."""
+    from datasets import Dataset
+    from transformers import PrinterCallback, ProgressCallback
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(
+        model=model,
+        args=_sft_args(config, out, tokenizer, bf16=bf16, use_cpu=use_cpu),
+        train_dataset=Dataset.from_list(examples),
+        processing_class=tokenizer,
+        peft_config=None if config.init_adapter else lora_config(config, layers),
+    )
+    for noisy in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(noisy)
+    return trainer
+
+
+def lora_config(config: TrainConfig, layers: list[int] | None) -> Any:
+    """peft's LoraConfig for `config` on `layers` (None: every layer)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=list(config.target_modules),
+            layers_to_transform=layers,
+            layers_pattern="layers" if layers is not None else None,
+            bias="none",
+            task_type="CAUSAL_LM",
+    )
+
+
+def _sft_args(config: TrainConfig, out: Path, tokenizer: Any, *, bf16: bool, use_cpu: bool) -> Any:
+    """trl's SFTConfig for `config`: completion-only loss, checkpoints in OUT/checkpoints."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+            output_dir=str(out / CHECKPOINTS),
+            per_device_train_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.grad_accum,
+            learning_rate=config.lr,
+            lr_scheduler_type=config.schedule,
+            warmup_steps=config.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+            num_train_epochs=config.epochs,
+            max_steps=config.max_steps if config.max_steps > 0 else -1,
+            max_length=config.max_length,
+            completion_only_loss=True,
+            # Checkpointing would make the embeddings' output require grad, so the backward would run through
+            # every layer; adapters on the top layers only need the backward of those layers.
+            activation_checkpointing=False,
+            bf16=bf16,
+            fp16=False,
+            use_cpu=use_cpu,
+            seed=config.seed,
+            data_seed=config.seed,
+            logging_strategy="steps",
+            logging_steps=config.log_every,
+            save_strategy="steps",
+            save_steps=config.checkpoint_every,
+            save_total_limit=config.save_total_limit,
+            eval_strategy="no",
+            report_to="none",
+            eos_token=end_of_turn(tokenizer),
+            packing=False,
+            dataloader_num_workers=0,
+            optim="adamw_torch",
+            weight_decay=0.0,
+    )
+
+
+def _callbacks(config: TrainConfig, dev: Sequence[Record], tokenizer: Any, template: Any, candidates: Any, out: Path,
+               progress: bool, resume: bool) -> tuple[Any, Any]:
+    """The progress bar, and the dev evaluation (None without dev records)."""
+    classes = callback_classes()
+    progress_cb = classes["LossProgress"](enabled=progress)
+    options = TaggingOptions(template=template, max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size,
+                             candidates=candidates)
+    eval_cb = (classes["GenerationEval"](dev, tokenizer, options, config.eval_every, out / BEST, progress_cb, resume)
+               if dev and config.eval_limit else None)
+    return progress_cb, eval_cb
+
+
+def warm_start(model: Any, config: TrainConfig, resolved: Any, template: Any, tokenizer: Any) -> tuple[Any, dict]:
+    """Wrap `model` with the trainable weights of `config.init_adapter`, after checking that it was
+    trained on this base with these templates. Returns the model and the LoRA shape it brings."""
+    from peft import PeftModel
+
+    path = resolve_adapter(config.init_adapter)
+    check_compatible(read_metadata(path), resolved, template, tokenizer)
+    lora = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    shape = {
+        "rank": lora["r"],
+        "alpha": lora["lora_alpha"],
+        "dropout": lora.get("lora_dropout", 0.0),
+        "target_modules": sorted(lora["target_modules"]),
+        "layers": lora.get("layers_to_transform") or "all",
+    }
+    return PeftModel.from_pretrained(model, str(path), is_trainable=True), shape
+
+
+def train(
+    train_records: Sequence[Record],
+    dev_records: Sequence[Record],
+    config: TrainConfig,
+    out_dir: str | Path,
+    command: str = "",
+    *,
+    data: dict[str, Any] | None = None,
+    vocab: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[Any] = (),
+) -> TrainResult:
+    """Fine-tune a LoRA adapter on `train_records`, choose it by dev F1, and write it to `out_dir`.
+
+    `command` is stored verbatim in `llmtags.json` (pass the shell command line). `data` describes the
+    training data (see `data_description`); `vocab` is the normalisation vocabulary the adapter goes with,
+    if any (recorded only; `config.candidates` is the one that shapes the prompts).
+    With `resume`, training continues from the last checkpoint in OUT/checkpoints, if there is one.
+    `out_dir` must not already hold an adapter or checkpoints unless `resume` or `overwrite`.
+    """
+    quiet_bitsandbytes()
+    from transformers.trainer_utils import get_last_checkpoint
+
+    started = time.perf_counter()
+    with _quiet():
+        run = prepare_run(train_records, dev_records, config, out_dir, resume=resume, overwrite=overwrite,
+                          progress=progress, callbacks=callbacks)
+        out, checkpoints = run.out_dir, run.out_dir / CHECKPOINTS
+        resume_from = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
+        start_step = 0
+        if resume_from:
+            start_step = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"]
+            run.progress.write(f"resuming from {resume_from} (step {start_step})")
+        elif resume:
+            run.progress.write(f"no checkpoint in {checkpoints}: starting from scratch")
+        run.trainer.train(resume_from_checkpoint=resume_from)
+    state = run.trainer.state
+    config = run.config  # with a warm start, the LoRA shape is the starting adapter's
+
+    best = _save_final_adapter(run)
+    losses = [(h["step"], float(h["loss"])) for h in state.log_history if "loss" in h]
+    meta = build_metadata(
+        resolved=run.resolved,
+        template=run.template,
+        template_spec=config.template if isinstance(config.template, str) else None,
+        tokenizer=run.tokenizer,
+        hyperparameters=_hyperparameters(run, config, state),
+        data=data if data is not None else data_description(train_records, dev_records),
+        vocab=vocab,
+        candidates=config.candidates,
+        dev_metrics=_dev_metrics(run, best),
+        command=command,
+    )
+    write_metadata(out, meta)
+    return TrainResult(
+        out_dir=out,
+        metadata=meta,
+        global_step=state.global_step,
+        start_step=start_step,
+        losses=losses,
+        evals=list(run.evaluation.history) if run.evaluation is not None else [],
+        best=best,
+        seconds=time.perf_counter() - started,
+        examples=run.examples,
+        truncated=run.truncated,
+        model=run.trainer.model,
+        tokenizer=run.tokenizer,
+    )
+
+
+def _save_final_adapter(run: TrainingRun) -> dict[str, Any] | None:
+    """Write the final adapter into OUT: the best by dev F1 when there was a dev set, else the last.
+    Returns the best evaluation, if any."""
+    out = run.out_dir
+    best = run.evaluation.best if run.evaluation is not None else None
+    if best is not None and (out / BEST / WEIGHTS_FILE).is_file():
+        copy_adapter_files(out / BEST, out)
+    else:
+        tmp = out / ".last"
+        run.trainer.model.save_pretrained(str(tmp), safe_serialization=True)
+        copy_adapter_files(tmp, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return best
+
+
+def _hyperparameters(run: TrainingRun, config: TrainConfig, state: Any) -> dict[str, Any]:
+    hyperparameters = {
+        **{k: v for k, v in dataclasses.asdict(config).items()
+           if k not in ("base_model", "template", "device", "candidates")},
+        "layers_to_transform": run.layers,
+        "num_hidden_layers": run.num_layers,
+        "qlora": run.qlora,
+        "device": run.device,
+        "compute_dtype": "bfloat16" if run.qlora else str(run.dtype).replace("torch.", ""),
+        "effective_batch_size": config.batch_size * config.grad_accum,
+        "steps": state.global_step,
+        "trainable_parameters": sum(p.numel() for p in run.trainer.model.parameters() if p.requires_grad),
+    }
+    if config.init_adapter:
+        start = resolve_adapter(config.init_adapter)
+        hyperparameters["init_adapter"] = {"spec": config.init_adapter, "sha256": weights_sha256(start)}
+    return hyperparameters
+
+
+def _dev_metrics(run: TrainingRun, best: dict[str, Any] | None) -> dict[str, Any] | None:
+    if best is None:
+        return None
+    return {**{k: best[k] for k in ("precision", "recall", "f1", "step", "records")},
+            "history": run.evaluation.history}
