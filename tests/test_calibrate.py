@@ -101,3 +101,24 @@ def test_eval_reports_candidate_recall_and_records_test_metrics(tmp_path, capsys
     test = read_metadata(root / "zh")["metrics"]["test"]
     assert test["f1"] == pytest.approx(2 / 3, abs=1e-4) and test["candidate_recall"] == 0.5
 
+
+def test_eval_protocol_extractgpt_scores_target_attributes_and_is_stored(tmp_path, capsys):
+    from llmtags.adapters.registry import read_metadata
+
+    gold, pred = tmp_path / "test.jsonl", tmp_path / "pred.jsonl"
+    _write(gold, [{"id": "1", "text": "Nike Air 9", "schema": ["Brand", "Color", "Size"], "targets": ["Brand", "Size"],
+                   "tags": ["Brand:Nike", "Size:9"]},
+                  {"id": "2", "text": "Adidas", "schema": ["Brand", "Color"], "tags": ["Brand:Adidas"]}])
+    _write(pred, [{"id": "1", "tags": ["Brand:Nike", "Color:Red", "Size:10"]}, {"id": "2", "tags": ["Color:Blue"]}])
+    root = _registry(tmp_path)
+    assert main(["eval", "--gold", str(gold), "--pred", str(pred), "--protocol", "extractgpt",
+                 "--record-to-adapter", "zh", "--adapters-root", str(root)]) == 0
+    out = capsys.readouterr().out
+    # Record 1 (targets Brand, Size): VC + VW; Color:Red is outside its targets. Record 2 (no targets:
+    # its schema, Brand and Color): VN for Brand, NV for Color. VC 1, VW 1, VN 1, NV 1.
+    assert "| raw | extractgpt | 0.333 | 0.333 | 0.333 |" in out
+    stored = read_metadata(root / "zh")["metrics"]["test"]
+    assert stored["extractgpt"]["f1"] == pytest.approx(1 / 3, abs=1e-4)
+    assert stored["f1"] == pytest.approx(2 * 1 / (2 * 1 + 3 + 2), abs=1e-4)  # strict: tp 1, fp 3, fn 2
+    assert main(["eval", "--gold", str(gold), "--pred", str(pred)]) == 0
+    assert "| extractgpt |" not in capsys.readouterr().out  # the default stays strict

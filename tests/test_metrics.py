@@ -173,3 +173,21 @@ def test_paired_bootstrap() -> None:
     same = paired_bootstrap(golds, good, good, n=200, seed=1)
     assert same.delta_f1 == 0 and same.p_value == 1.0 and not same.significant
     assert set(result.to_json()) == {"f1_a", "f1_b", "delta_f1", "ci95", "p_value", "significant"}
+
+
+def test_extractgpt_protocol_counts_one_value_per_target_attribute() -> None:
+    from llmtags.metrics import match_record_extractgpt
+
+    gold = ["Brand:Nike", "Color:Black", ["Size:9", "Size:9 US"], "Material:Mesh"]
+    pred = ["brand: nike", "Color:White", "Color:Black", "Size:9 us", "Gender:Men", "Material:Mesh"]
+    # Brand right (VC); Color: the FIRST value is wrong (VW) although a later line is right; Size right
+    # through an accepted form (VC); Gender predicted without gold (NV); Sport neither (nothing);
+    # Material is gold and predicted but not a target: it does not count.
+    counts = match_record_extractgpt(gold, pred, ["Brand", "color", "Size", "Gender", "Sport"])
+    vc, vw, vn, nv = 2, 1, 0, 1
+    assert (counts.tp, counts.fp, counts.fn) == (vc, nv + vw, vn + vw)
+    assert counts.precision == pytest.approx(vc / (nv + vc + vw))
+    assert counts.recall == pytest.approx(vc / (vn + vc + vw))
+    assert counts.spurious == ["Color:White", "Gender:Men"] and counts.missed == ["Color:Black"]
+    missed = match_record_extractgpt(["Brand:Nike"], [], ["Brand"])
+    assert (missed.tp, missed.fp, missed.fn) == (0, 0, 1)  # VN

@@ -67,13 +67,17 @@ def score_predictions(
     normaliser: Any = None,
     name: str = "",
     seed: int = 0,
+    protocol: str = "strict",
 ) -> EvalReport:
-    """An EvalReport of raw predictions and, given a normaliser, of the normalised ones too."""
+    """An EvalReport of raw predictions and, given a normaliser, of the normalised ones too; with
+    `protocol` "extractgpt", also scored in the ExtractGPT protocol."""
     normalised = [normaliser.apply(list(p)) for p in predictions] if normaliser is not None else None
-    return EvalReport.from_records(list(records), [list(p) for p in predictions], normalised, name=name, seed=seed)
+    return EvalReport.from_records(list(records), [list(p) for p in predictions], normalised, name=name, seed=seed,
+                                   protocol=protocol)
 
 
-def score_files(gold: str | Path, pred: str | Path, normaliser: Any = None, errors: Any = None) -> EvalReport:
+def score_files(gold: str | Path, pred: str | Path, normaliser: Any = None, errors: Any = None,
+                protocol: str = "strict") -> EvalReport:
     errors = errors or sys.stderr
     records = [r for r in load_labelled(gold) if r.tags is not None]
     predictions = read_predictions(pred, errors)
@@ -81,7 +85,8 @@ def score_files(gold: str | Path, pred: str | Path, normaliser: Any = None, erro
     if missing:
         print(f"llmtags: {len(missing)} gold records have no prediction (scored as empty), e.g. {missing[:3]}",
               file=errors)
-    return score_predictions(records, [predictions.get(r.id, []) for r in records], normaliser, name=str(pred))
+    return score_predictions(records, [predictions.get(r.id, []) for r in records], normaliser, name=str(pred),
+                             protocol=protocol)
 
 
 # --- generation through the cache ----------------------------------------------------------------------
@@ -126,9 +131,10 @@ def generate_and_score(
     normaliser: Any = None,
     name: str = "",
     progress: bool = True,
+    protocol: str = "strict",
 ) -> tuple[EvalReport, list[TagResult]]:
     results = run_generation(records, engine, options, progress)
-    return score_predictions(records, [r.tags for r in results], normaliser, name), results
+    return score_predictions(records, [r.tags for r in results], normaliser, name, protocol=protocol), results
 
 
 # --- prompt comparison ---------------------------------------------------------------------------------
@@ -257,7 +263,8 @@ def add_candidate_recall(report: EvalReport, records: Sequence[Record], candidat
 
 
 def headline_metrics(report: EvalReport, data: str | None, markdown: str | None) -> dict[str, Any]:
-    """The headline figures of a report, as an adapter's `metrics.test` stores them."""
+    """The headline figures of a report, as an adapter's `metrics.test` stores them (strict, and the
+    ExtractGPT protocol where the report has it)."""
     view = report.final_view
     typed = report.scores(view, "typed").micro
     metrics = {"set": data, "records": len(report.golds), "precision": round(typed.precision, 4),
@@ -265,4 +272,9 @@ def headline_metrics(report: EvalReport, data: str | None, markdown: str | None)
                "f1_ci95": [round(x, 4) for x in report.ci95(view, "typed")],
                "value_f1": round(report.scores(view, "values").micro.f1, 4),
                "candidate_recall": report.candidate_recall, "report": markdown}
+    if "extractgpt" in report.views[view]:
+        protocol = report.scores(view, "extractgpt").micro
+        metrics["extractgpt"] = {"precision": round(protocol.precision, 4), "recall": round(protocol.recall, 4),
+                                 "f1": round(protocol.f1, 4),
+                                 "f1_ci95": [round(x, 4) for x in report.ci95(view, "extractgpt")]}
     return metrics

@@ -189,6 +189,44 @@ def match_record(gold: Sequence[GoldTag], pred: Sequence[str], typed: bool = Tru
     return counts
 
 
+def match_record_extractgpt(gold: Sequence[GoldTag], pred: Sequence[str], targets: Sequence[str]) -> RecordCounts:
+    """The ExtractGPT protocol on one record (the one behind the published GPT-4 figures).
+
+    Only the record's target attributes count, each with one predicted value: the first predicted tag
+    of that attribute. A right value is VC, a wrong one VW, a gold value with no prediction VN, and a
+    prediction where gold has none NV; P = VC/(NV+VC+VW) and R = VC/(VN+VC+VW). As counts: tp = VC,
+    fp = NV + VW, fn = VN + VW, so a wrong value is both a spurious prediction and a missed gold tag,
+    and every corpus figure and interval of this module applies unchanged. Several gold tags of one
+    attribute are alternatives: the prediction is right when it matches any of them.
+    """
+    first_guess: dict[str, str] = {}
+    for tag in pred:
+        attribute = split_tag(canonical(tag))[0]
+        if attribute is not None:
+            first_guess.setdefault(attribute, tag)
+    gold_by_attribute: dict[str, list[GoldTag]] = {}
+    for item in gold:
+        attribute = split_tag(canonical(_forms(item)[0]))[0]
+        if attribute is not None:
+            gold_by_attribute.setdefault(attribute, []).append(item)
+    counts = RecordCounts()
+    for target in dict.fromkeys(canonical(t) for t in targets):
+        golds, guess = gold_by_attribute.get(target, []), first_guess.get(target)
+        if guess is not None and golds:
+            right = next((f for g in golds for f in _forms(g) if canonical(f) == canonical(guess)), None)
+            if right is not None:
+                counts.matched.append((right, guess))  # VC
+            else:
+                counts.spurious.append(guess)  # VW
+                counts.missed.append(golds[0])
+        elif golds:
+            counts.missed.append(golds[0])  # VN
+        elif guess is not None:
+            counts.spurious.append(guess)  # NV
+    counts.tp, counts.fp, counts.fn = len(counts.matched), len(counts.spurious), len(counts.missed)
+    return counts
+
+
 # --- a corpus ---------------------------------------------------------------------------------------
 
 

@@ -46,6 +46,9 @@ class Record:
     tags: list[GoldTag] | None = None  # gold tags; None when the record is unlabelled
     schema: list[str] | None = None
     number: int = 0  # 1-based position in the source, for messages
+    # The attributes the ExtractGPT protocol scores for this record (labelled sets only): for scoring,
+    # never for prompts, which see `schema`.
+    targets: list[str] | None = None
 
     @property
     def text_hash(self) -> str:
@@ -198,10 +201,11 @@ def row_to_record(row: Any, number: int, fields: Fields = Fields()) -> Record | 
             tags = _as_tags(row[fields.tags])
         except (TypeError, ValueError, RecursionError) as exc:
             return RecordError(number, fields.tags, str(exc), record_id)
-    schema = row.get("schema")
+    schema, targets = (row.get(key) for key in ("schema", "targets"))
     schema = [str(s) for s in schema] if isinstance(schema, list) else None
+    targets = [str(s) for s in targets] if isinstance(targets, list) else None
     lang = row.get("lang") if isinstance(row.get("lang"), str) else None
-    return Record(record_id, text, category or None, lang, tags, schema, number)
+    return Record(record_id, text, category or None, lang, tags, schema, number, targets)
 
 
 # --- readers --------------------------------------------------------------------------------------

@@ -19,12 +19,15 @@ from llmtags.metrics import (
     Scores,
     bootstrap_ci_counts,
     match_record,
+    match_record_extractgpt,
     paired_bootstrap,
     score_counts,
 )
 
 VIEWS = ("raw", "normalised")
 SCORINGS = ("typed", "values")
+# strict: every predicted tag counts; extractgpt: also the ExtractGPT protocol (metrics.match_record_extractgpt)
+PROTOCOLS = ("strict", "extractgpt")
 
 
 @dataclass
@@ -57,10 +60,11 @@ class EvalReport:
         name: str = "",
         n_boot: int = 1000,
         seed: int = 0,
+        targets: Sequence[Sequence[str]] | None = None,
     ) -> None:
         n = len(golds)
         for label, seq in (("preds", preds), ("preds_normalised", preds_normalised), ("ids", ids),
-                           ("texts", texts), ("categories", categories)):
+                           ("texts", texts), ("categories", categories), ("targets", targets)):
             if seq is not None and len(seq) != n:
                 raise ValueError(f"{n} gold records but {len(seq)} {label}")
         self.name = name
@@ -82,6 +86,10 @@ class EvalReport:
                 scores = score_counts(counts, typed, self.categories)
                 ci = bootstrap_ci_counts(counts, n=n_boot, seed=seed)
                 self.views[view][scoring] = _View(counts, scores, ci)
+            if targets is not None:  # the ExtractGPT protocol: see metrics.match_record_extractgpt
+                counts = [match_record_extractgpt(g, p, ts) for g, p, ts in zip(self.golds, view_preds, targets)]
+                self.views[view]["extractgpt"] = _View(counts, score_counts(counts, True, self.categories),
+                                                       bootstrap_ci_counts(counts, n=n_boot, seed=seed))
         # Share of gold tags among the vocabulary candidates offered in the prompts (set by the caller).
         self.candidate_recall: float | None = None
         self.normalisation_delta: PairedResult | None = None
@@ -96,9 +104,14 @@ class EvalReport:
         records: Sequence[Any],
         preds: Sequence[Sequence[str]],
         preds_normalised: Sequence[Sequence[str]] | None = None,
+        protocol: str = "strict",
         **kwargs: Any,
     ) -> EvalReport:
-        """Build from labelled `Record`s (ids, texts and categories taken from them)."""
+        """Build from labelled `Record`s (ids, texts and categories taken from them). With `protocol`
+        "extractgpt", the report adds that scoring, over each record's `targets` (else its `schema`)."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown scoring protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+        targets = [r.targets or r.schema or [] for r in records] if protocol == "extractgpt" else None
         return cls(
             [r.tags for r in records],
             preds,
@@ -106,6 +119,7 @@ class EvalReport:
             ids=[r.id for r in records],
             texts=[r.text for r in records],
             categories=[r.category for r in records],
+            targets=targets,
             **kwargs,
         )
 
@@ -190,6 +204,10 @@ class EvalReport:
             lines += [f"## {self.name}", ""]
         lines += [f"{len(self.golds)} records; micro scores over `Attribute:value` tags (typed) and over values "
                   f"only; 95% CI: percentile bootstrap over records ({self.n_boot} resamples, seed {self.seed}).", ""]
+        if any("extractgpt" in scorings for scorings in self.views.values()):
+            lines += ["Scoring `extractgpt`: the ExtractGPT protocol, each record's target attributes only, one "
+                      "predicted value each (tp = right values, fp = wrong + predicted without gold, fn = wrong + "
+                      "missed).", ""]
         lines += _table(
             ["predictions", "scoring", "P", "R", "F1", "95% CI", "macro F1", "tp", "fp", "fn"],
             [[r["predictions"], r["scoring"], _f(r["precision"]), _f(r["recall"]), _f(r["f1"]),

@@ -18,6 +18,7 @@ from ..evaluate import (
 )
 from ..options import normaliser_for, tagging_options
 from ..records import load_labelled
+from ..report import PROTOCOLS
 from .common import (
     CliError,
     add_fields,
@@ -44,6 +45,9 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
     add_prompt(p)
     add_generation(p)
     add_vocab(p)
+    p.add_argument("--protocol", choices=PROTOCOLS, default="strict",
+                   help="strict (default): every predicted tag counts; extractgpt: also score each record's target "
+                   "attributes (its `targets`, else `schema`), one predicted value each, as ExtractGPT does")
     p.add_argument("--errors", dest="errors_k", type=int, default=0, metavar="K", help="list the K worst records")
     p.add_argument("--report", help="write the full report as JSON here")
     p.add_argument("--markdown", help="write the tables as Markdown here")
@@ -62,12 +66,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.pred:
         if not args.gold:
             raise CliError("--pred needs --gold")
-        report = score_files(args.gold, args.pred, normaliser)
+        report = score_files(args.gold, args.pred, normaliser, protocol=args.protocol)
     elif args.data:
         records = labelled_records(args.data, args.limit, fields_from(args))
         engine = cached_engine(settings.base_model, settings.device, settings.dtype, engine=settings.engine)
         report, results = generate_and_score(records, engine, tagging_options(settings), normaliser, args.data,
-                                             progress=not args.quiet)
+                                             progress=not args.quiet, protocol=args.protocol)
         if args.save_predictions:
             with open_output(args.save_predictions) as out:
                 for result in results:
