@@ -2,7 +2,7 @@
 records.
 
     .venv/bin/python eval/adapter_test.py --adapter zh-taobao --set zh-taobao-ner [--limit N]
-    .venv/bin/python eval/adapter_test.py --adapter en-products --set en-oa-mine --set en-ae-110k --limit 200
+    .venv/bin/python eval/adapter_test.py --adapter en-products --set en-oa-mine --set en-ae-110k --set en-wdc-pave
 
 For each set: `llmtags generate TEST --adapter NAME` (resumable; predictions under <llmtags cache>/eval/
 SET/), then the same scoring as `llmtags eval --gold TEST --pred PRED` (typed and value-only micro
@@ -22,17 +22,23 @@ from common import (DATASETS, REPO, generate_predictions, meta_lines, prediction
                     write_outputs)
 
 from llmtags.baselines import DictionaryTagger
-from llmtags.candidates import CandidateFinder, candidate_recall, load_candidate_vocabulary
+from llmtags.candidates import candidate_finder, candidate_recall
 from llmtags.evaluate import read_predictions, score_predictions
 from llmtags.models import cache_root
+from llmtags.options import Settings, adapter_prompt_defaults
 from llmtags.records import load_labelled
 from llmtags.report import EvalReport
 
 
 def _figures(report: EvalReport) -> dict[str, Any]:
     typed = report.scores("raw", "typed").micro
-    return {"precision": typed.precision, "recall": typed.recall, "f1": typed.f1,
-            "f1_ci95": list(report.ci95("raw", "typed")), "value_f1": report.scores("raw", "values").micro.f1}
+    figures = {"precision": typed.precision, "recall": typed.recall, "f1": typed.f1,
+               "f1_ci95": list(report.ci95("raw", "typed")), "value_f1": report.scores("raw", "values").micro.f1}
+    if "extractgpt" in report.views["raw"]:
+        protocol = report.scores("raw", "extractgpt").micro
+        figures["extractgpt"] = {"precision": protocol.precision, "recall": protocol.recall, "f1": protocol.f1,
+                                 "f1_ci95": list(report.ci95("raw", "extractgpt"))}
+    return figures
 
 
 def evaluate_set(name: str, adapter: str, data: Path, limit: int | None) -> dict[str, Any] | None:
@@ -45,10 +51,14 @@ def evaluate_set(name: str, adapter: str, data: Path, limit: int | None) -> dict
     pred_path = predictions_file(cache_root() / "eval" / name, "test", "adapter + candidates", adapter)
     seconds = generate_predictions(test_path, pred_path, adapter, {}, limit)
     predictions = read_predictions(pred_path)
-    report = score_predictions(test, [predictions.get(r.id, []) for r in test], name=f"{adapter} on {name} test")
+    # The ExtractGPT protocol where the set names each record's target attributes (en-oa-mine, en-ae-110k).
+    protocol = "extractgpt" if any(r.targets for r in test) else "strict"
+    report = score_predictions(test, [predictions.get(r.id, []) for r in test], name=f"{adapter} on {name} test",
+                               protocol=protocol)
     dictionary = DictionaryTagger.from_records(load_labelled(train_path))
-    baseline = EvalReport.from_records(test, dictionary.tag_many([r.text for r in test]))
-    finder = CandidateFinder(load_candidate_vocabulary(str(train_path)))
+    baseline = EvalReport.from_records(test, dictionary.tag_many([r.text for r in test]), protocol=protocol)
+    # Candidate recall of what the prompts offer: the adapter's own candidates (else the set's train values).
+    finder = candidate_finder(adapter_prompt_defaults(adapter, Settings())[1] or str(train_path))
     report.candidate_recall = candidate_recall([r.tags for r in test],
                                                [finder.tags(r.text, attributes=r.schema) for r in test])
     return {"set": name, "records": len(test), "of": len(labelled),
@@ -58,18 +68,34 @@ def evaluate_set(name: str, adapter: str, data: Path, limit: int | None) -> dict
 
 def markdown(adapter: str, results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"# Adapter `{adapter}` on test splits", "", *meta_lines(meta),
-             "- scoring: typed micro P/R/F1 over `Attribute:value` tags, 95% CI by percentile bootstrap over "
-             "records; the dictionary baseline (train values found in the text) on the same records", "",
+             "- scoring: strict typed micro P/R/F1 over `Attribute:value` tags (every predicted tag counts), 95% CI "
+             "by percentile bootstrap over records; the dictionary baseline (train values found in the text) on the "
+             "same records; where the set has `targets`, also the ExtractGPT protocol (`llmtags eval --protocol "
+             "extractgpt`)",
+             "- data: ../shared/datasets as of its 2026-12-01 change (category-level `schema`)", "",
              "| set | records | adapter P | adapter R | adapter F1 | 95% CI | value F1 | dictionary F1 | Δ F1 | "
-             "candidate recall |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "candidate recall | ExtractGPT protocol F1 (dictionary) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         a, d = r["adapter"], r["dictionary"]
+        protocol = (f"{a['extractgpt']['f1']:.3f} [{a['extractgpt']['f1_ci95'][0]:.3f}–"
+                    f"{a['extractgpt']['f1_ci95'][1]:.3f}] ({d['extractgpt']['f1']:.3f})" if "extractgpt" in a else "–")
         lines.append(f"| {r['set']} | {r['records']} of {r['of']} | {a['precision']:.3f} | {a['recall']:.3f} | "
                      f"**{a['f1']:.3f}** | {a['f1_ci95'][0]:.3f}–{a['f1_ci95'][1]:.3f} | {a['value_f1']:.3f} | "
-                     f"{d['f1']:.3f} | {a['f1'] - d['f1']:+.3f} | {r['candidate_recall']:.3f} |")
+                     f"{d['f1']:.3f} | {a['f1'] - d['f1']:+.3f} | {r['candidate_recall']:.3f} | {protocol} |")
     for r in results:
         lines += ["", r["report"].to_markdown(categories=False, worst=10)]
     return "\n".join(lines)
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 def main() -> None:
@@ -92,8 +118,7 @@ def main() -> None:
     if args.record:
         from llmtags.adapters.registry import set_metadata_entry
 
-        test = {r["set"]: {"records": r["records"], "of": r["of"], **{k: round(v, 4) if isinstance(v, float) else v
-                                                                     for k, v in r["adapter"].items()},
+        test = {r["set"]: {"records": r["records"], "of": r["of"], **{k: _rounded(v) for k, v in r["adapter"].items()},
                            "candidate_recall": round(r["candidate_recall"], 4),
                            "dictionary_f1": round(r["dictionary"]["f1"], 4)} for r in results}
         set_metadata_entry(args.adapter, ("metrics", "test"), {**test, "report": str(out.with_suffix(".md").name)})

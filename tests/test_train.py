@@ -53,10 +53,11 @@ def short_template(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def _config(tiny_model_dir: Path, template: str, **overrides) -> TrainConfig:
+def _config(tiny_model_dir: Path, template: str, trainer: str = "trl", **overrides) -> TrainConfig:
+    """A tiny run; `trainer` "trl" (trl's SFTTrainer) or "fast" (the fast CPU trainer, train/fast.py)."""
     values = dict(base_model=str(tiny_model_dir), template=template, rank=8, alpha=16, dropout=0.0, lr=2e-2,
                   warmup_ratio=0.0, schedule="constant", batch_size=3, grad_accum=1, log_every=1, eval_every=0,
-                  eval_limit=3, max_new_tokens=12, device="cpu")
+                  eval_limit=3, max_new_tokens=12, device="cpu", fast=trainer == "fast")
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -119,15 +120,16 @@ def test_training_prompts_offer_candidates_but_not_a_records_own_unseen_tags(tin
     assert "产品词:精华肌底液" in inference  # at inference every vocabulary entry found is offered
 
 
+@pytest.mark.parametrize("trainer", ["trl", "fast"])
 def test_training_lowers_the_loss_saves_an_adapter_and_reloads_it_identically(tiny_model_dir, short_template,
-                                                                             tmp_path):
+                                                                             tmp_path, trainer):
     from llmtags.adapters.registry import read_metadata
     from llmtags.engines.adapter_set import AdapterSet
     from llmtags.engines.transformers import TransformersEngine
 
     out = tmp_path / "adapter"
     # One batch holds all six examples, so every step's loss is measured on the same data.
-    config = _config(tiny_model_dir, short_template, max_steps=6, layers="all", lr=5e-2, batch_size=6)
+    config = _config(tiny_model_dir, short_template, trainer, max_steps=6, layers="all", lr=5e-2, batch_size=6)
     result = train(RECORDS, [], config, out, "llmtags train test", data={"train": "RECORDS", "licence": "test"},
                    progress=False)
     losses = [loss for _, loss in result.losses]
@@ -154,8 +156,9 @@ def test_training_lowers_the_loss_saves_an_adapter_and_reloads_it_identically(ti
     assert base != trained  # the adapter changed the model
 
 
+@pytest.mark.parametrize("trainer", ["trl", "fast"])
 def test_resume_continues_from_the_last_checkpoint_and_keeps_the_best_adapter(tiny_model_dir, short_template,
-                                                                              tmp_path):
+                                                                              tmp_path, trainer):
     from transformers import TrainerCallback
 
     class Interrupt(TrainerCallback):
@@ -170,7 +173,7 @@ def test_resume_continues_from_the_last_checkpoint_and_keeps_the_best_adapter(ti
             self.steps.append(state.global_step)
 
     out = tmp_path / "resumable"
-    config = _config(tiny_model_dir, short_template, max_steps=4, save_every=2, eval_every=1, layers=1)
+    config = _config(tiny_model_dir, short_template, trainer, max_steps=4, save_every=2, eval_every=1, layers=1)
     dev = RECORDS[:2]
     with pytest.raises(KeyboardInterrupt):
         train(RECORDS, dev, config, out, progress=False, callbacks=[Interrupt()])
@@ -245,7 +248,8 @@ def test_train_command_interleaves_several_files(tiny_model_dir, short_template,
     assert data["train_records"] == 4 and len(data["train_sha256"]) == 2  # r1, r4, r2, r5: both files
 
 
-def test_warm_start_continues_an_adapters_weights_with_its_shape(tiny_model_dir, short_template, tmp_path):
+@pytest.mark.parametrize("trainer", ["trl", "fast"])
+def test_warm_start_continues_an_adapters_weights_with_its_shape(tiny_model_dir, short_template, tmp_path, trainer):
     from safetensors.torch import load_file
 
     from llmtags.adapters.registry import read_metadata
@@ -253,12 +257,14 @@ def test_warm_start_continues_an_adapters_weights_with_its_shape(tiny_model_dir,
     from llmtags.models import sha256_file
 
     first = tmp_path / "first"
-    train(RECORDS, [], _config(tiny_model_dir, short_template, max_steps=2, rank=4, layers=1), first, progress=False)
+    train(RECORDS, [], _config(tiny_model_dir, short_template, trainer, max_steps=2, rank=4, layers=1), first,
+          progress=False)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"id": r.id, "text": r.text, "tags": r.tags}, ensure_ascii=False) + "\n"
                             for r in RECORDS), encoding="utf-8")
     common = ["--base-model", str(tiny_model_dir), "--template", short_template, "--max-steps", "1",
-              "--batch-size", "2", "--grad-accum", "1", "--eval-every", "0", "--eval-limit", "0", "-q"]
+              "--batch-size", "2", "--grad-accum", "1", "--eval-every", "0", "--eval-limit", "0", "-q",
+              "--fast", "true" if trainer == "fast" else "false"]
     # A learning rate of 1e-9 leaves the weights where the warm start put them.
     assert main(["train", str(data), "--out", str(tmp_path / "second"), "--init-adapter", str(first),
                  "--rank", "16", "--skip", "2", "--lr", "1e-9", "--schedule", "constant", *common]) == 0
@@ -274,6 +280,7 @@ def test_warm_start_continues_an_adapters_weights_with_its_shape(tiny_model_dir,
     meta = read_metadata(tmp_path / "second")
     assert meta["hyperparameters"]["init_adapter"]["sha256"] == sha256_file(first / "adapter_model.safetensors")
     assert meta["hyperparameters"]["rank"] == 4 and meta["data"]["train_records"] == 4  # 6 labelled, 2 skipped
+    assert meta["hyperparameters"]["trainer"] == trainer
 
     with pytest.raises(TrainError, match="also the output"):
         train(RECORDS, [], _config(tiny_model_dir, short_template, max_steps=1, init_adapter=str(first)), first,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import sha256_file
-from .records import Fields, Record, RecordError, ReadStats, read_records
+from .records import Fields, ReadStats, Record, RecordError, read_records
 from .tagger import chunked
 
 MANIFEST = "manifest.json"

@@ -21,7 +21,14 @@ from .candidates import candidate_finder, candidate_recall
 from .engines.cache import CachedEngine, GenerationCache
 from .engines.select import load_engine, pick_engine
 from .metrics import bootstrap_prf_counts, paired_bootstrap
-from .models import EMBEDDED, base_model_spec, cache_root, load_tokenizer_only, resolve_base_model, resolve_gguf_base
+from .models import (
+    EMBEDDED,
+    base_model_spec,
+    cache_root,
+    load_tokenizer_only,
+    resolve_base_model,
+    resolve_gguf_base,
+)
 from .options import TaggingOptions
 from .records import Fields, Record, RecordError, load_labelled
 from .report import EvalReport

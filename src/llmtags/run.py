@@ -25,7 +25,13 @@ from .adapters.registry import resolve_adapter, weights_sha256
 from .adapters.routing import adapter_tagger, load_adapter_map
 from .engines.select import load_engine
 from .models import sha256_file
-from .options import Settings, TaggingOptions, normaliser_for, tagging_options, with_adapter_defaults
+from .options import (
+    Settings,
+    TaggingOptions,
+    normaliser_for,
+    tagging_options,
+    with_adapter_defaults,
+)
 from .records import Fields, ReadStats, Record, RecordError, count_records, read_records
 from .tagger import TagResult, tag_chunks
 

@@ -190,7 +190,9 @@ def _has_cjk(text: str) -> bool:
 
 @lru_cache(maxsize=1)
 def _converter() -> Any:
-    from opencc import OpenCC  # imported on first use: building its dictionaries takes a moment
+    from opencc import (
+        OpenCC,  # imported on first use: building its dictionaries takes a moment
+    )
 
     return OpenCC("t2s")
 

@@ -7,7 +7,15 @@ import warnings
 from pathlib import Path
 
 from ..models import load_model, load_tokenizer, resolve_base_model
-from .registry import AdapterError, check_compatible, check_files, quiet_bitsandbytes, read_metadata, resolve_adapter, weights_sha256
+from .registry import (
+    AdapterError,
+    check_compatible,
+    check_files,
+    quiet_bitsandbytes,
+    read_metadata,
+    resolve_adapter,
+    weights_sha256,
+)
 
 
 def merge_adapter(

@@ -22,7 +22,12 @@ from ..options import Settings, TaggingOptions, adapter_options
 from ..prompts import detect_lang
 from ..records import Record
 from ..tagger import TagResult, chunked, tag_chunks
-from .registry import AdapterError, read_metadata, resolve_adapter, validate_adapter_name
+from .registry import (
+    AdapterError,
+    read_metadata,
+    resolve_adapter,
+    validate_adapter_name,
+)
 
 
 @dataclass

@@ -39,6 +39,8 @@ _HYPERPARAMETER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--log-every", {"type": int}),
     ("--dtype", {"choices": ["auto", "float32", "bfloat16"], "help": "auto: fp32 on CPU, bf16 on CUDA"}),
     ("--qlora", {"choices": ["auto", "true", "false"], "help": "4-bit base model (auto: on CUDA only)"}),
+    ("--fast", {"choices": ["auto", "true", "false"], "help": "the fast CPU trainer: frozen layers computed once, "
+                "logits only where there is loss (auto: on CPU without QLoRA; false: trl's SFTTrainer)"}),
     ("--device", {"help": "auto, cpu, cuda, cuda:1, ..."}),
     ("--base-model", {"help": "base model spec (default: $LLMTAGS_BASE_MODEL, else 'embedded')"}),
     ("--template", {"help": "auto (default), zh, en, few_shot, or a .j2 file"}),

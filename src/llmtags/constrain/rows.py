@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-import numpy as np
 from typing import Any
+
+import numpy as np
 
 from ..parse import clean_tag
 from .grammar import (

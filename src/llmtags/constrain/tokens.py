@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict, defaultdict
-import numpy as np
 from typing import Any
 
-from .grammar import BREAKS_RE, DIGITS, NEWLINE, SPACE, char_count, free_attr_ok, utf8_complete
+import numpy as np
+
+from .grammar import (
+    BREAKS_RE,
+    DIGITS,
+    NEWLINE,
+    SPACE,
+    char_count,
+    free_attr_ok,
+    utf8_complete,
+)
 from .spec import vocab_fingerprint
 from .trie import VocabTrie
 

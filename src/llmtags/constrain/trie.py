@@ -5,8 +5,9 @@ from __future__ import annotations
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
-import numpy as np
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .grammar import BREAKS_RE, NEWLINE, attr_key
 

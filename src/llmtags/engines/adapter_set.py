@@ -23,7 +23,13 @@ from ..adapters.registry import (
     resolve_adapter,
     weights_sha256,
 )
-from ..models import ResolvedModel, load_model, load_tokenizer, pick_device, resolve_base_model
+from ..models import (
+    ResolvedModel,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve_base_model,
+)
 from ..prompts import PromptTemplate
 from .base import MAX_NEW_TOKENS, Generation
 from .llamacpp import LlamaCppEngine

@@ -17,7 +17,6 @@ from typing import Any
 
 from .base import MAX_NEW_TOKENS, Generation
 
-
 # Bump when the decoding rule changes (it changes what a prompt generates), so stale entries miss.
 DECODING = "greedy, stop at end of turn or a repeated line"
 

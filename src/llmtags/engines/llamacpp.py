@@ -32,8 +32,22 @@ from ..adapters.registry import CONFIG_FILE, weights_sha256
 from ..constrain.grammar import repeats_a_line
 from ..constrain.rows import allowed_bias, constraint_row
 from ..constrain.tokens import token_table
-from ..models import ModelError, ResolvedModel, cache_root, load_tokenizer, resolve_gguf_base, sha256_file
-from .base import MAX_NEW_TOKENS, Generation, PromptEncoder, finish_row, newline_token_ids, stop_token_ids
+from ..models import (
+    ModelError,
+    ResolvedModel,
+    cache_root,
+    load_tokenizer,
+    resolve_gguf_base,
+    sha256_file,
+)
+from .base import (
+    MAX_NEW_TOKENS,
+    Generation,
+    PromptEncoder,
+    finish_row,
+    newline_token_ids,
+    stop_token_ids,
+)
 
 PREFIX_MIN_TOKENS = 8  # below this, copying a prefix saves less than it costs
 

@@ -16,8 +16,22 @@ from ..constrain.grammar import repeats_a_line
 from ..constrain.rows import allowed_bias, constraint_row
 from ..constrain.spec import ConstraintSpec
 from ..constrain.tokens import token_table
-from ..models import ResolvedModel, load_model, load_tokenizer, pick_device, resolve_base_model
-from .base import MAX_NEW_TOKENS, Generation, PromptEncoder, finish_row, length_sorted_batches, newline_token_ids, stop_token_ids
+from ..models import (
+    ResolvedModel,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve_base_model,
+)
+from .base import (
+    MAX_NEW_TOKENS,
+    Generation,
+    PromptEncoder,
+    finish_row,
+    length_sorted_batches,
+    newline_token_ids,
+    stop_token_ids,
+)
 
 
 class GreedyLogprobs:

@@ -55,6 +55,9 @@ class TrainConfig:
     log_every: int = 10
     dtype: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA; or float32 / bfloat16
     qlora: bool | str = "auto"  # auto: 4-bit QLoRA on CUDA, plain LoRA on CPU
+    # The fast CPU path (train/fast.py): frozen layers computed once, logits only where there is loss,
+    # batches of similar length. auto: on CPU without QLoRA; false: trl's SFTTrainer everywhere.
+    fast: bool | str = "auto"
     device: str = "auto"
     # Warm start: an adapter (registry name or directory) whose weights training continues from. Its LoRA
     # shape (rank, alpha, modules, layers) replaces the values above; base and templates must match.
@@ -101,6 +104,7 @@ class TrainConfig:
         if isinstance(self.target_modules, str):
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
         self.qlora = _auto_or_bool(self.qlora, "qlora")
+        self.fast = _auto_or_bool(self.fast, "fast")
         checks = [
             (self.rank > 0, "rank must be positive"),
             (self.alpha > 0, "alpha must be positive"),

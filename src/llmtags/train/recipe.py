@@ -20,8 +20,6 @@ The recipe, top to bottom:
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import contextlib
 import dataclasses
 import json
@@ -47,13 +45,22 @@ from ..adapters.registry import (
     write_metadata,
 )
 from ..candidates import candidate_finder
-from ..models import load_model, load_tokenizer, pick_device, pick_dtype, resolve_base_model, sha256_file
+from ..models import (
+    cache_root,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    resolve_base_model,
+    sha256_file,
+)
 from ..options import TaggingOptions
 from ..prompts import PromptTemplate, template_choice
 from ..records import Record
 from .callbacks import callback_classes
 from .config import TrainConfig, TrainError, resolve_layers
 from .examples import build_examples, end_of_turn, tokenize_examples
+from .fast import FastLoraTrainer
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"
@@ -151,6 +158,7 @@ class TrainingRun:
     truncated: int
     progress: Any
     evaluation: Any
+    fast: bool = False  # the fast CPU trainer, not trl's
 
 
 @contextlib.contextmanager
@@ -237,14 +245,27 @@ def _prepare_run(
         config = dataclasses.replace(config, **init)
     layers = resolve_layers(config.layers, num_layers)
     progress_cb, eval_cb = _callbacks(config, dev, tokenizer, template, candidates, out, progress, resume)
-    trainer = _trl_trainer(model, examples, config, layers, out, tokenizer,
-                           bf16=dtype == torch.bfloat16 or qlora, use_cpu=device == "cpu")
+    fast = use_fast_path(config, device, qlora)
+    if fast:
+        trainer = _fast_trainer(model, examples, config, layers, out, progress_cb, progress)
+    else:
+        trainer = _trl_trainer(model, examples, config, layers, out, tokenizer,
+                               bf16=dtype == torch.bfloat16 or qlora, use_cpu=device == "cpu")
     # The progress bar first (evaluation notes go on it), then evaluation, then the caller's callbacks.
     for callback in [progress_cb, eval_cb, *callbacks]:
         if callback is not None:
             trainer.add_callback(callback)
     return TrainingRun(trainer, config, out, resolved, tokenizer, template, device, qlora, dtype, layers, num_layers,
-                       len(examples), truncated, progress_cb, eval_cb)
+                       len(examples), truncated, progress_cb, eval_cb, fast)
+
+
+def use_fast_path(config: TrainConfig, device: str, qlora: bool) -> bool:
+    """`fast` auto: the fast trainer on CPU without QLoRA (on CUDA, QLoRA through trl stays as it is)."""
+    if config.fast == "auto":
+        return device == "cpu" and not qlora
+    if config.fast and qlora:
+        raise TrainError("the fast trainer runs plain LoRA: give --qlora false, or --fast false for QLoRA")
+    return bool(config.fast)
 
 
 def _trl_trainer(model: Any, examples: list[dict[str, list[int]]], config: TrainConfig, layers: list[int] | None,
@@ -264,6 +285,24 @@ def _trl_trainer(model: Any, examples: list[dict[str, list[int]]], config: Train
     for noisy in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(noisy)
     return trainer
+
+
+def _fast_trainer(model: Any, examples: list[dict[str, list[int]]], config: TrainConfig, layers: list[int] | None,
+                  out: Path, progress_cb: Any, progress: bool) -> FastLoraTrainer:
+    """The fast CPU trainer on a peft model: the warm-start adapter, or a new LoRA seeded as trl seeds it."""
+    from peft import PeftModel, get_peft_model
+    from transformers import set_seed
+
+    if not isinstance(model, PeftModel):
+        set_seed(config.seed)
+        model = get_peft_model(model, lora_config(config, layers))
+    return FastLoraTrainer(
+        model, examples, lr=config.lr, schedule=config.schedule, warmup_ratio=config.warmup_ratio,
+        epochs=config.epochs, max_steps=config.max_steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
+        seed=config.seed, checkpoint_dir=out / CHECKPOINTS, save_every=config.checkpoint_every,
+        save_total_limit=config.save_total_limit, log_every=config.log_every, max_length=config.max_length,
+        cache_dir=cache_root() / "train-cache", progress=progress_cb.write, cache_bar=progress,
+    )
 
 
 def lora_config(config: TrainConfig, layers: list[int] | None) -> Any:
@@ -447,6 +486,7 @@ def _hyperparameters(run: TrainingRun, config: TrainConfig, state: Any) -> dict[
         "device": run.device,
         "compute_dtype": "bfloat16" if run.qlora else str(run.dtype).replace("torch.", ""),
         "effective_batch_size": config.batch_size * config.grad_accum,
+        "trainer": "fast" if run.fast else "trl",
         "steps": state.global_step,
         "trainable_parameters": sum(p.numel() for p in run.trainer.model.parameters() if p.requires_grad),
     }
