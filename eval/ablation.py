@@ -22,7 +22,7 @@ from common import (DATASETS, REPO, generate_predictions, meta_lines, prediction
 
 from llmtags.baselines import DictionaryTagger
 from llmtags.calibrate import calibrate, read_scored_predictions
-from llmtags.candidates import CandidateFinder, candidate_recall, load_candidate_vocabulary
+from llmtags.candidates import candidate_finder, candidate_recall
 from llmtags.models import cache_root
 from llmtags.records import Record, load_labelled
 from llmtags.report import EvalReport
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         union.append(model_tags + [t for t in dict_tags if t.split(":", 1)[0] not in attributes])
     add("adapter + candidates, dictionary fills missing attributes", union)
 
-    finder = CandidateFinder(load_candidate_vocabulary(str(train_path)))
+    finder = candidate_finder(str(train_path))
     recall = candidate_recall([r.tags for r in test], [finder.tags(r.text, attributes=r.schema) for r in test])
     return {"set": args.set, "adapter": args.adapter, "records": len(test), "dev_records": len(dev),
             "candidate_recall": recall, "rows": rows, "calibration": calibrations, "meta": run_meta()}

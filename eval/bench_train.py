@@ -34,7 +34,7 @@ LR, MAX_LENGTH, BATCH, RANK, ALPHA, DROPOUT, TOP = 2e-4, 160, 8, 16, 32, 0.05, 8
 
 
 def examples_and_tokenizer(n: int):
-    from llmtags.candidates import CandidateFinder, load_candidate_vocabulary
+    from llmtags.candidates import candidate_finder
     from llmtags.models import load_tokenizer, resolve_base_model
     from llmtags.records import load_labelled
     from llmtags.train.examples import build_examples, tokenize_examples
@@ -42,7 +42,7 @@ def examples_and_tokenizer(n: int):
     resolved = resolve_base_model("embedded")
     tokenizer = load_tokenizer(resolved)
     records = load_labelled(DATA)[:n]
-    finder = CandidateFinder(load_candidate_vocabulary(DATA))
+    finder = candidate_finder(DATA)
     examples = tokenize_examples(build_examples(records, tokenizer, "tuned", finder), tokenizer)
     return resolved, tokenizer, examples
 

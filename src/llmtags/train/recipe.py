@@ -223,6 +223,7 @@ def _prepare_run(
 
     device = pick_device(config.device)
     qlora = device.startswith("cuda") if config.qlora == "auto" else bool(config.qlora)
+    fast = use_fast_path(config, device, qlora)  # before the model loads: a refused combination fails at once
     dtype = pick_dtype(config.dtype, device)
     resolved = resolve_base_model(config.base_model)
     tokenizer = load_tokenizer(resolved)
@@ -245,7 +246,6 @@ def _prepare_run(
         config = dataclasses.replace(config, **init)
     layers = resolve_layers(config.layers, num_layers)
     progress_cb, eval_cb = _callbacks(config, dev, tokenizer, template, candidates, out, progress, resume)
-    fast = use_fast_path(config, device, qlora)
     if fast:
         trainer = _fast_trainer(model, examples, config, layers, out, progress_cb, progress)
     else:
