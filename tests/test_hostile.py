@@ -99,7 +99,9 @@ def _check_rows(lines: list[str], ids: list[str]) -> None:
     rows = [json.loads(line) for line in lines]
     assert [r["id"] for r in rows] == ids
     for row in rows:
-        assert set(row) == {"id", "text_hash", "tags", "confidence", "evidence", "raw"}
+        assert set(row) - {"dropped"} == {"id", "text_hash", "tags", "confidence", "evidence", "raw"}
+        dropped = [t for tags in row.get("dropped", {}).values() for t in tags]
+        assert len(row["tags"]) + len(dropped) <= MAX_TAGS and all(isinstance(t, str) for t in dropped)
         assert isinstance(row["raw"], str) and all(isinstance(t, str) for t in row["tags"])
         assert len(row["tags"]) <= MAX_TAGS and all(0 < len(t) <= MAX_TAG_CHARS for t in row["tags"])
 

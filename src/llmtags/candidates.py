@@ -43,7 +43,8 @@ class CandidateFinder:
                 if len(key) >= min_chars and any(ch.isalnum() for ch in key):
                     self.by_key.setdefault(key, []).append((entry, via))
         for entries in self.by_key.values():
-            entries.sort(key=lambda pair: -pair[0].count)  # the most frequent reading first
+            # The most frequent reading first; ties by tag, so a saved vocabulary offers what its source did.
+            entries.sort(key=lambda pair: (-pair[0].count, pair[0].tag))
         self.index = ValueIndex(self.by_key)
 
     def find(

@@ -9,6 +9,7 @@ tagger runs with.
   the adapter's own (its template, its candidate vocabulary).
 - `tagging_options(settings)`, `normaliser_for(settings)`, `min_confidence(settings)`,
   `adapter_options(name, settings, options)`: the objects the tagger takes.
+- `adapter_defaults(name, settings)`: what an adapter brings (template, candidates, demo pool and K).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .candidates import candidate_finder, candidate_sources, load_candidate_voca
 from .engines.base import MAX_NEW_TOKENS
 from .prompts import Demo, PromptTemplate, demos_from, template_choice
 from .records import load_labelled
+from .retrieve import DemoPool, load_pool
 from .vocab import Normaliser, Vocabulary
 
 
@@ -35,7 +37,10 @@ class OptionsError(ValueError):
 @dataclass
 class TaggingOptions:
     template: str | PromptTemplate = "auto"
-    demos: Sequence[Demo] = ()
+    demos: Sequence[Demo] = ()  # fixed demonstrations, shown to every record
+    # Retrieval (retrieve.py): each record is shown its `retrieve` nearest records of `pool` instead.
+    pool: DemoPool | None = None
+    retrieve: int = 0
     max_new_tokens: int = MAX_NEW_TOKENS
     batch_size: int = 8
     # Records generated between two appends to the output: a few batches, so prompts sort by length
@@ -68,7 +73,8 @@ class Settings:
     # the prompt
     template: str = "auto"
     demos: str | None = None  # a labelled file of demonstrations
-    shots: int = 4
+    shots: int = 4  # without retrieve: the first `shots` demonstrations, the same for every record
+    retrieve: int | None = None  # K: each record is shown its K most similar demonstrations (None: unset)
     candidates: str | None = None  # a vocabulary or labelled file(s), comma-joined
     no_candidates: bool = False
     # generation
@@ -106,8 +112,18 @@ class Settings:
 def tagging_options(settings: Settings) -> TaggingOptions:
     """The `TaggingOptions` of `settings`: templates, demonstrations and vocabularies loaded."""
     template = template_choice(settings.template)
-    demos = demos_from(load_labelled(settings.demos), settings.shots) if settings.demos else ()
-    if template != "auto" and "demos" in template.source and not demos:
+    retrieve = settings.retrieve or 0
+    if retrieve < 0:
+        raise OptionsError(f"--retrieve: expected a number of demonstrations >= 0, got {retrieve}")
+    if retrieve and not settings.demos:
+        raise OptionsError("--retrieve K needs --demos FILE: the labelled records to retrieve from")
+    demos: Sequence[Demo] = ()
+    pool = None
+    if settings.demos and retrieve:
+        pool = load_pool(settings.demos)
+    elif settings.demos:
+        demos = demos_from(load_labelled(settings.demos), settings.shots)
+    if template != "auto" and template.name == "few_shot" and not demos and pool is None:
         raise OptionsError(f"template {template.name!r} shows demonstrations: give --demos FILE")
     candidates = None
     if settings.candidates and not settings.no_candidates:
@@ -118,9 +134,9 @@ def tagging_options(settings: Settings) -> TaggingOptions:
         if not path:
             raise OptionsError("--constrain closed needs --constrain-vocab VOCAB (or --vocab)")
         constrain_vocab = load_candidate_vocabulary(path)
-    return TaggingOptions(template, demos, settings.max_new_tokens, settings.batch_size, settings.chunk_size,
-                          candidates=candidates, constrain=settings.constrain, constrain_vocab=constrain_vocab,
-                          min_confidence=min_confidence(settings))
+    return TaggingOptions(template, demos, pool, retrieve, settings.max_new_tokens, settings.batch_size,
+                          settings.chunk_size, candidates=candidates, constrain=settings.constrain,
+                          constrain_vocab=constrain_vocab, min_confidence=min_confidence(settings))
 
 
 def min_confidence(settings: Settings) -> float | None:
@@ -156,43 +172,93 @@ def normaliser_for(settings: Settings) -> Normaliser | None:
 # --- what an adapter brings ------------------------------------------------------------------------------
 
 
-def adapter_prompt_defaults(name: str, settings: Settings) -> tuple[str | None, str | None]:
-    """(template spec, candidates source) that adapter `name` was trained with, for the options the
-    user left unset. A candidates source absent here is dropped with a warning (the adapter still
-    works, with lower recall), so `generate` runs on a machine without the training data."""
-    meta = read_metadata(resolve_adapter(name, settings.adapters_root))
-    template = None
-    if settings.template == "auto":
-        template = (meta.get("template") or {}).get("spec")
-    source = ((meta.get("vocabulary") or {}).get("candidates") or {}).get("path")
-    if not source or settings.candidates or settings.no_candidates:
-        return template, None
+@dataclass(frozen=True)
+class AdapterDefaults:
+    """What adapter `name` was trained with, for the prompt options the user left unset (None: keep
+    the user's). Files an adapter ships (its pool, its vocabulary) are named relative to its directory."""
+
+    template: str | None = None
+    candidates: str | None = None
+    demos: str | None = None
+    retrieve: int | None = None
+
+    def changes(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _adapter_file(adapter_dir: Path, path: str) -> str:
+    """`path` as the adapter's metadata records it: a file the adapter ships (relative to its directory,
+    comma-joined for several), else a path relative to where llmtags runs."""
+    parts = [str(adapter_dir / p) if (adapter_dir / p).is_file() else p for p in path.split(",")]
+    return ",".join(parts)
+
+
+def _absent(name: str, what: str, source: str, consequence: str) -> bool:
     missing = [path for path in candidate_sources(source) if not Path(path).is_file()]
     if missing:
-        print(f"llmtags: warning: adapter {name} was trained with vocabulary candidates from {source}, but "
-              f"{', '.join(missing)} is absent here: tagging without candidates, which lowers recall; "
-              "give --candidates VOCAB (that file, or a vocabulary built from it)", file=sys.stderr)
-        return template, None
-    print(f"llmtags: adapter {name}: candidates from {source}", file=sys.stderr)
-    return template, source
+        print(f"llmtags: warning: adapter {name} was trained with {what} from {source}, but "
+              f"{', '.join(missing)} is absent here: {consequence}", file=sys.stderr)
+    return bool(missing)
+
+
+def adapter_defaults(name: str, settings: Settings) -> AdapterDefaults:
+    """The template, candidates and retrieval that adapter `name` was trained with, where `settings` leave
+    them unset. A file absent here is dropped with a warning (the adapter still works, less well), so
+    `generate` runs on a machine without the training data.
+
+    `--demos FILE` points the adapter at another catalogue's labelled sample: retrieval then draws from
+    FILE (with the adapter's K unless --retrieve is given), and so do the candidates, because the
+    adapter's own vocabulary belongs to its own catalogue."""
+    adapter_dir = resolve_adapter(name, settings.adapters_root)
+    meta = read_metadata(adapter_dir)
+    template = (meta.get("template") or {}).get("spec") if settings.template == "auto" else None
+    retrieval = meta.get("retrieval") or {}
+    demos, retrieve = None, None
+    if retrieval and settings.demos is None and settings.retrieve != 0:
+        pool = _adapter_file(adapter_dir, retrieval["pool"])
+        if not _absent(name, "demonstrations", pool, "tagging without retrieval; give --demos POOL --retrieve K"):
+            demos, retrieve = pool, settings.retrieve or int(retrieval["k"])
+    elif retrieval and settings.demos and settings.retrieve is None:
+        retrieve = int(retrieval["k"])
+    source = ((meta.get("vocabulary") or {}).get("candidates") or {}).get("path")
+    if not source or settings.candidates or settings.no_candidates:
+        source = None
+    elif settings.demos:
+        source = settings.demos
+    else:
+        source = _adapter_file(adapter_dir, source)
+        if _absent(name, "vocabulary candidates", source, "tagging without candidates, which lowers recall; give "
+                   "--candidates VOCAB (that file, or a vocabulary built from it)"):
+            source = None
+    found = AdapterDefaults(template, source, demos, retrieve)
+    if found.candidates or found.demos:
+        print(f"llmtags: adapter {name}: " + "; ".join(
+            [f"candidates from {found.candidates}"] * bool(found.candidates)
+            + [f"{found.retrieve or settings.retrieve} demonstrations retrieved from {found.demos}"] * bool(found.demos)),
+            file=sys.stderr)
+    return found
 
 
 def adapter_options(name: str, settings: Settings, options: TaggingOptions) -> TaggingOptions:
-    """`options` with adapter `name`'s own template and candidates filled in (see adapter_prompt_defaults)."""
-    template, source = adapter_prompt_defaults(name, settings)
+    """`options` with adapter `name`'s own template, candidates and retrieval filled in (see adapter_defaults)."""
+    found = adapter_defaults(name, settings)
     changes: dict[str, Any] = {}
-    if template:
-        changes["template"] = template_choice(template)
-    if source:
-        changes["candidates"] = candidate_finder(source)
+    if found.template:
+        changes["template"] = template_choice(found.template)
+    if found.candidates:
+        changes["candidates"] = candidate_finder(found.candidates)
+    demos = found.demos or settings.demos
+    retrieve = found.retrieve if found.retrieve is not None else settings.retrieve
+    if demos and retrieve:
+        changes.update(pool=load_pool(demos), retrieve=retrieve)
     return dataclasses.replace(options, **changes)
 
 
 def with_adapter_defaults(settings: Settings) -> Settings:
     """With one --adapter, unset prompt options default to what the adapter was trained with: its
-    template (instead of 'auto') and its candidate vocabulary, so `generate --adapter NAME` just works."""
+    template (instead of 'auto'), its candidate vocabulary and its demo pool, so `generate --adapter NAME`
+    just works."""
     if not settings.adapter:
         return settings
-    template, source = adapter_prompt_defaults(settings.adapter, settings)
-    changes = {k: v for k, v in (("template", template), ("candidates", source)) if v}
+    changes = adapter_defaults(settings.adapter, settings).changes()
     return settings.replace(**changes) if changes else settings

@@ -51,8 +51,11 @@ class RunSummary:
     prompt_tokens: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    dropped: dict[str, int] = dataclasses.field(default_factory=dict)  # lines that were not tags, by reason
 
     def add(self, result: TagResult) -> None:
+        for reason, tags in result.dropped.items():
+            self.dropped[reason] = self.dropped.get(reason, 0) + len(tags)
         self.tagged += 1
         self.empty += not result.tags
         self.truncated += result.truncated
@@ -70,6 +73,9 @@ class RunSummary:
             f"skipped {self.errors} bad records and {self.duplicates} exact duplicates; "
             f"{self.empty} records got no tag; {self.truncated} long texts were truncated",
         ]
+        if self.dropped:
+            lines.append("dropped lines that are not tags: " + ", ".join(
+                f"{count} {reason.replace('_', ' ')}" for reason, count in sorted(self.dropped.items())))
         if self.resumed:
             lines.append(f"resumed: {self.resumed} records were already done")
         if self.interrupted:

@@ -8,15 +8,16 @@ engine's `generate` (engines/), `to_result` (parse.py, vocab.py, grounding.py).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .constrain.spec import ConstraintSpec
 from .grounding import confidences_by_tag, evidence_spans, explain_lines
+from .hygiene import clean_tags
 from .options import TaggingOptions
 from .parse import parse_tag_spans
-from .prompts import render_prompt, template_for
+from .prompts import Demo, render_prompt, template_for
 from .records import Record
 
 
@@ -34,6 +35,7 @@ class TagResult:
     confidences: list[float | None] = field(default_factory=list)
     evidence: list[tuple[int, int] | None] = field(default_factory=list)
     below_confidence: list[str] = field(default_factory=list)  # tags dropped by min_confidence
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # lines dropped by hygiene.clean_tags, by reason
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.record.id, "text_hash": self.record.text_hash, "tags": self.tags,
@@ -42,6 +44,8 @@ class TagResult:
                                "raw": self.raw}
         if self.below_confidence:
             out["below_confidence"] = self.below_confidence
+        if self.dropped:
+            out["dropped"] = self.dropped
         if self.details:
             out["normalisation"] = self.details
         return out
@@ -51,29 +55,51 @@ class TagResult:
 
 
 
-def build_prompt(record: Record, tokenizer: Any, options: TaggingOptions, training: bool = False) -> str:
-    """The exact prompt for `record`. With `training`, candidates that exist only because of this
-    record's own gold tags are left out, so training prompts look like test prompts."""
+def prompt_record(record: Record, options: TaggingOptions) -> Record:
+    """`record` as prompts and constraints see it: its text cut to `options.max_text_chars`, and with
+    retrieval on and no schema of its own, the schema its demo pool gives it (retrieve.schema_for)."""
     if len(record.text) > options.max_text_chars:
         record = replace(record, text=record.text[: options.max_text_chars])
+    if not record.schema and options.pool is not None and options.retrieve > 0:
+        record = replace(record, schema=options.pool.schema_for(record))
+    return record
+
+
+def prompt_demos(record: Record, options: TaggingOptions) -> Sequence[Demo]:
+    """The demonstrations `record` is shown: its nearest pool records with retrieval, else the fixed ones."""
+    if options.pool is not None and options.retrieve > 0:
+        return options.pool.demos_for(record, options.retrieve)
+    return options.demos
+
+
+def prompt_candidates(record: Record, options: TaggingOptions, training: bool = False) -> list[str]:
+    """The vocabulary candidates `record` is offered. With `training`, candidates that exist only because
+    of this record's own gold tags are left out, so training prompts look like test prompts."""
+    if not options.candidates:
+        return []
+    return list(options.candidates.tags(record.text, record.tags or () if training else (), record.schema))
+
+
+def build_prompt(record: Record, tokenizer: Any, options: TaggingOptions, training: bool = False) -> str:
+    """The exact prompt for `record`: its template over `prompt_record`, `prompt_demos` and
+    `prompt_candidates`, through the model's chat template."""
+    record = prompt_record(record, options)
     template = template_for(record, options.template)
-    candidates = (
-        options.candidates.tags(record.text, record.tags or () if training else (), record.schema)
-        if options.candidates else ()
-    )
-    return render_prompt(tokenizer, template.messages(record, options.demos, candidates))
+    messages = template.messages(record, prompt_demos(record, options), prompt_candidates(record, options, training))
+    return render_prompt(tokenizer, messages)
 
 
 def constraint_for(record: Record, options: TaggingOptions) -> ConstraintSpec | None:
     """The `ConstraintSpec` of `record` (None when nothing is constrained: free mode and no
-    schema), from the text as `build_prompt` cuts it."""
+    schema), from the record as `prompt_record` gives it."""
+    record = prompt_record(record, options)
     if options.constrain == "free" and not record.schema:
         return None
     if options.constrain == "closed" and options.constrain_vocab is None:
         raise ValueError("constrain='closed' needs a vocabulary (TaggingOptions.constrain_vocab)")
     return ConstraintSpec(
         options.constrain,
-        text=record.text[: options.max_text_chars] if options.constrain == "extract" else None,
+        text=record.text if options.constrain == "extract" else None,
         schema=tuple(record.schema) if record.schema else None,
         vocab=options.constrain_vocab if options.constrain == "closed" else None,
     )
@@ -103,15 +129,17 @@ def tag_chunks(
     """Tag `records` with `engine` (an `engines.base.Engine`), one
     list of results per chunk of `options.chunk_size` records, in input order."""
     for chunk in chunked(records, options.chunk_size, first=options.batch_size):
-        prompts = [build_prompt(record, engine.tokenizer, options) for record in chunk]
-        constraints = [constraint_for(record, options) for record in chunk]
+        prepared = [prompt_record(record, options) for record in chunk]
+        prompts = [build_prompt(record, engine.tokenizer, options) for record in prepared]
+        constraints = [constraint_for(record, options) for record in prepared]
         # Engines without constrained decoding still serve unconstrained runs.
         kwargs = {"constraints": constraints} if any(c is not None for c in constraints) else {}
         generations = engine.generate(
             prompts, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, on_batch=on_batch,
             **kwargs,
         )
-        yield [to_result(record, generation, options, normaliser) for record, generation in zip(chunk, generations)]
+        yield [to_result(record, generation, options, normaliser, schema=ready.schema)
+               for record, ready, generation in zip(chunk, prepared, generations)]
 
 
 def tag_records(
@@ -125,17 +153,20 @@ def tag_records(
         yield from chunk
 
 
-def to_result(record: Record, generation: Any, options: TaggingOptions, normaliser: Any = None) -> TagResult:
-    """Parse, normalise and ground one generation."""
+def to_result(record: Record, generation: Any, options: TaggingOptions, normaliser: Any = None,
+              schema: Sequence[str] | None = None) -> TagResult:
+    """Parse, clean (`hygiene.clean_tags`: against `schema`, else the record's), normalise and ground one
+    generation."""
     parsed = parse_tag_spans(generation.text)
     by_raw = confidences_by_tag(parsed, generation)
-    result = TagResult(record, [p.tag for p in parsed], generation.text, generation.prompt_tokens,
-                       generation.new_tokens, truncated=len(record.text) > options.max_text_chars)
-    sources = [p.tag for p in parsed]
+    kept, dropped = clean_tags([p.tag for p in parsed], schema if schema is not None else record.schema)
+    result = TagResult(record, kept, generation.text, generation.prompt_tokens,
+                       generation.new_tokens, truncated=len(record.text) > options.max_text_chars, dropped=dropped)
+    sources = list(kept)
     if normaliser is not None:
         normalised = normaliser.normalise(result.tags)
-        kept = [n for n in normalised if n.kept]
-        result.tags, sources = [n.tag for n in kept], [n.source for n in kept]
+        kept_tags = [n for n in normalised if n.kept]
+        result.tags, sources = [n.tag for n in kept_tags], [n.source for n in kept_tags]
         result.details = [n.to_json() for n in normalised]
     confidences = [by_raw.get(source) for source in sources]
     if options.min_confidence is not None:

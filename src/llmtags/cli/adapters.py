@@ -1,4 +1,4 @@
-"""`llmtags adapters list|show` (the registry) and `llmtags merge` (fold an adapter into its base)."""
+"""`llmtags adapters list|show|pack` (the registry) and `llmtags merge` (fold an adapter into its base)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ import sys
 from typing import Any
 
 from ..adapters.merge import merge_adapter
-from ..adapters.registry import adapters_root, list_adapters, show_adapter
-from .common import add_root
+from ..adapters.pack import pack_adapter
+from ..adapters.registry import (
+    adapters_root,
+    list_adapters,
+    resolve_adapter,
+    show_adapter,
+)
+from .common import CliError, add_root
 
 
 def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
@@ -27,6 +33,16 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
     add_root(p)
     p.set_defaults(func=cmd_adapters_show)
     leaves["adapters show"] = p
+    p = adapters.add_parser("pack", help="ship data an adapter's prompts need inside it: its candidate vocabulary "
+                            "and its demo pool, so it works where the training data is absent")
+    p.add_argument("adapter", help="adapter name or directory")
+    p.add_argument("--candidates", metavar="VOCAB", help="a vocabulary or labelled file(s): saved as vocabulary.jsonl")
+    p.add_argument("--demos", metavar="LABELLED", help="labelled file(s): saved as pool.jsonl (prompt fields only)")
+    p.add_argument("--retrieve", type=int, metavar="K", help="demonstrations retrieved per product (with --demos)")
+    p.add_argument("--licence", "--license", dest="licence", help="licence of the shipped data, for the metadata")
+    add_root(p)
+    p.set_defaults(func=cmd_adapters_pack)
+    leaves["adapters pack"] = p
 
     p = commands.add_parser("merge", help="fold an adapter into its base model: a standalone model directory")
     p.add_argument("adapter", help="adapter name or directory")
@@ -65,6 +81,19 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
 
 def cmd_adapters_show(args: argparse.Namespace) -> int:
     print(json.dumps(show_adapter(args.adapter, args.adapters_root), ensure_ascii=False, indent=2))
+    return 0
+
+
+def cmd_adapters_pack(args: argparse.Namespace) -> int:
+    if not args.candidates and not args.demos:
+        raise CliError("give --candidates VOCAB and/or --demos LABELLED --retrieve K")
+    if bool(args.demos) != bool(args.retrieve):
+        raise CliError("--demos and --retrieve K go together: the pool and how many of it each prompt shows")
+    path = resolve_adapter(args.adapter, args.adapters_root)
+    meta = pack_adapter(path, candidates=args.candidates, pool=args.demos, k=args.retrieve, licence=args.licence)
+    shipped = [f"{meta['vocabulary']['candidates']['size']} candidate tags"] * bool(args.candidates) + [
+        f"a pool of {meta['retrieval']['records']} records, {meta['retrieval']['k']} shown"] * bool(args.demos)
+    print(f"llmtags: {path} now ships {' and '.join(shipped)}", file=sys.stderr)
     return 0
 
 

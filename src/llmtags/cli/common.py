@@ -87,8 +87,14 @@ def add_prompt(p: argparse.ArgumentParser, template: bool = True) -> None:
     if template:
         p.add_argument("--template", default=DEFAULTS.template,
                        help="auto (zh or en by text), zh, en, few_shot, or a .j2 file")
-    p.add_argument("--demos", help="labelled JSONL file with demonstrations for few-shot templates")
-    p.add_argument("--shots", type=int, default=DEFAULTS.shots, help=f"how many demonstrations (default {DEFAULTS.shots})")
+    p.add_argument("--demos", metavar="LABELLED",
+                   help="labelled records shown as demonstrations: with --retrieve K, each product's K most "
+                   "similar; else the first --shots, the same for every product")
+    p.add_argument("--retrieve", type=int, metavar="K",
+                   help="show each product its K most similar --demos records (BM25; same category first); "
+                   "0: none, even where the adapter was trained with them (default: the adapter's K)")
+    p.add_argument("--shots", type=int, default=DEFAULTS.shots,
+                   help=f"without --retrieve: how many fixed demonstrations (default {DEFAULTS.shots})")
     p.add_argument("--candidates", metavar="VOCAB",
                    help="offer the model the entries of this vocabulary (or labelled file; several joined by "
                    "commas) found in each text")

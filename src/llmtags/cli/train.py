@@ -48,6 +48,13 @@ _HYPERPARAMETER_FLAGS: list[tuple[str, dict[str, Any]]] = [
                         "(its rank, alpha, modules and layers replace the flags; base and templates must match)"}),
     ("--candidates", {"metavar": "VOCAB", "help": "offer vocabulary entries found in the text in the prompt, "
                       "as generate --candidates (a vocabulary, or a labelled file whose tags are collected)"}),
+    ("--demos", {"metavar": "LABELLED", "help": "with --retrieve K: each example shows its K most similar records "
+                 "of these labelled files (comma-joined; usually the training files), never itself; the adapter "
+                 "ships the pool, and generate --adapter uses it"}),
+    ("--retrieve", {"type": int, "metavar": "K", "help": "demonstrations retrieved per example (default 0: none)"}),
+    ("--rename", {"type": float, "metavar": "P", "help": "share of examples whose attribute names are renamed "
+                  "consistently in demonstrations, schema and answer, so the adapter follows a catalogue's names "
+                  "(default 0)"}),
 ]
 
 

@@ -31,6 +31,12 @@ class TrainConfig:
     # A vocabulary (or labelled file) whose entries found in a text are offered in the prompt, exactly as
     # `generate --candidates`; training prompts leave out entries only the record's own gold tags make.
     candidates: str | None = None
+    # Retrieval (retrieve.py): each example shows its `retrieve` nearest records of `demos` (labelled
+    # files, usually the training files themselves: an example's own record is never shown), as
+    # `generate --demos --retrieve` will. The adapter ships the pool and K (adapters/pack.py).
+    demos: str | None = None
+    retrieve: int = 0
+    rename: float = 0.0  # share of examples whose attributes are renamed (train/rename.py)
     rank: int = 16
     alpha: int = 32
     dropout: float = 0.05
@@ -117,6 +123,9 @@ class TrainConfig:
             (self.eval_every >= 0 and self.eval_limit >= 0, "eval_every and eval_limit must not be negative"),
             (self.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16"), "dtype: auto, float32 or bfloat16"),
             (bool(self.target_modules), "target_modules is empty"),
+            (self.retrieve >= 0, "retrieve must not be negative"),
+            (not self.retrieve or bool(self.demos), "retrieve needs demos: the labelled records to retrieve from"),
+            (0 <= self.rename < 1, "rename must be in [0, 1)"),
         ]
         for ok, message in checks:
             if not ok:

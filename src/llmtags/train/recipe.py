@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..adapters.pack import pack_adapter
 from ..adapters.registry import (
     CONFIG_FILE,
     METADATA_FILE,
@@ -57,6 +58,7 @@ from ..models import (
 from ..options import TaggingOptions
 from ..prompts import PromptTemplate, template_choice
 from ..records import Record
+from ..retrieve import load_pool
 from .callbacks import callback_classes
 from .config import TrainConfig, TrainError, resolve_layers
 from .examples import build_examples, end_of_turn, tokenize_examples
@@ -229,14 +231,16 @@ def _prepare_run(
     tokenizer = load_tokenizer(resolved)
     template = template_choice(config.template)
     candidates = candidate_finder(config.candidates) if config.candidates else None
-
-    examples = tokenize_examples(build_examples(train_records, tokenizer, template, candidates), tokenizer)
+    pool = load_pool(config.demos) if config.retrieve else None
+    examples = tokenize_examples(build_examples(train_records, tokenizer, template, candidates, pool, config.retrieve,
+                                                config.rename, config.seed), tokenizer)
     if not examples:
         raise TrainError("no labelled training records (records need a 'tags' field)")
     truncated = sum(len(e["input_ids"]) > config.max_length for e in examples)
     dev = [r for r in dev_records if r.tags is not None][: config.eval_limit]
 
-    model = load_model(resolved, device=device, dtype=config.dtype, load_in_4bit=qlora)
+    # The fast trainer keeps fp32 weights and runs bf16 under autocast (train/fast.py).
+    model = load_model(resolved, device=device, dtype="float32" if fast else config.dtype, load_in_4bit=qlora)
     if qlora:
         # Casts norms to fp32 and freezes the base; no gradient checkpointing (see the module docstring).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -245,9 +249,12 @@ def _prepare_run(
         model, init = warm_start(model, config, resolved, template, tokenizer)
         config = dataclasses.replace(config, **init)
     layers = resolve_layers(config.layers, num_layers)
-    progress_cb, eval_cb = _callbacks(config, dev, tokenizer, template, candidates, out, progress, resume)
+    options = TaggingOptions(template=template, max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size,
+                             candidates=candidates, pool=pool, retrieve=config.retrieve)
+    progress_cb, eval_cb = _callbacks(config, dev, tokenizer, options, out, progress, resume)
     if fast:
-        trainer = _fast_trainer(model, examples, config, layers, out, progress_cb, progress)
+        trainer = _fast_trainer(model, examples, config, layers, out, progress_cb, progress,
+                                bf16=dtype == torch.bfloat16)
     else:
         trainer = _trl_trainer(model, examples, config, layers, out, tokenizer,
                                bf16=dtype == torch.bfloat16 or qlora, use_cpu=device == "cpu")
@@ -288,7 +295,7 @@ def _trl_trainer(model: Any, examples: list[dict[str, list[int]]], config: Train
 
 
 def _fast_trainer(model: Any, examples: list[dict[str, list[int]]], config: TrainConfig, layers: list[int] | None,
-                  out: Path, progress_cb: Any, progress: bool) -> FastLoraTrainer:
+                  out: Path, progress_cb: Any, progress: bool, bf16: bool = False) -> FastLoraTrainer:
     """The fast CPU trainer on a peft model: the warm-start adapter, or a new LoRA seeded as trl seeds it."""
     from peft import PeftModel, get_peft_model
     from transformers import set_seed
@@ -301,7 +308,7 @@ def _fast_trainer(model: Any, examples: list[dict[str, list[int]]], config: Trai
         epochs=config.epochs, max_steps=config.max_steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
         seed=config.seed, checkpoint_dir=out / CHECKPOINTS, save_every=config.checkpoint_every,
         save_total_limit=config.save_total_limit, log_every=config.log_every, max_length=config.max_length,
-        cache_dir=cache_root() / "train-cache", progress=progress_cb.write, cache_bar=progress,
+        cache_dir=cache_root() / "train-cache", progress=progress_cb.write, cache_bar=progress, bf16=bf16,
     )
 
 
@@ -359,13 +366,11 @@ def _sft_args(config: TrainConfig, out: Path, tokenizer: Any, *, bf16: bool, use
     )
 
 
-def _callbacks(config: TrainConfig, dev: Sequence[Record], tokenizer: Any, template: Any, candidates: Any, out: Path,
+def _callbacks(config: TrainConfig, dev: Sequence[Record], tokenizer: Any, options: TaggingOptions, out: Path,
                progress: bool, resume: bool) -> tuple[Any, Any]:
-    """The progress bar, and the dev evaluation (None without dev records)."""
+    """The progress bar, and the dev evaluation (None without dev records) with the prompts of `options`."""
     classes = callback_classes()
     progress_cb = classes["LossProgress"](enabled=progress)
-    options = TaggingOptions(template=template, max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size,
-                             candidates=candidates)
     eval_cb = (classes["GenerationEval"](dev, tokenizer, options, config.eval_every, out / BEST, progress_cb, resume)
                if dev and config.eval_limit else None)
     return progress_cb, eval_cb
@@ -445,6 +450,9 @@ def train(
         command=command,
     )
     write_metadata(out, meta)
+    # The adapter carries what its prompts need: its vocabulary and its demo pool (adapters/pack.py).
+    meta = pack_adapter(out, candidates=config.candidates, pool=config.demos if config.retrieve else None,
+                        k=config.retrieve, licence=(data or {}).get("licence"))
     return TrainResult(
         out_dir=out,
         metadata=meta,
@@ -479,7 +487,7 @@ def _save_final_adapter(run: TrainingRun) -> dict[str, Any] | None:
 def _hyperparameters(run: TrainingRun, config: TrainConfig, state: Any) -> dict[str, Any]:
     hyperparameters = {
         **{k: v for k, v in dataclasses.asdict(config).items()
-           if k not in ("base_model", "template", "device", "candidates")},
+           if k not in ("base_model", "template", "device", "candidates", "demos")},
         "layers_to_transform": run.layers,
         "num_hidden_layers": run.num_layers,
         "qlora": run.qlora,

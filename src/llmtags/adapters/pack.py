@@ -1,0 +1,71 @@
+"""Self-contained adapters: the data an adapter's prompts need, shipped inside its directory.
+
+An adapter trained with vocabulary candidates and retrieved demonstrations reaches its F1 only with
+them. `pack_adapter` copies both into the adapter directory, so a clone without the training data
+tags as well as the machine that trained it:
+- `vocabulary.jsonl`: the candidate vocabulary (tag and count; the text of no record);
+- `pool.jsonl`: the demo pool, with only the fields prompts use (id, text, lang, category, schema, tags).
+
+`llmtags.json` then names them relative to the adapter directory (`options.adapter_defaults` resolves
+them there), with their sha256 and the sources they came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..candidates import candidate_sources, load_candidate_vocabulary
+from ..models import sha256_file
+from ..records import load_labelled
+from .registry import AdapterError, read_metadata, write_metadata
+
+VOCABULARY_FILE = "vocabulary.jsonl"
+POOL_FILE = "pool.jsonl"
+POOL_FIELDS = ("id", "text", "lang", "category", "schema", "tags")
+
+
+def _write_atomic(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_pool(source: str, path: Path) -> int:
+    """The labelled records of `source` (one file, or several comma-joined) with only their prompt fields."""
+    lines = []
+    for spec in candidate_sources(source):
+        for record in load_labelled(spec):
+            if not record.tags:
+                continue
+            row = {name: getattr(record, name) for name in POOL_FIELDS if getattr(record, name) is not None}
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    _write_atomic(path, lines)
+    return len(lines)
+
+
+def pack_adapter(adapter_dir: str | Path, *, candidates: str | None = None, pool: str | None = None,
+                 k: int | None = None, licence: str | None = None) -> dict[str, Any]:
+    """Copy `candidates` (a vocabulary or labelled files) and the demo `pool` (labelled files, shown `k`
+    at a time) into `adapter_dir`, and record them in its metadata. Returns the updated metadata."""
+    adapter_dir = Path(adapter_dir)
+    meta = read_metadata(adapter_dir)
+    if candidates:
+        vocab = load_candidate_vocabulary(candidates)
+        vocab.save(adapter_dir / VOCABULARY_FILE)
+        entry = (meta.get("vocabulary") or {}).get("candidates") or {}
+        meta["vocabulary"] = {**(meta.get("vocabulary") or {"normalisation": None}), "candidates": {
+            "path": VOCABULARY_FILE, "size": len(vocab), "sha256": sha256_file(adapter_dir / VOCABULARY_FILE),
+            "from": entry.get("from") or candidates}}
+    if pool:
+        if not k or k <= 0:
+            raise AdapterError("a demo pool needs the number of demonstrations each prompt shows (k > 0)")
+        count = write_pool(pool, adapter_dir / POOL_FILE)
+        meta["retrieval"] = {"pool": POOL_FILE, "k": int(k), "records": count,
+                             "sha256": sha256_file(adapter_dir / POOL_FILE), "from": pool}
+    if licence:
+        meta.setdefault("data", {})["shipped_files_licence"] = licence
+    write_metadata(adapter_dir, meta)
+    return meta

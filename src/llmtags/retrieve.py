@@ -1,0 +1,173 @@
+"""Stage 2a: a pool of labelled records, and for each product the K most similar of them as demonstrations.
+
+`DemoPool` ranks the pool with BM25 (the `bm25s` library) over character bigrams for Chinese and
+lower-cased words for English. For one record:
+- records of the same category come first, where categories exist;
+- a pool record with the same text is never shown (a record must not see its own answer);
+- the K best are returned least similar first, so the most similar sits nearest to the product.
+
+The pool also supplies a schema for records that have none (`schema_for`): the attribute list of the
+record's category in the pool (the pool's own list where it has no categories), else the attributes of
+its nearest neighbours.
+
+Building the index costs milliseconds per thousand titles, so it is built once per run, in memory, and
+shared between runs in one process by the pool's content hash (no cache on disk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Sequence
+
+import bm25s
+import numpy as np
+
+from .candidates import candidate_sources
+from .prompts import Demo
+from .records import GoldTag, Record, load_labelled
+
+DEMO_MAX_CHARS = 300  # a demonstration's text is cut here: K long descriptions would crowd the prompt
+# Neighbours whose attributes make the schema of a record without category: more than the K shown, so
+# an attribute that only some similar products have is still named.
+SCHEMA_NEIGHBOURS = 10
+
+_WORD_RE = re.compile(r"\w+", re.UNICODE)
+_CJK_RE = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+
+
+def tokens(text: str) -> list[str]:
+    """BM25 terms: lower-cased words, and each run of CJK characters as its overlapping bigrams (and
+    unigrams, so a one-character product word still matches)."""
+    terms: list[str] = []
+    for word in _WORD_RE.findall(text.casefold()):
+        if _CJK_RE.search(word):
+            for run in re.split(r"([\u3400-\u9fff\uf900-\ufaff]+)", word):
+                if not run:
+                    continue
+                if _CJK_RE.match(run):
+                    terms.extend(run)
+                    terms.extend(run[i : i + 2] for i in range(len(run) - 1))
+                else:
+                    terms.append(run)
+        else:
+            terms.append(word)
+    return terms
+
+
+def attribute_of(tag: GoldTag) -> str | None:
+    first = tag[0] if isinstance(tag, list) else tag
+    attribute, sep, _ = first.partition(":")
+    return attribute.strip() if sep and attribute.strip() else None
+
+
+def _ordered_union(lists: Sequence[Sequence[str]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for items in lists:
+        for item in items:
+            seen.setdefault(item, None)
+    return list(seen)
+
+
+class DemoPool:
+    """Labelled records, indexed for retrieval. `demos_for(record, k)` is what a prompt shows."""
+
+    def __init__(self, records: Sequence[Record], source: str = "") -> None:
+        self.records = [r for r in records if r.tags]
+        if not self.records:
+            raise ValueError(f"demo pool {source or '(records)'} holds no labelled record")
+        self.source = source
+        self.sha256 = pool_hash(self.records)
+        self._texts = [r.text for r in self.records]
+        self._categories = np.array([(r.category or "").casefold() for r in self.records], dtype=object)
+        self._index = bm25s.BM25()
+        self._index.index([tokens(t) for t in self._texts], show_progress=False)
+        self._category_schema = self._schemas_by_category()
+        # A pool without categories is one catalogue with one attribute list: all its attributes, the
+        # most used first.
+        counts = Counter(a for r in self.records for a in map(attribute_of, r.tags or ()) if a)
+        self._pool_schema = [a for a, _ in counts.most_common()] if not self._category_schema else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _schemas_by_category(self) -> dict[str, list[str]]:
+        """Each category's schema as the pool gives it, else the attributes its records use."""
+        given: dict[str, list[str]] = {}
+        used: dict[str, list[list[str]]] = {}
+        for record in self.records:
+            if not record.category:
+                continue
+            key = record.category.casefold()
+            if record.schema and key not in given:
+                given[key] = list(record.schema)
+            used.setdefault(key, []).append([a for a in map(attribute_of, record.tags or ()) if a])
+        return {key: given.get(key) or _ordered_union(lists) for key, lists in used.items()}
+
+    def ranked(self, record: Record, k: int) -> list[Record]:
+        """The `k` most similar pool records, best first: same category before others, then BM25."""
+        if k <= 0:
+            return []
+        scores = self._index.get_scores(tokens(record.text))
+        same = self._categories == (record.category or "").casefold() if record.category else None
+        # Sort by (same category, score), descending; ties keep pool order (stable).
+        key = scores + (same * (scores.max() + 1.0) if same is not None else 0.0)
+        order = np.argsort(-key, kind="stable")
+        chosen: list[Record] = []
+        for i in order:
+            if self._texts[i] == record.text:
+                continue
+            chosen.append(self.records[i])
+            if len(chosen) == k:
+                break
+        return chosen
+
+    def demos_for(self, record: Record, k: int) -> list[Demo]:
+        """The demonstrations for `record`: its `k` nearest pool records, the most similar last."""
+        return [as_demo(r) for r in reversed(self.ranked(record, k))]
+
+    def schema_for(self, record: Record) -> list[str] | None:
+        """The attribute names a record without a schema is prompted with: its category's in the pool;
+        in a pool without categories, the pool's; else those of its `SCHEMA_NEIGHBOURS` nearest
+        neighbours (their categories' schemas where they have them)."""
+        if record.schema:
+            return list(record.schema)
+        if self._pool_schema is not None:
+            return list(self._pool_schema)
+        if record.category and record.category.casefold() in self._category_schema:
+            return list(self._category_schema[record.category.casefold()])
+        lists = []
+        for neighbour in self.ranked(record, SCHEMA_NEIGHBOURS):
+            lists.append(neighbour.schema or [a for a in map(attribute_of, neighbour.tags or ()) if a])
+        return _ordered_union(lists) or None
+
+
+def as_demo(record: Record, max_chars: int = DEMO_MAX_CHARS) -> Demo:
+    return Demo(record.text[:max_chars], [t[0] if isinstance(t, list) else t for t in record.tags or ()])
+
+
+def load_pool(spec: str) -> DemoPool:
+    """The pool of `--demos SPEC`: one labelled file, or several joined by commas (as --candidates)."""
+    records = [record for path in candidate_sources(spec) for record in load_labelled(path)]
+    return shared_pool(records, spec)
+
+
+def pool_hash(records: Sequence[Record]) -> str:
+    """A content hash of what prompts use of a pool: texts, categories, schemas and tags."""
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(repr((r.text, r.category, r.schema, r.tags)).encode("utf-8"))
+    return digest.hexdigest()
+
+
+_POOLS: dict[str, DemoPool] = {}
+
+
+def shared_pool(records: Sequence[Record], source: str = "") -> DemoPool:
+    """A `DemoPool` of `records`, built once per process for the same content."""
+    key = pool_hash([r for r in records if r.tags])
+    if key not in _POOLS:
+        _POOLS[key] = DemoPool(records, source)
+    return _POOLS[key]
+

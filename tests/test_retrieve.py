@@ -1,0 +1,254 @@
+"""Retrieval (retrieve.py), output hygiene (hygiene.py), renamed training examples and packed adapters."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from llmtags.hygiene import clean_tags
+from llmtags.options import (
+    OptionsError,
+    Settings,
+    TaggingOptions,
+    adapter_defaults,
+    tagging_options,
+)
+from llmtags.prompts import load_template
+from llmtags.records import Record
+from llmtags.retrieve import DemoPool, shared_pool, tokens
+from llmtags.tagger import build_prompt, prompt_record, to_result
+from llmtags.train.rename import SYNONYMS, pick_renames, rename_tag
+
+POOL = [
+    Record("p1", "理肤泉舒缓特护保湿防晒霜spf50", lang="zh", tags=["品牌:理肤泉", "产品词:防晒霜", "型号:spf50"]),
+    Record("p2", "安耐晒小金瓶防晒霜女", lang="zh", tags=["品牌:安耐晒", "产品词:防晒霜"]),
+    Record("p3", "北京搬家公司长途搬家", lang="zh", tags=["其他:北京", "产品词:搬家"]),
+    Record("p4", "宾派玫瑰金真皮带女士手表", lang="zh", tags=["品牌:宾派", "产品词:手表"]),
+]
+EN_POOL = [
+    Record("e1", "Diesel Men's Exposure High-Top Sneaker", category="Shoes", schema=["Brand", "Gender", "Shoe type"],
+           tags=["Brand:Diesel", "Gender:Men's", "Shoe type:High-Top Sneaker"]),
+    Record("e2", "Twinings English Breakfast Black Tea", category="Tea", schema=["Brand", "Tea variety"],
+           tags=["Brand:Twinings", "Tea variety:Black"]),
+    Record("e3", "Nike Air Max Running Sneaker Black", category="Shoes", schema=["Brand", "Gender", "Shoe type"],
+           tags=["Brand:Nike", "Shoe type:Running Sneaker"]),
+]
+
+
+class FakeTokenizer:
+    """The chat template as plain text, enough to see what a prompt holds."""
+
+    added_tokens_encoder: dict = {}
+
+    def get_vocab(self):
+        return {"<|im_end|>": 0}
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(f"<{m['role']}>\n{m['content']}\n" for m in messages) + "<assistant>\n"
+
+
+def test_terms_are_cjk_bigrams_and_words():
+    assert tokens("理肤泉 SPF50") == ["理", "肤", "泉", "理肤", "肤泉", "spf50"]
+    assert tokens("Men's High-Top") == ["men", "s", "high", "top"]
+
+
+def test_the_nearest_records_come_last_and_never_the_record_itself():
+    pool = DemoPool(POOL)
+    query = Record("q", "理肤泉防晒霜spf30")
+    ranked = pool.ranked(query, 2)
+    assert [r.id for r in ranked] == ["p1", "p2"]
+    assert [d.text for d in pool.demos_for(query, 2)] == [POOL[1].text, POOL[0].text]  # most similar last
+    itself = Record("x", POOL[0].text)
+    assert "p1" not in [r.id for r in pool.ranked(itself, 3)]
+    assert pool.ranked(query, 0) == []
+    assert len(pool.ranked(query, 10)) == 4
+
+
+def test_records_of_the_same_category_come_first():
+    pool = DemoPool(EN_POOL)
+    # The words match the tea best, but the record is a shoe: shoes first.
+    query = Record("q", "Twinings English Breakfast sneaker", category="shoes")
+    assert [r.id for r in pool.ranked(query, 3)][:2] in (["e1", "e3"], ["e3", "e1"])
+    assert pool.ranked(Record("q", "Twinings English Breakfast sneaker"), 1)[0].id == "e2"
+
+
+def test_a_record_without_schema_gets_its_categorys_or_its_neighbours_or_the_pools():
+    pool = DemoPool(EN_POOL)
+    assert pool.schema_for(Record("q", "x", category="Tea")) == ["Brand", "Tea variety"]
+    assert pool.schema_for(Record("q", "x", schema=["Size"])) == ["Size"]
+    # No category: the schemas of its nearest neighbours, which for a sneaker are the shoes'.
+    sneaker = pool.schema_for(Record("q", "Diesel sneaker high-top"))
+    assert sneaker[:3] == ["Brand", "Gender", "Shoe type"]
+    # A pool without categories is one catalogue: its attributes, the most used first.
+    assert DemoPool(POOL).schema_for(Record("q", "无关")) == ["产品词", "品牌", "型号", "其他"]
+
+
+def test_a_pool_is_built_once_per_content_and_needs_labels():
+    assert shared_pool(POOL) is shared_pool(list(POOL))
+    with pytest.raises(ValueError, match="no labelled record"):
+        DemoPool([Record("u", "无标签")])
+
+
+def _write(path: Path, records: list[Record]) -> Path:
+    path.write_text("".join(json.dumps({k: v for k, v in vars(r).items() if v is not None and k != "number"},
+                                       ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_retrieval_puts_each_records_neighbours_and_schema_in_its_prompt(tmp_path):
+    pool = _write(tmp_path / "pool.jsonl", POOL)
+    options = tagging_options(Settings(template="tuned", demos=str(pool), retrieve=2))
+    record = Record("q", "理肤泉防晒霜spf30", lang="zh")
+    prompt = build_prompt(record, FakeTokenizer(), options)
+    assert prompt.index("例: " + POOL[1].text) < prompt.index("例: " + POOL[0].text) < prompt.index("属性: ")
+    assert "属性: 产品词, 品牌, 型号, 其他\n" in prompt
+    assert prompt.startswith("<system>\n商品打标：每行一个 属性:值\n<user>\n例: ")  # fixed text first
+    # Without retrieval the tuned prompt has no examples and no invented schema.
+    plain = build_prompt(record, FakeTokenizer(), TaggingOptions(template=load_template("tuned")))
+    assert plain == "<system>\n商品打标：每行一个 属性:值\n<user>\n理肤泉防晒霜spf30\n<assistant>\n"
+    # --shots without --retrieve keeps the fixed first demonstrations.
+    fixed = tagging_options(Settings(template="few_shot", demos=str(pool), shots=1))
+    assert fixed.pool is None and [d.text for d in fixed.demos] == [POOL[0].text]
+
+
+def test_retrieval_flags_are_checked():
+    with pytest.raises(OptionsError, match="--retrieve K needs --demos"):
+        tagging_options(Settings(retrieve=2))
+    with pytest.raises(OptionsError, match="--retrieve"):
+        tagging_options(Settings(retrieve=-1, demos="x"))
+
+
+def test_hygiene_drops_lines_that_are_not_tags_and_says_why():
+    kept, dropped = clean_tags(
+        ["Brand:Nike", "Samsung Galaxy S24", "Attribute:value", "属性:值", "Tea variety:Black", "shoe type:Sneaker"],
+        ["Brand", "Shoe Type"])
+    assert kept == ["Brand:Nike", "shoe type:Sneaker"]
+    assert dropped == {"no_attribute": ["Samsung Galaxy S24"], "placeholder": ["Attribute:value", "属性:值"],
+                       "outside_schema": ["Tea variety:Black"]}
+    assert clean_tags(["Tea variety:Black"], None) == (["Tea variety:Black"], {})
+
+
+def test_results_and_the_run_summary_count_the_drops():
+    from llmtags.engines.base import Generation
+    from llmtags.run import RunSummary
+
+    record = Record("s", "Nike Air sneaker", schema=["Brand"])
+    generation = Generation(text="Brand:Nike\nTea variety:Black\nNike Air\nAttribute:value", prompt_tokens=5,
+                            new_tokens=9)
+    result = to_result(record, generation, TaggingOptions())
+    assert result.tags == ["Brand:Nike"]
+    assert result.to_json()["dropped"] == {"outside_schema": ["Tea variety:Black"], "no_attribute": ["Nike Air"],
+                                           "placeholder": ["Attribute:value"]}
+    summary = RunSummary()
+    summary.add(result)
+    summary.add(result)
+    assert "dropped lines that are not tags: 2 no attribute, 2 outside schema, 2 placeholder" in summary.lines()
+
+
+def test_training_examples_show_neighbours_not_themselves_and_rename_consistently():
+    from llmtags.train.examples import build_examples
+
+    pool = DemoPool(POOL)
+    examples = build_examples(POOL, FakeTokenizer(), "tuned", None, pool, 2, rename=0.0)
+    for record, example in zip(POOL, examples):
+        assert example["prompt"].count("例: ") == 2 and f"例: {record.text}\n" not in example["prompt"]
+    renamed = build_examples(POOL, FakeTokenizer(), "tuned", None, pool, 2, rename=0.99, seed=1)
+    for example in renamed:
+        schema = example["prompt"].split("属性: ")[1].split("\n")[0].split(", ")
+        answer = [line.split(":")[0] for line in example["completion"].splitlines() if ":" in line]
+        shown = [line.split(":")[0] for line in example["prompt"].splitlines()
+                 if ":" in line and not line.startswith(("例", "属性", "<", "商品"))]
+        assert set(answer) <= set(schema) and set(shown) <= set(schema)
+        assert "品牌" not in schema  # renamed: every zh attribute has synonyms
+
+
+def test_renames_are_one_to_one_and_avoid_the_checks_names():
+    mapping = pick_renames(["品牌", "产品词", "型号", "其他", "Unknown"], random.Random(0))
+    assert set(mapping) == {"品牌", "产品词", "型号", "其他"} and len(set(mapping.values())) == 4
+    assert rename_tag("品牌:理肤泉", mapping) == f"{mapping['品牌']}:理肤泉"
+    assert rename_tag("Unknown:x", mapping) == "Unknown:x"
+    assert not {"产品", "牌子", "款号"} & {name for names in SYNONYMS.values() for name in names}
+
+
+def _fake_adapter(path: Path, meta: dict) -> Path:
+    """An adapter directory whose weight files only exist (packing and defaults never read them)."""
+    from llmtags.adapters.registry import FORMAT_VERSION
+
+    path.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (path / name).write_text("{}")
+    (path / "llmtags.json").write_text(json.dumps({"format": FORMAT_VERSION, **meta}))
+    return path
+
+
+def test_a_packed_adapter_carries_its_vocabulary_and_pool(tmp_path, capsys):
+    from llmtags.adapters.pack import pack_adapter
+    from llmtags.candidates import candidate_finder
+
+    train = _write(tmp_path / "train.jsonl", POOL)
+    adapter = _fake_adapter(tmp_path / "adapters" / "zh", {"template": {"name": "tuned", "spec": "tuned"}})
+    meta = pack_adapter(adapter, candidates=str(train), pool=str(train), k=2, licence="research use")
+    assert meta["retrieval"]["pool"] == "pool.jsonl" and meta["retrieval"]["k"] == 2
+    assert meta["vocabulary"]["candidates"]["path"] == "vocabulary.jsonl"
+    train.unlink()  # the training data is gone: the adapter still has what it needs
+    found = adapter_defaults("zh", Settings(adapters_root=str(tmp_path / "adapters")))
+    assert found.demos == str(adapter / "pool.jsonl") and found.retrieve == 2
+    assert found.candidates == str(adapter / "vocabulary.jsonl")
+    shipped = candidate_finder(found.candidates)
+    text = "理肤泉防晒霜"
+    assert set(shipped.tags(text)) >= {"品牌:理肤泉", "产品词:防晒霜"}
+    # Another catalogue's sample: retrieval and candidates both come from it, with the adapter's K.
+    other = _write(tmp_path / "other.jsonl", EN_POOL)
+    found = adapter_defaults("zh", Settings(adapters_root=str(tmp_path / "adapters"), demos=str(other)))
+    assert (found.demos, found.retrieve, found.candidates) == (None, 2, str(other))
+    # --retrieve 0 turns the adapter's retrieval off.
+    found = adapter_defaults("zh", Settings(adapters_root=str(tmp_path / "adapters"), retrieve=0))
+    assert found.demos is None and found.retrieve is None
+
+
+def test_prompt_record_fills_the_schema_only_with_retrieval():
+    pool = DemoPool(EN_POOL)
+    record = Record("q", "Nike sneaker")
+    assert prompt_record(record, TaggingOptions(pool=pool, retrieve=0)).schema is None
+    assert prompt_record(record, TaggingOptions(pool=pool, retrieve=1)).schema[0] == "Brand"
+
+
+def test_generate_and_prompt_render_retrieve_through_the_cli(tmp_path, tiny_model_dir, capsys):
+    from llmtags.cli import main
+
+    pool = _write(tmp_path / "pool.jsonl", POOL)
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": "a", "text": "理肤泉防晒霜spf30"}\n{"id": "b", "text": "女士手表"}\n', encoding="utf-8")
+    assert main(["prompt", "render", str(source), "--base-model", str(tiny_model_dir), "--template", "tuned",
+                 "--demos", str(pool), "--retrieve", "2"]) == 0
+    prompt = capsys.readouterr().out
+    assert "例: " + POOL[0].text in prompt and "属性: 产品词, 品牌, 型号, 其他" in prompt
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", str(source), "-o", str(out), "--base-model", str(tiny_model_dir), "--template", "tuned",
+                 "--demos", str(pool), "--retrieve", "2", "--max-new-tokens", "6", "-q"]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b"]
+    # Every kept tag names an attribute of the schema the pool gave (the random model writes anything).
+    assert all(t.split(":")[0] in {"产品词", "品牌", "型号", "其他"} for r in rows for t in r["tags"])
+    recorded = json.loads((tmp_path / "out.jsonl.settings.json").read_text(encoding="utf-8"))
+    assert recorded["retrieve"] == 2 and "demos sha256" in recorded
+    # Resuming with another K would mix two runs in one file: refused.
+    assert main(["generate", str(source), "-o", str(out), "--base-model", str(tiny_model_dir), "--template", "tuned",
+                 "--demos", str(pool), "--retrieve", "3", "--resume", "-q"]) != 0
+
+
+def test_adapters_pack_through_the_cli(tmp_path, capsys):
+    from llmtags.cli import main
+
+    train = _write(tmp_path / "train.jsonl", POOL)
+    adapter = _fake_adapter(tmp_path / "adapters" / "zh", {})
+    root = ["--adapters-root", str(tmp_path / "adapters")]
+    assert main(["adapters", "pack", "zh", "--demos", str(train), *root]) != 0  # no K
+    assert main(["adapters", "pack", "zh", "--demos", str(train), "--retrieve", "4", "--candidates", str(train),
+                 *root]) == 0
+    assert "now ships" in capsys.readouterr().err
+    shipped = [json.loads(line) for line in (adapter / "pool.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in shipped] == ["p1", "p2", "p3", "p4"] and set(shipped[0]) == {"id", "text", "lang", "tags"}
