@@ -9,9 +9,9 @@ variants on the same records and scores them strictly (and in the ExtractGPT pro
 
 - ablation: K in {0, 2, 4, 8} demonstrations retrieved from the set's train split, on the first N dev
   records (test where the set has no dev), for each adapter (one trained without retrieval, one with).
-- new-catalogue: en-wdc-pave test, which the adapter never saw: as shipped (no retrieval), with
-  en-wdc-pave train as candidates only, and with it as the demo pool (candidates from it too); beside
-  the dictionary baseline built from the same train split. No training on en-wdc-pave.
+- new-catalogue: en-wdc-pave test, which the adapter never saw: as shipped without retrieval, and with
+  en-wdc-pave train as its demo pool (candidates from it too, as `generate --demos` does); beside the
+  dictionary baseline built from the same train split. No training on en-wdc-pave.
 - renamed: zh-taobao-ner dev and train with 产品词 → 产品, 品牌 → 牌子, 型号 → 款号 (files written under
   the llmtags cache), the renamed train as pool; beside the original dev with the original pool.
 - speed: products/s without and with retrieval on the same records, one after the other.
@@ -93,7 +93,8 @@ def dictionary(train: Path, data: Path, limit: int) -> dict[str, Any]:
 
 
 def renamed_copy(path: Path) -> Path:
-    """`path` with its attributes renamed by RENAMES, in tags and schema, under the cache."""
+    """`path` with its attributes renamed by RENAMES in its tags (zh-taobao-ner has no schema or category),
+    under the cache."""
     out = WORK / "renamed" / path.name
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -116,17 +117,19 @@ def new_catalogue(args: argparse.Namespace) -> list[dict[str, Any]]:
     adapter = args.adapters[0]
     return [dictionary(train, test, args.limit),
             variant("shipped, no retrieval", test, adapter, {"retrieve": 0}, args.limit),
-            variant("wdc train as candidates, no retrieval", test, adapter,
-                    {"retrieve": 0, "candidates": str(train)}, args.limit),
-            variant("wdc train as demo pool", test, adapter, {"demos": str(train)}, args.limit)]
+            variant("wdc train as demo pool (and candidates)", test, adapter, {"demos": str(train)}, args.limit)]
 
 
 def renamed(args: argparse.Namespace) -> list[dict[str, Any]]:
     dev, train = split("zh-taobao-ner", "dev"), split("zh-taobao-ner", "train")
-    adapter = args.adapters[0]
-    return [variant("original dev, original pool", dev, adapter, {"demos": str(train)}, args.limit),
-            variant("renamed dev, renamed pool", renamed_copy(dev), adapter, {"demos": str(renamed_copy(train))},
-                    args.limit)]
+    renamed_dev, renamed_train = renamed_copy(dev), renamed_copy(train)
+    k = {"retrieve": args.k} if args.k else {}
+    rows = []
+    for adapter in args.adapters:
+        rows += [variant("original dev, original pool", dev, adapter, {"demos": str(train), **k}, args.limit),
+                 variant("renamed dev, renamed pool", renamed_dev, adapter, {"demos": str(renamed_train), **k},
+                         args.limit)]
+    return rows
 
 
 def speed(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -165,6 +168,7 @@ def main() -> None:
     parser.add_argument("--pool", help="ablation: the demo pool (default: the set's train split; several files "
                         "comma-joined, e.g. the adapter's own training files)")
     parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--k", type=int, help="renamed: demonstrations per record (default: the adapter's own K)")
     parser.add_argument("--out", type=Path, help="default eval/retrieval_MODE[_SET]")
     args = parser.parse_args()
     if not DATASETS.is_dir():

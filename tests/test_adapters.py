@@ -272,7 +272,7 @@ def test_train_flags_override_the_train_config_file(tmp_path):
     from llmtags.cli.train import train_config_from_args, train_out_dir
 
     parser, leaves = _parser()
-    assert set(leaves) == {"train", "adapters list", "adapters show", "merge"}
+    assert set(leaves) == {"train", "adapters list", "adapters show", "adapters pack", "merge"}
     config_file = tmp_path / "t.toml"
     config_file.write_text("[train]\nrank = 8\nlr = 1e-3\nlayers = \"all\"\n")
     args = parser.parse_args(["train", "data.jsonl", "--name", "zh-taobao", "--train-config", str(config_file),

@@ -94,3 +94,22 @@ def test_template_hash_changes_with_source():
     a = PromptTemplate("a", "{% block user %}x{% endblock %}")
     b = PromptTemplate("a", "{% block user %}y{% endblock %}")
     assert a.sha256 != b.sha256 and len(a.sha256) == 64
+
+
+def test_tuned_renders_as_its_earlier_source_without_demonstrations():
+    """Adapters trained with the earlier `tuned` (before retrieval) keep their exact prompts."""
+    import hashlib
+    from pathlib import Path
+
+    from llmtags.prompts import EARLIER_SHA256, PromptTemplate, load_template
+    from llmtags.records import Record
+
+    source = (Path(__file__).parent / "data" / "tuned_before_retrieval.j2").read_text(encoding="utf-8")
+    assert hashlib.sha256(source.encode("utf-8")).hexdigest() in EARLIER_SHA256["tuned"]
+    before, now = PromptTemplate("tuned", source), load_template("tuned")
+    records = [Record("1", "理肤泉防晒霜", lang="zh"), Record("2", "Diesel sneaker", schema=["Brand", "Color"]),
+               Record("3", "耐克跑鞋", schema=["品牌"])]
+    for record in records:
+        for candidates in ((), ("品牌:理肤泉", "Brand:Diesel")):
+            assert before.messages(record, (), candidates) == now.messages(record, (), candidates)
+    assert before.answer(["品牌:理肤泉"]) == now.answer(["品牌:理肤泉"])

@@ -252,3 +252,54 @@ def test_adapters_pack_through_the_cli(tmp_path, capsys):
     assert "now ships" in capsys.readouterr().err
     shipped = [json.loads(line) for line in (adapter / "pool.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in shipped] == ["p1", "p2", "p3", "p4"] and set(shipped[0]) == {"id", "text", "lang", "tags"}
+
+
+def test_a_text_without_words_still_gets_demonstrations():
+    pool = DemoPool(POOL)
+    assert len(pool.demos_for(Record("q", "★★★ ——"), 2)) == 2
+    assert pool.schema_for(Record("q", "★★★")) == ["产品词", "品牌", "型号", "其他"]
+
+
+def test_a_long_record_never_sees_its_own_answer():
+    long = Record("long", "理肤泉防晒霜" + "好" * 2500, tags=["品牌:理肤泉"])
+    pool = DemoPool([*POOL, long])
+    options = TaggingOptions(template=load_template("tuned"), pool=pool, retrieve=4)
+    prompt = build_prompt(long, FakeTokenizer(), options, training=True)
+    assert prompt.count("例: ") == 4 and "例: 理肤泉防晒霜好" not in prompt
+
+
+def test_retrieval_needs_a_template_that_shows_demonstrations(tmp_path):
+    pool = _write(tmp_path / "pool.jsonl", POOL)
+    with pytest.raises(OptionsError, match="does not show demonstrations"):
+        tagging_options(Settings(demos=str(pool), retrieve=2))  # auto: zh.j2 and en.j2 show none
+    none = tagging_options(Settings(template="tuned", demos=str(pool), retrieve=0))
+    assert none.pool is None and not none.demos  # --retrieve 0: no demonstrations at all
+
+
+def test_an_attribute_the_schema_names_is_never_a_placeholder():
+    assert clean_tags(["属性:红色", "属性:值"], ["属性"]) == (["属性:红色"], {"placeholder": ["属性:值"]})
+    assert clean_tags(["Ｂrand:Nike"], ["brand"]) == (["Ｂrand:Nike"], {})  # compared after NFKC
+    assert "属性" not in {name for names in SYNONYMS.values() for name in names}
+
+
+def test_renaming_needs_retrieval():
+    from llmtags.train.config import TrainConfig, TrainError
+
+    with pytest.raises(TrainError, match="rename needs retrieve"):
+        TrainConfig(rename=0.3).validate()
+    TrainConfig(rename=0.3, retrieve=2, demos="train.jsonl").validate()
+
+
+def test_prompt_compare_and_eval_retrieve(tmp_path, tiny_model_dir, capsys):
+    from llmtags.cli import main
+
+    pool = _write(tmp_path / "pool.jsonl", POOL)
+    dev = _write(tmp_path / "dev.jsonl", [Record("d1", "理肤泉防晒霜spf30", lang="zh", tags=["品牌:理肤泉"]),
+                                          Record("d2", "女士手表", lang="zh", tags=["产品词:手表"])])
+    common = ["--data", str(dev), "--base-model", str(tiny_model_dir), "--demos", str(pool), "--retrieve", "2",
+              "--max-new-tokens", "6", "-q"]
+    # One variant shows the retrieved demonstrations, the other does not use them: both run.
+    assert main(["prompt", "compare", "zh", "tuned", *common, "--report", str(tmp_path / "c.json")]) == 0
+    assert [v["template"] for v in json.loads((tmp_path / "c.json").read_text())["variants"]] == ["zh", "tuned"]
+    assert main(["eval", *common, "--template", "tuned", "--report", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["n_records"] == 2

@@ -84,9 +84,11 @@ def score_predictions(
 
 
 def score_files(gold: str | Path, pred: str | Path, normaliser: Any = None, errors: Any = None,
-                protocol: str = "strict") -> EvalReport:
+                protocol: str = "strict", limit: int | None = None) -> EvalReport:
+    """Score a `generate` output against a labelled file (its first `limit` labelled records, when given:
+    the ones a `generate --limit N` run tagged)."""
     errors = errors or sys.stderr
-    records = [r for r in load_labelled(gold) if r.tags is not None]
+    records = [r for r in load_labelled(gold) if r.tags is not None][:limit]
     predictions = read_predictions(pred, errors)
     missing = [r.id for r in records if r.id not in predictions]
     if missing:
@@ -233,6 +235,12 @@ def compare_templates(
             sum(r.new_tokens for r in results) / max(len(results), 1),
             bootstrap_prf_counts(counts, seed=seed),
         ))
+    return comparison_of(records, variants, seed)
+
+
+def comparison_of(records: Sequence[Record], variants: list[VariantResult], seed: int = 0) -> Comparison:
+    """The comparison of `variants` scored on the same `records`: each against the first by paired
+    bootstrap, and the records where their predictions differ."""
     paired = []
     golds = [r.tags or [] for r in records]
     first = variants[0]

@@ -97,16 +97,21 @@ def confidences_by_tag(parsed: Sequence[ParsedTag], generation: Any) -> dict[str
     return {p.tag: piece_confidence(p.span, generation) for p in parsed}
 
 
-def highlight(text: str, spans: Sequence[tuple[int, int] | None], open_mark: str = "[", close_mark: str = "]") -> str:
-    """`text` with every evidence span bracketed (overlapping spans merged), for --explain."""
+def merged_spans(spans: Sequence[tuple[int, int] | None]) -> list[tuple[int, int]]:
+    """The evidence spans sorted, overlapping ones merged, `None`s left out."""
     merged: list[list[int]] = []
     for start, end in sorted(s for s in spans if s is not None):
         if merged and start <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], end)
         else:
             merged.append([start, end])
+    return [(start, end) for start, end in merged]
+
+
+def highlight(text: str, spans: Sequence[tuple[int, int] | None], open_mark: str = "[", close_mark: str = "]") -> str:
+    """`text` with every evidence span bracketed (overlapping spans merged), for --explain."""
     out, at = [], 0
-    for start, end in merged:
+    for start, end in merged_spans(spans):
         out += [text[at:start], open_mark, text[start:end], close_mark]
         at = end
     out.append(text[at:])

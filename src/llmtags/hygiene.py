@@ -11,6 +11,7 @@ Each drop is kept, by reason, so a run can count them and nothing disappears wit
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 
 DROP_REASONS = ("no_attribute", "placeholder", "outside_schema")
@@ -21,7 +22,8 @@ _PLACEHOLDER_VALUES = {"value", "值", "属性值", "..."}
 
 
 def _key(name: str) -> str:
-    return " ".join(name.split()).casefold()
+    """Names compared as scoring compares them: NFKC, case-folded, spaces collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", name).split()).casefold()
 
 
 def drop_reason(tag: str, schema: set[str] | None) -> str | None:
@@ -29,10 +31,13 @@ def drop_reason(tag: str, schema: set[str] | None) -> str | None:
     attribute, sep, value = tag.partition(":")
     if not sep or not attribute.strip() or not value.strip():
         return "no_attribute"
+    if schema is not None:
+        # A catalogue may really call an attribute "属性": what its schema names is never a placeholder.
+        if _key(attribute) not in schema:
+            return "placeholder" if _key(attribute) in _PLACEHOLDER_ATTRIBUTES else "outside_schema"
+        return "placeholder" if _key(value) in _PLACEHOLDER_VALUES else None
     if _key(attribute) in _PLACEHOLDER_ATTRIBUTES or _key(value) in _PLACEHOLDER_VALUES:
         return "placeholder"
-    if schema is not None and _key(attribute) not in schema:
-        return "outside_schema"
     return None
 
 

@@ -109,8 +109,9 @@ class Settings:
         return bool(self.adapter or self.adapter_map)
 
 
-def tagging_options(settings: Settings) -> TaggingOptions:
-    """The `TaggingOptions` of `settings`: templates, demonstrations and vocabularies loaded."""
+def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()) -> TaggingOptions:
+    """The `TaggingOptions` of `settings`: templates, demonstrations and vocabularies loaded. `templates`:
+    the variants a comparison runs instead of `settings.template` (retrieval needs one to show demos)."""
     template = template_choice(settings.template)
     retrieve = settings.retrieve or 0
     if retrieve < 0:
@@ -120,8 +121,10 @@ def tagging_options(settings: Settings) -> TaggingOptions:
     demos: Sequence[Demo] = ()
     pool = None
     if settings.demos and retrieve:
+        if not any("demos" in t.source for t in templates):
+            check_shows_demos(template)
         pool = load_pool(settings.demos)
-    elif settings.demos:
+    elif settings.demos and settings.retrieve is None:  # --retrieve 0: no demonstrations at all
         demos = demos_from(load_labelled(settings.demos), settings.shots)
     if template != "auto" and template.name == "few_shot" and not demos and pool is None:
         raise OptionsError(f"template {template.name!r} shows demonstrations: give --demos FILE")
@@ -137,6 +140,14 @@ def tagging_options(settings: Settings) -> TaggingOptions:
     return TaggingOptions(template, demos, pool, retrieve, settings.max_new_tokens, settings.batch_size,
                           settings.chunk_size, candidates=candidates, constrain=settings.constrain,
                           constrain_vocab=constrain_vocab, min_confidence=min_confidence(settings))
+
+
+def check_shows_demos(template: str | PromptTemplate) -> None:
+    """Retrieved demonstrations need a template that renders `demos`; the zh and en defaults do not."""
+    if template == "auto" or "demos" not in template.source:
+        name = "auto (zh/en)" if template == "auto" else template.name
+        raise OptionsError(f"--retrieve: template {name} does not show demonstrations; use --template tuned or "
+                           "few_shot, or a .j2 file whose user block renders `demos`")
 
 
 def min_confidence(settings: Settings) -> float | None:
@@ -221,9 +232,10 @@ def adapter_defaults(name: str, settings: Settings) -> AdapterDefaults:
     elif retrieval and settings.demos and settings.retrieve is None:
         retrieve = int(retrieval["k"])
     source = ((meta.get("vocabulary") or {}).get("candidates") or {}).get("path")
+    retrieving = bool(settings.demos) and bool(retrieve or settings.retrieve)
     if not source or settings.candidates or settings.no_candidates:
         source = None
-    elif settings.demos:
+    elif retrieving:  # another catalogue's sample: its own vocabulary, not the adapter's
         source = settings.demos
     else:
         source = _adapter_file(adapter_dir, source)
@@ -250,6 +262,7 @@ def adapter_options(name: str, settings: Settings, options: TaggingOptions) -> T
     demos = found.demos or settings.demos
     retrieve = found.retrieve if found.retrieve is not None else settings.retrieve
     if demos and retrieve:
+        check_shows_demos(changes.get("template", options.template))
         changes.update(pool=load_pool(demos), retrieve=retrieve)
     return dataclasses.replace(options, **changes)
 

@@ -29,6 +29,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from .records import GoldTag, Record
 
 PACKAGED = ("zh", "en", "few_shot", "tuned")
+# Earlier sources of packaged templates that render exactly as the current one for an adapter trained
+# with them: `tuned` gained a block for retrieved demonstrations, which renders nothing without them
+# (tests/test_prompts.py checks the rendering against the earlier source).
+EARLIER_SHA256 = {"tuned": ("1c0084270659e07cc19afb20d27d7ab4b81fbdacf37c647482ad32322e61ad39",)}
 BLOCKS = ("system", "user", "answer")
 
 _ENV = ImmutableSandboxedEnvironment(

@@ -109,7 +109,9 @@ class DemoPool:
         """The `k` most similar pool records, best first: same category before others, then BM25."""
         if k <= 0:
             return []
-        scores = self._index.get_scores(tokens(record.text))
+        terms = tokens(record.text)
+        # A text without a word (`★★★`) matches nothing: the pool in its own order.
+        scores = self._index.get_scores(terms) if terms else np.zeros(len(self.records))
         same = self._categories == (record.category or "").casefold() if record.category else None
         # Sort by (same category, score), descending; ties keep pool order (stable).
         key = scores + (same * (scores.max() + 1.0) if same is not None else 0.0)

@@ -21,8 +21,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from .adapters.pack import POOL_FILE, VOCABULARY_FILE
 from .adapters.registry import resolve_adapter, weights_sha256
 from .adapters.routing import adapter_tagger, load_adapter_map
+from .candidates import candidate_sources
 from .engines.select import load_engine
 from .models import sha256_file
 from .options import (
@@ -244,12 +246,19 @@ def run_settings(settings: Settings, fields: Fields = Fields(), fmt: str | None 
     values = dict(sorted(values.items()))
     for key in ("candidates", "vocab", "constrain_vocab", "demos", "adapter_map", "template"):
         value = values.get(key)
-        if isinstance(value, str) and Path(value).is_file():
-            values[f"{key} sha256"] = sha256_file(value)
+        parts = candidate_sources(value) if isinstance(value, str) else []
+        if parts and all(Path(part).is_file() for part in parts):
+            digests = [sha256_file(part) for part in parts]
+            values[f"{key} sha256"] = digests[0] if len(digests) == 1 else digests
     names = ([settings.adapter] if settings.adapter
              else load_adapter_map(settings.adapter_map).adapter_names if settings.adapter_map else [])
     for name in names:
-        values[f"adapter {name} sha256"] = weights_sha256(resolve_adapter(name, settings.adapters_root))
+        path = resolve_adapter(name, settings.adapters_root)
+        values[f"adapter {name} sha256"] = weights_sha256(path)
+        # What the adapter ships for its prompts (adapters/pack.py): re-packing changes the tags too.
+        for shipped in (POOL_FILE, VOCABULARY_FILE):
+            if (path / shipped).is_file():
+                values[f"adapter {name} {shipped} sha256"] = sha256_file(path / shipped)
     return values
 
 

@@ -56,17 +56,19 @@ class TagResult:
 
 
 def prompt_record(record: Record, options: TaggingOptions) -> Record:
-    """`record` as prompts and constraints see it: its text cut to `options.max_text_chars`, and with
-    retrieval on and no schema of its own, the schema its demo pool gives it (retrieve.schema_for)."""
-    if len(record.text) > options.max_text_chars:
-        record = replace(record, text=record.text[: options.max_text_chars])
+    """`record` as prompts and constraints see it: with retrieval on and no schema of its own, the schema
+    its demo pool gives it (retrieve.schema_for, from the whole text); its text cut to
+    `options.max_text_chars`."""
     if not record.schema and options.pool is not None and options.retrieve > 0:
         record = replace(record, schema=options.pool.schema_for(record))
+    if len(record.text) > options.max_text_chars:
+        record = replace(record, text=record.text[: options.max_text_chars])
     return record
 
 
 def prompt_demos(record: Record, options: TaggingOptions) -> Sequence[Demo]:
-    """The demonstrations `record` is shown: its nearest pool records with retrieval, else the fixed ones."""
+    """The demonstrations `record` is shown: its nearest pool records with retrieval, else the fixed ones.
+    Give the whole record, not the cut one, so the pool never offers the record its own answer."""
     if options.pool is not None and options.retrieve > 0:
         return options.pool.demos_for(record, options.retrieve)
     return options.demos
@@ -80,13 +82,30 @@ def prompt_candidates(record: Record, options: TaggingOptions, training: bool = 
     return list(options.candidates.tags(record.text, record.tags or () if training else (), record.schema))
 
 
+@dataclass(frozen=True)
+class PromptParts:
+    """What a template renders for one record: the record as prompts see it, its demonstrations and its
+    candidates. Training builds these too (and may rename their attributes), so both share one path."""
+
+    record: Record
+    demos: Sequence[Demo]
+    candidates: Sequence[str]
+
+
+def prompt_parts(record: Record, options: TaggingOptions, training: bool = False) -> PromptParts:
+    ready = prompt_record(record, options)
+    return PromptParts(ready, prompt_demos(record, options), prompt_candidates(ready, options, training))
+
+
+def render_parts(parts: PromptParts, tokenizer: Any, options: TaggingOptions) -> str:
+    """The exact prompt: the record's template over `parts`, through the model's chat template."""
+    template = template_for(parts.record, options.template)
+    return render_prompt(tokenizer, template.messages(parts.record, parts.demos, parts.candidates))
+
+
 def build_prompt(record: Record, tokenizer: Any, options: TaggingOptions, training: bool = False) -> str:
-    """The exact prompt for `record`: its template over `prompt_record`, `prompt_demos` and
-    `prompt_candidates`, through the model's chat template."""
-    record = prompt_record(record, options)
-    template = template_for(record, options.template)
-    messages = template.messages(record, prompt_demos(record, options), prompt_candidates(record, options, training))
-    return render_prompt(tokenizer, messages)
+    """The exact prompt for `record` (see `prompt_parts`; `training` as in `prompt_candidates`)."""
+    return render_parts(prompt_parts(record, options, training), tokenizer, options)
 
 
 def constraint_for(record: Record, options: TaggingOptions) -> ConstraintSpec | None:
@@ -130,8 +149,8 @@ def tag_chunks(
     list of results per chunk of `options.chunk_size` records, in input order."""
     for chunk in chunked(records, options.chunk_size, first=options.batch_size):
         prepared = [prompt_record(record, options) for record in chunk]
-        prompts = [build_prompt(record, engine.tokenizer, options) for record in prepared]
-        constraints = [constraint_for(record, options) for record in prepared]
+        prompts = [build_prompt(record, engine.tokenizer, options) for record in chunk]
+        constraints = [constraint_for(record, options) for record in chunk]
         # Engines without constrained decoding still serve unconstrained runs.
         kwargs = {"constraints": constraints} if any(c is not None for c in constraints) else {}
         generations = engine.generate(

@@ -35,12 +35,15 @@ def _write_atomic(path: Path, lines: list[str]) -> None:
 
 def write_pool(source: str, path: Path) -> int:
     """The labelled records of `source` (one file, or several comma-joined) with only their prompt fields."""
-    lines = []
-    for spec in candidate_sources(source):
+    lines, ids = [], set()
+    for number, spec in enumerate(candidate_sources(source)):
         for record in load_labelled(spec):
             if not record.tags:
                 continue
             row = {name: getattr(record, name) for name in POOL_FIELDS if getattr(record, name) is not None}
+            if row["id"] in ids:  # two sources with the same ids: one file must not hold an id twice
+                row["id"] = f"{row['id']}@{number}"
+            ids.add(row["id"])
             lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     _write_atomic(path, lines)
     return len(lines)
@@ -55,10 +58,9 @@ def pack_adapter(adapter_dir: str | Path, *, candidates: str | None = None, pool
     if candidates:
         vocab = load_candidate_vocabulary(candidates)
         vocab.save(adapter_dir / VOCABULARY_FILE)
-        entry = (meta.get("vocabulary") or {}).get("candidates") or {}
         meta["vocabulary"] = {**(meta.get("vocabulary") or {"normalisation": None}), "candidates": {
             "path": VOCABULARY_FILE, "size": len(vocab), "sha256": sha256_file(adapter_dir / VOCABULARY_FILE),
-            "from": entry.get("from") or candidates}}
+            "from": candidates}}
     if pool:
         if not k or k <= 0:
             raise AdapterError("a demo pool needs the number of demonstrations each prompt shows (k > 0)")

@@ -31,7 +31,13 @@ from typing import Any
 from .. import __version__
 from ..candidates import candidate_sources, load_candidate_vocabulary
 from ..models import ResolvedModel, sha256_file
-from ..prompts import PACKAGED, PromptTemplate, chat_template_hash, load_template
+from ..prompts import (
+    EARLIER_SHA256,
+    PACKAGED,
+    PromptTemplate,
+    chat_template_hash,
+    load_template,
+)
 from ..vocab import Vocabulary
 
 METADATA_FILE = "llmtags.json"
@@ -260,6 +266,13 @@ def show_adapter(name_or_path: str | Path, root: str | Path | None = None) -> di
     return {**meta, "path": str(path), "weights_bytes": (path / WEIGHTS_FILE).stat().st_size}
 
 
+def same_rendering(trained: dict[str, Any], current: dict[str, Any]) -> bool:
+    """A packaged template changed since the adapter was trained, but only by adding variables that render
+    nothing when unused (see prompts.EARLIER_SHA256): the adapter's prompts are unchanged."""
+    return trained.get("name") == current.get("name") and trained.get("sha256") in EARLIER_SHA256.get(
+        str(current.get("name")), ())
+
+
 def check_compatible(
     meta: dict[str, Any],
     resolved_base: ResolvedModel,
@@ -282,7 +295,7 @@ def check_compatible(
         )
     trained = meta.get("template") or {}
     current = template_identity(template) if template is not None else trained
-    if trained.get("sha256") != current.get("sha256"):
+    if trained.get("sha256") != current.get("sha256") and not same_rendering(trained, current):
         problems.append(
             f"prompt template: the adapter was trained with {trained.get('name')!r} "
             f"(sha256 {str(trained.get('sha256'))[:12]}), this run uses {current['name']!r} "

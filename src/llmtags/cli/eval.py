@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.registry import set_metadata_entry
+from ..calibrate import read_scored_predictions
 from ..evaluate import (
     add_candidate_recall,
     cached_engine,
@@ -17,6 +18,7 @@ from ..evaluate import (
     score_files,
 )
 from ..options import normaliser_for, tagging_options
+from ..pages import eval_page, run_meta, write_page
 from ..records import load_labelled
 from ..report import PROTOCOLS
 from .common import (
@@ -28,6 +30,7 @@ from .common import (
     add_prompt,
     add_root,
     add_vocab,
+    command_line,
     fields_from,
     open_output,
     settings_from,
@@ -51,6 +54,8 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
     p.add_argument("--errors", dest="errors_k", type=int, default=0, metavar="K", help="list the K worst records")
     p.add_argument("--report", help="write the full report as JSON here")
     p.add_argument("--markdown", help="write the tables as Markdown here")
+    p.add_argument("--html", metavar="FILE", help="write a self-contained HTML page here: headline figures, F1 per "
+                   "attribute, reliability of the confidences, the worst records")
     p.add_argument("--save-predictions", help="with --data: write the generated predictions here")
     p.add_argument("--record-to-adapter", metavar="NAME",
                    help="store these figures as adapter NAME's test metrics in its llmtags.json")
@@ -63,15 +68,20 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
 def cmd_eval(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     normaliser = normaliser_for(settings)
+    confidences: list[list[float | None]] = []
     if args.pred:
         if not args.gold:
             raise CliError("--pred needs --gold")
-        report = score_files(args.gold, args.pred, normaliser, protocol=args.protocol)
+        report = score_files(args.gold, args.pred, normaliser, protocol=args.protocol, limit=args.limit)
+        if args.html:  # the reliability diagram needs the confidences the predictions carry
+            scored = read_scored_predictions(args.pred)
+            confidences = [scored.get(record_id, ([], []))[1] for record_id in report.ids]
     elif args.data:
         records = labelled_records(args.data, args.limit, fields_from(args))
         engine = cached_engine(settings.base_model, settings.device, settings.dtype, engine=settings.engine)
         report, results = generate_and_score(records, engine, tagging_options(settings), normaliser, args.data,
                                              progress=not args.quiet, protocol=args.protocol)
+        confidences = [r.confidences for r in results]
         if args.save_predictions:
             with open_output(args.save_predictions) as out:
                 for result in results:
@@ -79,8 +89,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         raise CliError("give --gold FILE --pred FILE, or --data FILE to generate and score")
     if settings.candidates:
-        add_candidate_recall(report, records if args.data else load_labelled(args.gold), settings.candidates)
+        gold = records if args.data else [r for r in load_labelled(args.gold) if r.tags is not None][: args.limit]
+        add_candidate_recall(report, gold, settings.candidates)
     write_report(report, args)
+    if args.html:
+        write_page(args.html, eval_page(report, meta=run_meta(command_line(args), args.data or args.gold),
+                                        confidences=confidences, worst=max(args.errors_k, 50)))
     if args.record_to_adapter:
         set_metadata_entry(args.record_to_adapter, ("metrics", "test"),
                            headline_metrics(report, args.gold or args.data, args.markdown), settings.adapters_root)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..evaluate import cached_engine, compare_templates, labelled_records
 from ..models import load_tokenizer_only
 from ..options import normaliser_for, tagging_options
+from ..pages import compare_page, run_meta, write_page
 from ..prompts import load_template, template_for
 from ..records import Record, RecordError, clean_text, read_records
 from ..tagger import build_prompt
@@ -23,6 +25,7 @@ from .common import (
     add_model,
     add_prompt,
     add_vocab,
+    command_line,
     fields_from,
     settings_from,
 )
@@ -51,6 +54,8 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
     p.add_argument("--show", type=int, default=10, help="how many disagreeing records to print")
     p.add_argument("--report", help="write the comparison as JSON here")
     p.add_argument("--markdown", help="write the tables as Markdown here")
+    p.add_argument("--html", metavar="FILE", help="write a self-contained HTML page here: F1 and ΔF1 per variant, "
+                   "every record side by side with its prompts, filterable")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_prompt_compare, template="auto")
     return {"prompt render": render, "prompt compare": p}
@@ -89,7 +94,7 @@ def cmd_prompt_compare(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     templates = [load_template(t) for t in args.templates]
     records = labelled_records(args.data, args.limit, fields_from(args))
-    options = tagging_options(settings)
+    options = tagging_options(settings, templates)
     engine = cached_engine(settings.base_model, settings.device, settings.dtype, engine=settings.engine)
     comparison = compare_templates(records, templates, engine, options, normaliser_for(settings),
                                    progress=not args.quiet)
@@ -99,5 +104,8 @@ def cmd_prompt_compare(args: argparse.Namespace) -> int:
     if args.markdown:
         Path(args.markdown).write_text(markdown + "\n", encoding="utf-8")
     print(markdown)
+    if args.html:
+        prompts = [[build_prompt(r, engine.tokenizer, replace(options, template=t)) for r in records] for t in templates]
+        write_page(args.html, compare_page(comparison, records, prompts, meta=run_meta(command_line(args), args.data)))
     print(f"llmtags: {engine.misses} generations, the rest from the cache", file=sys.stderr)
     return 0

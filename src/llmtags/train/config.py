@@ -126,6 +126,9 @@ class TrainConfig:
             (self.retrieve >= 0, "retrieve must not be negative"),
             (not self.retrieve or bool(self.demos), "retrieve needs demos: the labelled records to retrieve from"),
             (0 <= self.rename < 1, "rename must be in [0, 1)"),
+            # Renamed answers need the names in the prompt: demonstrations (and the schema they bring).
+            (not self.rename or self.retrieve > 0, "rename needs retrieve > 0: the renamed names reach the "
+             "model through its demonstrations and schema"),
         ]
         for ok, message in checks:
             if not ok:

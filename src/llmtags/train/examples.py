@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 from ..options import TaggingOptions
-from ..prompts import Demo, PromptTemplate, render_prompt, template_choice, template_for
-from ..records import GoldTag, Record
+from ..prompts import PromptTemplate, template_choice, template_for
+from ..records import Record
 from ..retrieve import DemoPool
-from ..tagger import prompt_candidates, prompt_demos, prompt_record
-from .rename import pick_renames, rename_tag
+from ..tagger import prompt_parts, render_parts
+from .rename import rename_parts
 
 END_OF_TURN = "<|im_end|>"  # Qwen's (ChatML) end of an assistant turn: generation stops on it
 
@@ -42,25 +41,12 @@ def build_examples(
     for record in records:
         if record.tags is None:
             continue
-        ready = prompt_record(record, options)
-        demos = list(prompt_demos(ready, options))
-        offered = prompt_candidates(ready, options, training=True)
+        parts = prompt_parts(record, options, training=True)
         if rename > 0 and rng.random() < rename:
-            attributes = [t.partition(":")[0] for t in [*offered, *_first_forms(ready.tags)]
-                          + [tag for demo in demos for tag in demo.tags]] + list(ready.schema or ())
-            mapping = pick_renames(attributes, rng)
-            ready = replace(ready, schema=[mapping.get(a, a) for a in ready.schema] if ready.schema else None,
-                            tags=[rename_tag(t, mapping) for t in _first_forms(ready.tags)])
-            demos = [Demo(d.text, [rename_tag(t, mapping) for t in d.tags]) for d in demos]
-            offered = [rename_tag(t, mapping) for t in offered]
-        template_used = template_for(ready, options.template)
-        prompt = render_prompt(tokenizer, template_used.messages(ready, demos, offered))
-        examples.append({"prompt": prompt, "completion": template_used.answer(ready.tags) + eot})
+            parts = rename_parts(parts, rng)
+        answer = template_for(parts.record, options.template).answer(parts.record.tags or [])
+        examples.append({"prompt": render_parts(parts, tokenizer, options), "completion": answer + eot})
     return examples
-
-
-def _first_forms(tags: Sequence[GoldTag] | None) -> list[str]:
-    return [t[0] if isinstance(t, list) else t for t in tags or ()]
 
 
 def tokenize_examples(examples: Sequence[dict[str, str]], tokenizer: Any) -> list[dict[str, list[int]]]:

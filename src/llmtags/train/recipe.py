@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapters.pack import pack_adapter
+from ..adapters.pack import POOL_FILE, VOCABULARY_FILE, pack_adapter
 from ..adapters.registry import (
     CONFIG_FILE,
     METADATA_FILE,
@@ -453,6 +453,10 @@ def train(
     # The adapter carries what its prompts need: its vocabulary and its demo pool (adapters/pack.py).
     meta = pack_adapter(out, candidates=config.candidates, pool=config.demos if config.retrieve else None,
                         k=config.retrieve, licence=(data or {}).get("licence"))
+    shipped = [name for name in (VOCABULARY_FILE, POOL_FILE) if (out / name).is_file()]
+    if shipped:
+        run.progress.write(f"the adapter ships {' and '.join(shipped)} (derived from the training data): state "
+                           "their licence in its model card before you publish it")
     return TrainResult(
         out_dir=out,
         metadata=meta,

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
+
+from ..prompts import Demo
+from ..records import GoldTag
+from ..tagger import PromptParts
 
 SYNONYMS: dict[str, tuple[str, ...]] = {
     # zh-taobao-ner
     "品牌": ("品牌名", "商标", "品牌名称"),
     "产品词": ("品类", "商品词", "类目", "产品类型"),
     "型号": ("货号", "规格型号", "型号规格"),
-    "其他": ("其它", "属性", "补充信息"),
+    "其他": ("其它", "补充信息", "其他信息"),
     # en-oa-mine and en-ae-110k
     "Brand": ("Manufacturer", "Make", "Brand Name"),
     "Brand Name": ("Brand", "Manufacturer", "Label"),
@@ -55,3 +60,19 @@ def rename_tag(tag: str, mapping: Mapping[str, str]) -> str:
     """`Attribute:value` with the attribute renamed by `mapping` (unchanged when it has no entry)."""
     attribute, sep, value = tag.partition(":")
     return f"{mapping[attribute]}{sep}{value}" if sep and attribute in mapping else tag
+
+
+def _first_forms(tags: Iterable[GoldTag] | None) -> list[str]:
+    return [t[0] if isinstance(t, list) else t for t in tags or ()]
+
+
+def rename_parts(parts: PromptParts, rng: random.Random) -> PromptParts:
+    """`parts` with a random renaming (`pick_renames`) of every attribute they name, applied alike to the
+    record's schema and gold tags (so its answer), the demonstrations and the candidates."""
+    record = parts.record
+    named = [*parts.candidates, *_first_forms(record.tags), *[t for d in parts.demos for t in d.tags]]
+    mapping = pick_renames([t.partition(":")[0] for t in named] + list(record.schema or ()), rng)
+    record = replace(record, schema=[mapping.get(a, a) for a in record.schema] if record.schema else None,
+                     tags=[rename_tag(t, mapping) for t in _first_forms(record.tags)])
+    return PromptParts(record, [Demo(d.text, [rename_tag(t, mapping) for t in d.tags]) for d in parts.demos],
+                       [rename_tag(t, mapping) for t in parts.candidates])
