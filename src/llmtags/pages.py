@@ -21,6 +21,7 @@ from .calibrate import reliability, tag_outcomes
 from .charts import attribute_f1_chart, reliability_chart, variant_f1_chart
 from .grounding import evidence_spans, merged_spans
 from .metrics import attribute_label
+from .prompts import first_form
 from .records import GoldTag
 
 MAX_CHART_ATTRIBUTES = 40  # the chart shows the attributes with the most support; the table shows all
@@ -74,10 +75,6 @@ document.addEventListener("DOMContentLoaded", function () {
 def esc(value: Any) -> str:
     """Any value as inert HTML text (quotes escaped too, so it is safe inside attributes)."""
     return html.escape(str(value), quote=True)
-
-
-def _first(tag: GoldTag) -> str:
-    return tag[0] if isinstance(tag, list) else tag
 
 
 def _gold_text(tag: GoldTag) -> str:
@@ -245,7 +242,7 @@ def _variant_rows(comparison: Any) -> list[list[str]]:
 
 
 def _record_attributes(gold: Sequence[GoldTag], predictions: Sequence[Sequence[str]]) -> list[str]:
-    tags = [_first(g) for g in gold] + [t for p in predictions for t in p]
+    tags = [first_form(g) for g in gold] + [t for p in predictions for t in p]
     return sorted({attribute_label(t) for t in tags})
 
 

@@ -29,6 +29,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from .records import GoldTag, Record
 
 PACKAGED = ("zh", "en", "few_shot", "tuned")
+DEMO_MAX_CHARS = 300  # a demonstration's text is cut here
 # Earlier sources of packaged templates that render exactly as the current one for an adapter trained
 # with them: `tuned` gained a block for retrieved demonstrations, which renders nothing without them
 # (tests/test_prompts.py checks the rendering against the earlier source).
@@ -61,7 +62,8 @@ def neutralise(text: str) -> str:
     return _CONTROL_TOKEN_RE.sub(lambda m: f"<｜{m.group(1)}｜>", text)
 
 
-def _first_tag_form(tag: GoldTag) -> str:
+def first_form(tag: GoldTag) -> str:
+    """A gold tag's first accepted form (an any-of group is a list of forms)."""
     return tag[0] if isinstance(tag, list) else tag
 
 
@@ -122,7 +124,7 @@ class PromptTemplate:
 
     def answer(self, tags: Sequence[GoldTag]) -> str:
         """The assistant reply for gold `tags` (any-of groups give their first form)."""
-        return self._render_block("answer", {"tags": [neutralise(_first_tag_form(t)) for t in tags]})
+        return self._render_block("answer", {"tags": [neutralise(first_form(t)) for t in tags]})
 
     def check(self) -> None:
         """Parse the template and require its blocks, so a typo fails before a long run starts."""
@@ -166,16 +168,21 @@ def template_for(record: Record, choice: str | PromptTemplate) -> PromptTemplate
     return load_template(choice)
 
 
-def demos_from(records: Sequence[Record], k: int, lang: str | None = None, max_chars: int = 300) -> list[Demo]:
-    """The first k labelled records (of `lang`, when given) as demonstrations, in file order.
+def demo_of(record: Record, max_chars: int = DEMO_MAX_CHARS) -> Demo:
+    """`record` as a demonstration: its text cut to `max_chars` (k long descriptions would otherwise
+    crowd the prompt), its gold tags in their first form."""
+    return Demo(record.text[:max_chars], [first_form(t) for t in record.tags or ()])
 
-    Demonstration texts are cut to `max_chars`: k long descriptions would otherwise crowd the prompt.
+
+def demos_from(records: Sequence[Record], k: int, lang: str | None = None,
+               max_chars: int = DEMO_MAX_CHARS) -> list[Demo]:
+    """The first k labelled records (of `lang`, when given) as demonstrations (`demo_of`), in file order.
     """
     demos = []
     for record in records:
         if not record.tags or (lang and (record.lang or detect_lang(record.text)) != lang):
             continue
-        demos.append(Demo(record.text[:max_chars], [_first_tag_form(t) for t in record.tags]))
+        demos.append(demo_of(record, max_chars))
         if len(demos) == k:
             break
     return demos

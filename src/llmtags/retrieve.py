@@ -25,10 +25,9 @@ import bm25s
 import numpy as np
 
 from .candidates import candidate_sources
-from .prompts import Demo
+from .prompts import Demo, demo_of, first_form
 from .records import GoldTag, Record, load_labelled
 
-DEMO_MAX_CHARS = 300  # a demonstration's text is cut here: K long descriptions would crowd the prompt
 # Neighbours whose attributes make the schema of a record without category: more than the K shown, so
 # an attribute that only some similar products have is still named.
 SCHEMA_NEIGHBOURS = 10
@@ -57,8 +56,7 @@ def tokens(text: str) -> list[str]:
 
 
 def attribute_of(tag: GoldTag) -> str | None:
-    first = tag[0] if isinstance(tag, list) else tag
-    attribute, sep, _ = first.partition(":")
+    attribute, sep, _ = first_form(tag).partition(":")
     return attribute.strip() if sep and attribute.strip() else None
 
 
@@ -77,8 +75,6 @@ class DemoPool:
         self.records = [r for r in records if r.tags]
         if not self.records:
             raise ValueError(f"demo pool {source or '(records)'} holds no labelled record")
-        self.source = source
-        self.sha256 = pool_hash(self.records)
         self._texts = [r.text for r in self.records]
         self._categories = np.array([(r.category or "").casefold() for r in self.records], dtype=object)
         self._index = bm25s.BM25()
@@ -127,7 +123,7 @@ class DemoPool:
 
     def demos_for(self, record: Record, k: int) -> list[Demo]:
         """The demonstrations for `record`: its `k` nearest pool records, the most similar last."""
-        return [as_demo(r) for r in reversed(self.ranked(record, k))]
+        return [demo_of(r) for r in reversed(self.ranked(record, k))]
 
     def schema_for(self, record: Record) -> list[str] | None:
         """The attribute names a record without a schema is prompted with: its category's in the pool;
@@ -143,10 +139,6 @@ class DemoPool:
         for neighbour in self.ranked(record, SCHEMA_NEIGHBOURS):
             lists.append(neighbour.schema or [a for a in map(attribute_of, neighbour.tags or ()) if a])
         return _ordered_union(lists) or None
-
-
-def as_demo(record: Record, max_chars: int = DEMO_MAX_CHARS) -> Demo:
-    return Demo(record.text[:max_chars], [t[0] if isinstance(t, list) else t for t in record.tags or ()])
 
 
 def load_pool(spec: str) -> DemoPool:

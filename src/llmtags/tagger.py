@@ -111,7 +111,11 @@ def build_prompt(record: Record, tokenizer: Any, options: TaggingOptions, traini
 def constraint_for(record: Record, options: TaggingOptions) -> ConstraintSpec | None:
     """The `ConstraintSpec` of `record` (None when nothing is constrained: free mode and no
     schema), from the record as `prompt_record` gives it."""
-    record = prompt_record(record, options)
+    return constraint_of(prompt_record(record, options), options)
+
+
+def constraint_of(record: Record, options: TaggingOptions) -> ConstraintSpec | None:
+    """`constraint_for` of a record `prompt_record` has already prepared."""
     if options.constrain == "free" and not record.schema:
         return None
     if options.constrain == "closed" and options.constrain_vocab is None:
@@ -148,17 +152,18 @@ def tag_chunks(
     """Tag `records` with `engine` (an `engines.base.Engine`), one
     list of results per chunk of `options.chunk_size` records, in input order."""
     for chunk in chunked(records, options.chunk_size, first=options.batch_size):
-        prepared = [prompt_record(record, options) for record in chunk]
-        prompts = [build_prompt(record, engine.tokenizer, options) for record in chunk]
-        constraints = [constraint_for(record, options) for record in chunk]
+        # Each record's parts once: retrieval (and the schema it gives) is not repeated per use.
+        parts = [prompt_parts(record, options) for record in chunk]
+        prompts = [render_parts(p, engine.tokenizer, options) for p in parts]
+        constraints = [constraint_of(p.record, options) for p in parts]
         # Engines without constrained decoding still serve unconstrained runs.
         kwargs = {"constraints": constraints} if any(c is not None for c in constraints) else {}
         generations = engine.generate(
             prompts, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, on_batch=on_batch,
             **kwargs,
         )
-        yield [to_result(record, generation, options, normaliser, schema=ready.schema)
-               for record, ready, generation in zip(chunk, prepared, generations)]
+        yield [to_result(record, generation, options, normaliser, schema=p.record.schema)
+               for record, p, generation in zip(chunk, parts, generations)]
 
 
 def tag_records(

@@ -16,8 +16,7 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
-from ..prompts import Demo
-from ..records import GoldTag
+from ..prompts import Demo, first_form
 from ..tagger import PromptParts
 
 SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -62,17 +61,13 @@ def rename_tag(tag: str, mapping: Mapping[str, str]) -> str:
     return f"{mapping[attribute]}{sep}{value}" if sep and attribute in mapping else tag
 
 
-def _first_forms(tags: Iterable[GoldTag] | None) -> list[str]:
-    return [t[0] if isinstance(t, list) else t for t in tags or ()]
-
-
 def rename_parts(parts: PromptParts, rng: random.Random) -> PromptParts:
     """`parts` with a random renaming (`pick_renames`) of every attribute they name, applied alike to the
     record's schema and gold tags (so its answer), the demonstrations and the candidates."""
     record = parts.record
-    named = [*parts.candidates, *_first_forms(record.tags), *[t for d in parts.demos for t in d.tags]]
+    named = [*parts.candidates, *map(first_form, record.tags or ()), *[t for d in parts.demos for t in d.tags]]
     mapping = pick_renames([t.partition(":")[0] for t in named] + list(record.schema or ()), rng)
     record = replace(record, schema=[mapping.get(a, a) for a in record.schema] if record.schema else None,
-                     tags=[rename_tag(t, mapping) for t in _first_forms(record.tags)])
+                     tags=[rename_tag(first_form(t), mapping) for t in record.tags or ()])
     return PromptParts(record, [Demo(d.text, [rename_tag(t, mapping) for t in d.tags]) for d in parts.demos],
                        [rename_tag(t, mapping) for t in parts.candidates])
