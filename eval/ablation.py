@@ -12,13 +12,12 @@ test. Writes eval/ablation_SET.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from common import (DATASETS, REPO, generate_predictions, meta_lines, predictions_file, run_meta, split_paths,
-                    write_outputs)
+from common import (REPO, ablation_parser, generate_predictions, meta_lines, predictions_file, run_meta, split_paths,
+                    write_result)
 
 from llmtags.baselines import DictionaryTagger
 from llmtags.calibrate import calibrate, read_scored_predictions
@@ -135,21 +134,13 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", required=True)
-    parser.add_argument("--adapter", required=True)
-    parser.add_argument("--data", type=Path, default=DATASETS)
+    parser = ablation_parser(__doc__)
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--dev-limit", type=int, default=100)
     parser.add_argument("--target-precision", type=float, default=0.9)
-    parser.add_argument("--work", type=Path)
-    parser.add_argument("--n-boot", type=int, default=1000)
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     result = run(args)
-    out = args.out or REPO / "eval" / f"ablation_{args.set.replace('-', '_')}"
-    data = json.loads(json.dumps(result, default=float))
-    write_outputs(out, data, markdown(result))
+    write_result(args.out or REPO / "eval" / f"ablation_{args.set.replace('-', '_')}", result, markdown(result))
 
 
 if __name__ == "__main__":

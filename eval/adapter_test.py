@@ -25,7 +25,8 @@ from llmtags.baselines import DictionaryTagger
 from llmtags.candidates import candidate_finder, candidate_recall
 from llmtags.evaluate import read_predictions, score_predictions
 from llmtags.models import cache_root
-from llmtags.options import Settings, adapter_defaults
+from llmtags.options import Settings
+from llmtags.plan import adapter_defaults, resolved_adapter
 from llmtags.records import load_labelled
 from llmtags.report import EvalReport
 
@@ -58,7 +59,7 @@ def evaluate_set(name: str, adapter: str, data: Path, limit: int | None) -> dict
     dictionary = DictionaryTagger.from_records(load_labelled(train_path))
     baseline = EvalReport.from_records(test, dictionary.tag_many([r.text for r in test]), protocol=protocol)
     # Candidate recall of what the prompts offer: the adapter's own candidates (else the set's train values).
-    finder = candidate_finder(adapter_defaults(adapter, Settings()).candidates or str(train_path))
+    finder = candidate_finder(adapter_defaults(resolved_adapter(adapter), Settings()).candidates or str(train_path))
     report.candidate_recall = candidate_recall([r.tags for r in test],
                                                [finder.tags(r.text, attributes=r.schema) for r in test])
     return {"set": name, "records": len(test), "of": len(labelled),

@@ -48,12 +48,13 @@ def _peak_rss_mib() -> float:
 
 def _records_and_prompts(data: Path, n: int, adapter: str) -> tuple[list[Any], list[str], Any]:
     from llmtags.models import load_tokenizer_only
-    from llmtags.options import Settings, TaggingOptions, adapter_options
+    from llmtags.options import Settings
+    from llmtags.plan import plan_run
     from llmtags.records import load_labelled
     from llmtags.tagger import build_prompt
 
     records = [r for r in load_labelled(data) if r.tags is not None][:n]
-    options = adapter_options(adapter, Settings(), TaggingOptions())
+    options = plan_run(Settings(adapter=adapter)).options
     tokenizer = load_tokenizer_only("embedded")
     return records, [build_prompt(r, tokenizer, options) for r in records], options
 
@@ -87,8 +88,9 @@ def run_plain(prompts: list[str], adapter_dir: Path) -> tuple[list[str], list[in
 def run_llmtags(prompts: list[str], adapter: str, engine: str = "auto") -> tuple[list[str], list[int], float]:
     from llmtags.adapters.routing import load_adapter_set
     from llmtags.options import Settings
+    from llmtags.plan import plan_run
 
-    adapter_set, _ = load_adapter_set(Settings(adapter=adapter, engine=engine), "tuned")
+    adapter_set = load_adapter_set(plan_run(Settings(adapter=adapter, engine=engine, template="tuned")))
     tagger_engine = adapter_set.engine(adapter)
     texts, counts, first = [], [], 0.0
     # generate's chunks: one batch first (for the first results), then 64 products per output append.

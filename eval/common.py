@@ -96,6 +96,26 @@ def predictions_file(work: Path, split: str, variant: str, adapter: str) -> Path
     return work / f"{split}-{slug}-{Path(adapter).name}-{weights}.jsonl"
 
 
+def ablation_parser(doc: str) -> Any:
+    """The arguments the ablation scripts share: which set and adapter, the data, where predictions
+    are kept (--work), the bootstrap and the output."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--set", required=True)
+    parser.add_argument("--adapter", required=True)
+    parser.add_argument("--data", type=Path, default=DATASETS)
+    parser.add_argument("--work", type=Path)
+    parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--out", type=Path)
+    return parser
+
+
+def write_result(out: Path, result: dict[str, Any], markdown: str) -> None:
+    """`write_outputs` of a result holding numpy numbers (as plain floats)."""
+    write_outputs(out, json.loads(json.dumps(result, default=float)), markdown)
+
+
 def bench_parser(doc: str, n: int, out: str) -> Any:
     """The arguments the speed benchmarks share: which products (the first N of a zh test file),
     which adapter, where to write."""

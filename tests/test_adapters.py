@@ -13,14 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from llmtags.adapters.registry import AdapterError, AdapterMismatch, build_metadata, check_compatible, list_adapters, read_metadata, resolve_adapter, show_adapter, validate_adapter_name, write_metadata
-from llmtags.adapters.routing import AdapterMap, load_adapter_map, route, tag_chunks_routed
+from llmtags.adapters.registry import AdapterError, AdapterMismatch, build_metadata, check_compatible, list_adapters, read_metadata, resolve_adapter, show_adapter, validate_adapter_name
+from llmtags.adapters.maps import AdapterMap, load_adapter_map
+from llmtags.adapters.routing import route, tag_chunks_routed
 from llmtags.engines.adapter_set import AdapterSet
 from llmtags.models import ResolvedModel, resolve_base_model
 from llmtags.prompts import load_template
 from llmtags.records import Record
 from llmtags.options import TaggingOptions
 from llmtags.tagger import tag_records
+from llmtags.testing import random_adapter
 
 RECORDS = [
     Record("r1", "兰蔻小黑瓶精华肌底液50ml", "美妆"),
@@ -34,29 +36,11 @@ RECORDS = [
 OPTIONS = TaggingOptions(template="auto", max_new_tokens=10, batch_size=3)
 
 
-def _make_adapter(base_dir: Path, out: Path, seed: int, template: str = "auto") -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from llmtags.models import load_tokenizer
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
-                        task_type="CAUSAL_LM")
-    get_peft_model(model, config).save_pretrained(out, safe_serialization=True)
-    resolved = resolve_base_model(str(base_dir))
-    write_metadata(out, build_metadata(resolved=resolved, template=template, tokenizer=load_tokenizer(resolved),
-                                       hyperparameters={"seed": seed}, command=f"test seed {seed}"))
-    return out
-
-
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     root = tmp_path_factory.mktemp("adapters")
-    _make_adapter(tiny_model_dir, root / "zh-beauty", seed=1)
-    _make_adapter(tiny_model_dir, root / "sports.v2", seed=2)
+    random_adapter(tiny_model_dir, root / "zh-beauty", seed=1)
+    random_adapter(tiny_model_dir, root / "sports.v2", seed=2)
     return root
 
 
@@ -305,7 +289,11 @@ def test_adapters_list_and_show_commands(registry, capsys):
 def test_generate_with_an_adapter_map_writes_each_records_adapter(registry, tiny_model_dir, tmp_path):
     from llmtags.adapters.routing import adapter_tagger
     from llmtags.cli.common import settings_from
+    from llmtags.plan import plan_run
     from llmtags.run import tag_file
+
+    def planned(args):
+        return plan_run(settings_from(args).replace(max_new_tokens=OPTIONS.max_new_tokens, batch_size=OPTIONS.batch_size))
 
     data = tmp_path / "products.jsonl"
     data.write_text("".join(json.dumps({"id": r.id, "text": r.text, "category": r.category}, ensure_ascii=False) + "\n"
@@ -317,7 +305,7 @@ def test_generate_with_an_adapter_map_writes_each_records_adapter(registry, tiny
                               str(registry)])
     args.device, args.dtype = "cpu", "auto"
     assert settings_from(args).wants_adapters
-    tag = adapter_tagger(settings_from(args), OPTIONS)  # no --base-model: the base model the adapters record
+    tag = adapter_tagger(planned(args))  # no --base-model: the base model the adapters record
     out = tmp_path / "tags.jsonl"
     summary = tag_file(str(data), str(out), tag, progress=False)
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
@@ -327,19 +315,19 @@ def test_generate_with_an_adapter_map_writes_each_records_adapter(registry, tiny
     # A single --adapter: the usual output lines, no "adapter" key.
     args = parser.parse_args(["generate", str(data), "--adapter", "zh-beauty", "--adapters-root", str(registry)])
     args.device, args.dtype = "cpu", "auto"
-    tag_file(str(data), str(out), adapter_tagger(settings_from(args), OPTIONS), progress=False)
+    tag_file(str(data), str(out), adapter_tagger(planned(args)), progress=False)
     assert ["adapter" in json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == [False] * 4
 
 
 def test_an_adapter_map_gives_each_adapter_its_own_template(tiny_model_dir, tmp_path):
     from llmtags.adapters.routing import adapter_tagger
     from llmtags.cli.common import settings_from
-    from llmtags.options import tagging_options, with_adapter_defaults
+    from llmtags.plan import plan_run
     from llmtags.run import tag_file
 
     root = tmp_path / "adapters"
-    _make_adapter(tiny_model_dir, root / "zh-tuned", seed=3, template="tuned")
-    _make_adapter(tiny_model_dir, root / "en-auto", seed=4)
+    random_adapter(tiny_model_dir, root / "zh-tuned", seed=3, template="tuned")
+    random_adapter(tiny_model_dir, root / "en-auto", seed=4)
     data = tmp_path / "products.jsonl"
     data.write_text("".join(json.dumps({"id": r.id, "text": r.text}, ensure_ascii=False) + "\n"
                             for r in RECORDS[5:7]), encoding="utf-8")  # one zh, one en, no categories
@@ -351,10 +339,9 @@ def test_an_adapter_map_gives_each_adapter_its_own_template(tiny_model_dir, tmp_
         args = parser.parse_args(["generate", str(data), *flags, "--adapters-root", str(root)])
         args.device, args.dtype, args.template, args.candidates = "cpu", "auto", "auto", None
         args.demos, args.max_new_tokens, args.batch_size, args.chunk_size = None, 10, 3, 8
-        settings = with_adapter_defaults(settings_from(args))
         out = tmp_path / "tags.jsonl"
         # A mismatched template would be refused: the zh adapter was trained with `tuned`, not `auto`.
-        tag_file(str(data), str(out), adapter_tagger(settings, tagging_options(settings)), progress=False)
+        tag_file(str(data), str(out), adapter_tagger(plan_run(settings_from(args))), progress=False)
         return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
     routed = run("--adapter-map", str(adapter_map))
@@ -366,7 +353,11 @@ def test_an_adapter_map_gives_each_adapter_its_own_template(tiny_model_dir, tmp_
 def test_generate_defaults_to_the_adapters_template_and_candidates(tmp_path, capsys):
     import json
 
-    from llmtags.options import Settings, with_adapter_defaults
+    from llmtags.options import Settings
+    from llmtags.plan import adapter_defaults, resolved_adapter
+
+    def with_adapter_defaults(settings):  # what plan_run makes of one --adapter's settings
+        return settings.replace(**adapter_defaults(resolved_adapter("zh", root), settings).changes())
 
     root = tmp_path / "adapters"
     (root / "zh").mkdir(parents=True)

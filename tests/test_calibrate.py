@@ -9,6 +9,7 @@ import pytest
 from llmtags.calibrate import Outcome, at_threshold, calibrate, pick_threshold, reliability, tag_outcomes
 from llmtags.cli import main
 from llmtags.options import OptionsError, Settings, min_confidence
+from llmtags.plan import plan_run
 
 GOLDS = [["品牌:理肤泉", "产品词:防晒霜"], ["Brand:Nike", ["Color:Black", "Color:黑色"]]]
 PREDS = [["品牌:理肤泉", "产品词:防晒", "品牌:理肤泉"], ["Brand:Nike", "Color:黑色", "Size:42"]]
@@ -75,8 +76,8 @@ def test_calibrate_command_stores_the_threshold_that_generate_then_uses(tmp_path
     assert "record 3" in captured.err and "confidence" in captured.err
     stored = read_metadata(root / "zh")["calibration"]
     assert stored["threshold"] == 0.7 and stored["records"] == 2 and stored["at_threshold"]["recall"] == 0.75
-    args = Settings(min_confidence="calibrated", adapter="zh", adapters_root=str(root))
-    assert min_confidence(args) == 0.7
+    # The run plan reads the threshold from the adapter's metadata, which it resolved once.
+    assert plan_run(Settings(min_confidence="calibrated", adapter="zh", adapters_root=str(root))).options.min_confidence == 0.7
     for bad in ("1.5", "high"):
         with pytest.raises(OptionsError, match="min-confidence"):
             min_confidence(Settings(min_confidence=bad))

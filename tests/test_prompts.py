@@ -113,3 +113,34 @@ def test_tuned_renders_as_its_earlier_source_without_demonstrations():
         for candidates in ((), ("品牌:理肤泉", "Brand:Diesel")):
             assert before.messages(record, (), candidates) == now.messages(record, (), candidates)
     assert before.answer(["品牌:理肤泉"]) == now.answer(["品牌:理肤泉"])
+
+
+def test_tuned_renders_as_its_source_before_proposals_without_them():
+    """Adapters trained before the span proposer keep their exact prompts, with and without demos."""
+    import hashlib
+    from pathlib import Path
+
+    from llmtags.prompts import EARLIER_SHA256, PromptTemplate, load_template
+    from llmtags.records import Record
+
+    source = (Path(__file__).parent / "data" / "tuned_before_proposals.j2").read_text(encoding="utf-8")
+    assert hashlib.sha256(source.encode("utf-8")).hexdigest() in EARLIER_SHA256["tuned"]
+    before, now = PromptTemplate("tuned", source), load_template("tuned")
+    records = [Record("1", "理肤泉防晒霜", lang="zh"), Record("2", "Diesel sneaker", schema=["Brand", "Color"])]
+    for record in records:
+        for demos in ((), (Demo("耐克跑鞋", ["品牌:耐克"]),)):
+            for candidates in ((), ("品牌:理肤泉", "Brand:Diesel")):
+                assert before.messages(record, demos, candidates) == now.messages(record, demos, candidates)
+
+
+def test_tuned_shows_proposals_with_a_mark_on_the_unsure_ones():
+    from llmtags.prompts import load_template
+    from llmtags.proposer import Proposal
+    from llmtags.records import Record
+
+    record = Record("1", "理肤泉防晒霜<|im_end|>", lang="zh")
+    proposals = [Proposal("品牌:理肤泉", "品牌", "理肤泉", 0, 3, 0.93),
+                 Proposal("产品词:防晒霜<|im_end|>", "产品词", "防晒霜<|im_end|>", 3, 15, 0.41)]
+    user = load_template("tuned").messages(record, (), ("品牌:理肤泉",), proposals)[-1]["content"]
+    assert user.splitlines() == ["候选: 品牌:理肤泉", "识别: 品牌:理肤泉; 产品词:防晒霜<｜im_end｜>?",
+                                 "理肤泉防晒霜<｜im_end｜>"]

@@ -127,6 +127,8 @@ def test_settings_are_recorded_and_a_resume_with_other_settings_is_refused(tmp_p
         check_run_settings(out, {"template": "en"}, resume=True)
     (tmp_path / "old.jsonl").write_text("")
     check_run_settings(tmp_path / "old.jsonl", {"template": "en"}, resume=True)  # from before settings: as is
+    # An output in a folder that does not exist yet (`-o runs/new/out.jsonl`): the folder is made.
+    assert check_run_settings(tmp_path / "new" / "out.jsonl", {"template": "en"}, resume=True).is_file()
 
 
 def test_generate_refuses_to_resume_with_another_prompt_but_not_another_batch_size(products, tiny_model_dir,

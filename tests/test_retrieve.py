@@ -13,9 +13,9 @@ from llmtags.options import (
     OptionsError,
     Settings,
     TaggingOptions,
-    adapter_defaults,
     tagging_options,
 )
+from llmtags.plan import adapter_defaults, resolved_adapter
 from llmtags.prompts import load_template
 from llmtags.records import Record
 from llmtags.retrieve import DemoPool, shared_pool, tokens
@@ -194,7 +194,8 @@ def test_a_packed_adapter_carries_its_vocabulary_and_pool(tmp_path, capsys):
     assert meta["retrieval"]["pool"] == "pool.jsonl" and meta["retrieval"]["k"] == 2
     assert meta["vocabulary"]["candidates"]["path"] == "vocabulary.jsonl"
     train.unlink()  # the training data is gone: the adapter still has what it needs
-    found = adapter_defaults("zh", Settings(adapters_root=str(tmp_path / "adapters")))
+    zh = resolved_adapter("zh", tmp_path / "adapters")
+    found = adapter_defaults(zh, Settings(adapters_root=str(tmp_path / "adapters")))
     assert found.demos == str(adapter / "pool.jsonl") and found.retrieve == 2
     assert found.candidates == str(adapter / "vocabulary.jsonl")
     shipped = candidate_finder(found.candidates)
@@ -202,10 +203,10 @@ def test_a_packed_adapter_carries_its_vocabulary_and_pool(tmp_path, capsys):
     assert set(shipped.tags(text)) >= {"品牌:理肤泉", "产品词:防晒霜"}
     # Another catalogue's sample: retrieval and candidates both come from it, with the adapter's K.
     other = _write(tmp_path / "other.jsonl", EN_POOL)
-    found = adapter_defaults("zh", Settings(adapters_root=str(tmp_path / "adapters"), demos=str(other)))
+    found = adapter_defaults(zh, Settings(adapters_root=str(tmp_path / "adapters"), demos=str(other)))
     assert (found.demos, found.retrieve, found.candidates) == (None, 2, str(other))
     # --retrieve 0 turns the adapter's retrieval off.
-    found = adapter_defaults("zh", Settings(adapters_root=str(tmp_path / "adapters"), retrieve=0))
+    found = adapter_defaults(zh, Settings(adapters_root=str(tmp_path / "adapters"), retrieve=0))
     assert found.demos is None and found.retrieve is None
 
 

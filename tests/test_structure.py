@@ -41,8 +41,8 @@ def test_engine_instances_satisfy_the_protocol(tiny_engine, tiny_model_dir, tmp_
 
 
 def test_the_pure_core_runs_without_torch():
-    """records, prompts, parse, vocab, candidates, spans, metrics, grounding and options import and work
-    in a process where torch (and what needs it) cannot be imported."""
+    """records, prompts, parse, vocab, candidates, spans, metrics, grounding, options and the run plan
+    import and work in a process where torch (and what needs it) cannot be imported."""
     script = textwrap.dedent("""
         import sys
 
@@ -55,13 +55,13 @@ def test_the_pure_core_runs_without_torch():
                 return None
 
         sys.meta_path.insert(0, Blocker())
-        from llmtags import candidates, grounding, metrics, options, parse, prompts, records, spans, vocab
+        from llmtags import candidates, grounding, metrics, options, parse, plan, prompts, records, spans, vocab
 
         record = records.Record("1", records.clean_text("<b>理肤泉</b> 特安舒缓霜 40ml"), tags=["品牌:理肤泉"])
         tags = parse.parse_tags("1. 品牌:理肤泉\\n2. 型号:40ml")
         assert tags == ["品牌:理肤泉", "型号:40ml"], tags
         assert metrics.score([record.tags], [tags]).micro.recall == 1.0
-        built = options.tagging_options(options.Settings(template="tuned", max_new_tokens=32))
+        built = plan.plan_run(options.Settings(template="tuned", max_new_tokens=32)).options
         assert built.max_new_tokens == 32 and built.template.name == "tuned"
         assert grounding.evidence_spans(record.text, tags, tags)[0] == (0, 3)
         assert "torch" not in sys.modules and "transformers" not in sys.modules

@@ -138,8 +138,11 @@ def test_training_lowers_the_loss_saves_an_adapter_and_reloads_it_identically(ti
     assert losses[-1] < losses[0] - 0.2 and losses[-1] == min(losses), losses
 
     files = sorted(p.name for p in out.iterdir() if p.is_file())
-    assert files == ["adapter_config.json", "adapter_model.safetensors", "llmtags.json"]
+    # The span proposer is trained by default (proposer.py), cross-fitted in 5 folds, and shipped.
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "llmtags.json", "proposer.crfsuite"]
     meta = read_metadata(out)
+    assert meta["proposer"]["records"] == 6 and meta["proposer"]["folds"] == 5
+    assert set(meta["proposer"]["out_of_fold"]) == {"precision", "recall", "f1"}
     assert meta["base_model"]["spec"] == str(tiny_model_dir)
     assert meta["template"]["name"] == "short" and len(meta["template"]["sha256"]) == 64
     assert meta["command"] == "llmtags train test" and meta["data"]["licence"] == "test"

@@ -192,7 +192,8 @@ def test_checkpoint_and_resume_equal_an_uninterrupted_run(tiny_model_dir, tmp_pa
     whole.train()
     assert whole_watch.steps == [1, 2, 3, 4] and whole_watch.ended_at == 4
     assert whole.state.epoch == pytest.approx(4 / 3)
-    assert sorted(p.name for p in (tmp_path / "whole").iterdir()) == ["checkpoint-3", "checkpoint-4"]
+    # Beside the checkpoints, the frozen layers' hidden states, kept for a resume (in another session).
+    assert sorted(p.name for p in (tmp_path / "whole").iterdir()) == ["checkpoint-3", "checkpoint-4", "frozen"]
 
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
@@ -202,9 +203,14 @@ def test_checkpoint_and_resume_equal_an_uninterrupted_run(tiny_model_dir, tmp_pa
     assert json.loads((Path(last) / "trainer_state.json").read_text())["global_step"] == 2
     assert (Path(last) / "adapter_model.safetensors").is_file() and (Path(last) / "adapter_config.json").is_file()
 
+    [cached] = (out / "frozen").glob("hidden-*.f32")
+    assert cached.with_suffix(".done").is_file()
+    written = cached.stat().st_mtime_ns
     watch = Evaluates()
     resumed = trainer(out, [watch])
     resumed.train(resume_from_checkpoint=last)
+    # The resumed run mapped the states the interrupted one wrote instead of running the frozen layers again.
+    assert resumed.cache.path == cached and cached.stat().st_mtime_ns == written
     assert watch.began_at == 2 and watch.steps == [3, 4] and resumed.state.global_step == 4
     assert [h["step"] for h in resumed.state.log_history if "loss" in h] == [1, 2, 3, 4]
     assert watch.logged == whole_watch.logged[2:]

@@ -1,7 +1,9 @@
 """Charts for the HTML reports (pages.py), drawn by matplotlib as inline SVG.
 
 Every label can come from data (attribute names, template names), so:
-- text is drawn as glyph paths (matplotlib's default `svg.fonttype`), never as SVG text or markup;
+- text is written as SVG `<text>` elements (`svg.fonttype` "none"), which matplotlib XML-escapes, so a
+  label is characters, never markup. The browser draws them with its own fonts: Chinese attribute
+  names read right on any machine with a CJK font, whatever fonts the machine that wrote the page had;
 - mathtext is off for every label, so a `$` in an attribute name is a dollar sign, not a formula;
 - the SVG carries no date or other metadata, so the same run draws the same bytes.
 """
@@ -20,8 +22,8 @@ _GOOD = "#54a24b"
 _BAD = "#e45756"
 
 
-# Chinese attribute names need a CJK font; matplotlib falls back glyph by glyph along this list, and
-# draws a box where none is installed (Debian: apt install fonts-wqy-zenhei or fonts-noto-cjk).
+# Named in the SVG as the font family the browser should try, in order (it falls back to its own sans-serif);
+# matplotlib uses them only to lay out the text (a missing CJK font there can only misjudge widths).
 FONTS = ["DejaVu Sans", "WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC",
          "Microsoft YaHei", "PingFang SC", "SimHei"]
 
@@ -44,7 +46,7 @@ def _svg(fig: Any) -> str:
     """The figure as an SVG element (without the XML prologue), and the figure closed."""
     plt = _pyplot()
     buffer = io.StringIO()
-    with plt.rc_context({"svg.fonttype": "path", "svg.hashsalt": "llmtags"}):
+    with plt.rc_context({"svg.fonttype": "none", "svg.hashsalt": "llmtags"}):
         fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
     plt.close(fig)
     text = buffer.getvalue()

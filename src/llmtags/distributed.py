@@ -115,7 +115,8 @@ def tag_file_distributed(
     progress: bool = True,
 ) -> DistributedSummary:
     """Tag `source` into `output` with `workers` Ray actors, each built by `make_tag()` (a picklable
-    function returning a `tag(records, on_batch)` callable, as `tagger.tag_file` takes)."""
+    function returning a `tag(records, on_batch)` callable, as `run.tag_file` takes: `generate` sends
+    `partial(run.planned_tagger, settings)`, so each worker plans the run from plain settings)."""
     import itertools
 
     import ray

@@ -1,7 +1,8 @@
 """Stage 6 and the analyst's loop: score predictions against gold, and compare prompt templates.
 
 - `score_files` scores an existing predictions file against a labelled file.
-- `generate_and_score` generates (through the generation cache) and scores in one go.
+- `generate_and_score` generates and scores in one go; `plan_engine` is the engine it generates with:
+  a run plan's base model and --adapter, through the generation cache.
 - `compare_templates` runs several templates on the same records and compares them pairwise with a
   paired bootstrap; with the cache, re-running after editing one template regenerates only that one.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,19 +19,24 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
+from .adapters.registry import check_compatible
+from .adapters.routing import load_adapter_set
 from .candidates import candidate_finder, candidate_recall
 from .engines.cache import CachedEngine, GenerationCache
 from .engines.select import load_engine, pick_engine
 from .metrics import bootstrap_prf_counts, paired_bootstrap
 from .models import (
     EMBEDDED,
+    ResolvedModel,
     base_model_spec,
     cache_root,
     load_tokenizer_only,
     resolve_base_model,
     resolve_gguf_base,
 )
-from .options import TaggingOptions
+from .options import Settings, TaggingOptions
+from .plan import RunPlan
+from .prompts import PromptTemplate
 from .records import Fields, Record, RecordError, load_labelled
 from .report import EvalReport
 from .tagger import TagResult, build_prompt, constraint_for, tag_records
@@ -103,19 +110,40 @@ def score_files(gold: str | Path, pred: str | Path, normaliser: Any = None, erro
 
 def cached_engine(base_model: str | None, device: str = "auto", dtype: str = "auto", cache_path: Path | None = None,
                   engine: str = "auto") -> Any:
-    """A CachedEngine for `base_model`: the tokenizer now, the model only when a prompt misses the cache.
-    llama.cpp's generations are cached apart from transformers' (its quantised arithmetic differs)."""
-    spec = base_model_spec(base_model)
-    chosen = pick_engine(engine, spec, device, dtype)
+    """A CachedEngine for `base_model` without adapters (see `plan_engine`)."""
+    settings = Settings(base_model=base_model, device=device, dtype=dtype, engine=engine)
+    return plan_engine(RunPlan(settings, TaggingOptions()), cache_path=cache_path)
+
+
+def plan_engine(plan: RunPlan, templates: Sequence[PromptTemplate] = (), cache_path: Path | None = None) -> Any:
+    """A CachedEngine for the plan's base model and --adapter: the tokenizer now, the model (with the
+    adapter attached as `generate --adapter` attaches it, routing.load_adapter_set) only when a prompt
+    misses the cache. llama.cpp's generations are cached apart from transformers' (its quantised
+    arithmetic differs), and an adapter's apart from the base model's.
+
+    The adapter is checked at once against each of `templates` (`prompt compare`'s variants; else the
+    plan's template), so a run the cache answers whole is refused like one that loads the model."""
+    settings, adapter = plan.settings, plan.adapter
+    spec = base_model_spec(plan.base_model)
+    chosen = pick_engine(settings.engine, spec, settings.device, settings.dtype)
     resolve = resolve_gguf_base if chosen == "llama.cpp" else resolve_base_model
     identity = f"sha256:{EMBEDDED[spec].sha256}" if spec in EMBEDDED else resolve(spec).identity
+    tokenizer = load_tokenizer_only(spec)
+    if adapter is None:
+        def load() -> Any:
+            return load_engine(chosen, spec, device=settings.device, dtype=settings.dtype)
+    else:
+        base = ResolvedModel(spec, spec, identity)  # the identity is what the check compares; nothing is loaded
+        for template in templates or [plan.options.template]:
+            check_compatible(adapter.meta, base, template, tokenizer, force=settings.force_adapter)
+
+        def load() -> Any:
+            with warnings.catch_warnings():  # a forced mismatch was warned about above, once is enough
+                warnings.filterwarnings("ignore", message="adapter used despite a mismatch")
+                return load_adapter_set(plan).engine(adapter.name)
     cache = GenerationCache(cache_path or cache_root() / "generations.sqlite")
-    return CachedEngine(
-        load_tokenizer_only(spec),
-        lambda: load_engine(chosen, spec, device=device, dtype=dtype),
-        cache,
-        identity if chosen == "transformers" else f"{identity}+{chosen}",
-    )
+    return CachedEngine(tokenizer, load, cache, identity if chosen == "transformers" else f"{identity}+{chosen}",
+                        adapter=adapter.cache_key if adapter is not None else None)
 
 
 def run_generation(

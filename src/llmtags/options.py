@@ -1,15 +1,14 @@
 """Options, built in ONE place: what the user asked for (`Settings`: CLI flags, a TOML config, or a
-caller's keywords) and what the shipped adapter was trained with become the `TaggingOptions` the
-tagger runs with.
+caller's keywords) becomes the `TaggingOptions` the tagger runs with.
 
 - `Settings` holds every option that shapes a run, with the defaults the CLI shows. The CLI turns its
   parsed flags into one `Settings` at the edge (`Settings.from_mapping(vars(args))`); the library never
   sees an `argparse.Namespace`.
-- `with_adapter_defaults(settings)`: with one `--adapter`, the prompt options the user left unset take
-  the adapter's own (its template, its candidate vocabulary).
-- `tagging_options(settings)`, `normaliser_for(settings)`, `min_confidence(settings)`,
-  `adapter_options(name, settings, options)`: the objects the tagger takes.
-- `adapter_defaults(name, settings)`: what an adapter brings (template, candidates, demo pool and K).
+- `tagging_options(settings)`, `normaliser_for(settings)`, `min_confidence(settings)`: the objects the
+  tagger takes.
+
+What an adapter brings (its template, candidates, pool, proposer, calibrated threshold) is plan.py's:
+`plan.plan_run` reads each adapter once and gives these functions what they need from it.
 """
 
 from __future__ import annotations
@@ -18,13 +17,12 @@ import dataclasses
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .adapters.registry import read_metadata, resolve_adapter
-from .candidates import candidate_finder, candidate_sources, load_candidate_vocabulary
+from .candidates import candidate_finder, load_candidate_vocabulary
 from .engines.base import MAX_NEW_TOKENS
 from .prompts import Demo, PromptTemplate, demos_from, template_choice
+from .proposer import SpanProposer
 from .records import load_labelled
 from .retrieve import DemoPool, load_pool
 from .vocab import Normaliser, Vocabulary
@@ -50,6 +48,8 @@ class TaggingOptions:
     # description carry the tags, and a 1 MB description must not blow up the model's context.
     max_text_chars: int = 2000
     candidates: Any = None  # a CandidateFinder: vocabulary entries found in the text go into the prompt
+    # A span proposer (proposer.SpanProposer, or CrossFitted in training): its spans go into the prompt.
+    proposer: Any = None
     # Constrained decoding (constrain/): "free" (only the record's schema limits attribute names),
     # "extract" (values are spans of the text) or "closed" (lines are entries of `constrain_vocab`).
     constrain: str = "free"
@@ -77,6 +77,8 @@ class Settings:
     retrieve: int | None = None  # K: each record is shown its K most similar demonstrations (None: unset)
     candidates: str | None = None  # a vocabulary or labelled file(s), comma-joined
     no_candidates: bool = False
+    proposer: str | None = None  # a span proposer model file (proposer.py); an adapter brings its own
+    no_proposer: bool = False
     # generation
     batch_size: int = 8
     max_new_tokens: int = MAX_NEW_TOKENS
@@ -109,9 +111,11 @@ class Settings:
         return bool(self.adapter or self.adapter_map)
 
 
-def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()) -> TaggingOptions:
+def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = (),
+                    calibration: Mapping[str, Any] | None = None) -> TaggingOptions:
     """The `TaggingOptions` of `settings`: templates, demonstrations and vocabularies loaded. `templates`:
-    the variants a comparison runs instead of `settings.template` (retrieval needs one to show demos)."""
+    the variants a comparison runs instead of `settings.template` (retrieval needs one to show demos);
+    `calibration`: what `llmtags calibrate` stored in the --adapter, for `--min-confidence calibrated`."""
     template = template_choice(settings.template)
     retrieve = settings.retrieve or 0
     if retrieve < 0:
@@ -131,6 +135,7 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
     candidates = None
     if settings.candidates and not settings.no_candidates:
         candidates = candidate_finder(settings.candidates)
+    proposer = SpanProposer(settings.proposer) if settings.proposer and not settings.no_proposer else None
     constrain_vocab = None
     if settings.constrain == "closed":
         path = settings.constrain_vocab or settings.vocab
@@ -138,8 +143,8 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
             raise OptionsError("--constrain closed needs --constrain-vocab VOCAB (or --vocab)")
         constrain_vocab = load_candidate_vocabulary(path)
     return TaggingOptions(template, demos, pool, retrieve, settings.max_new_tokens, settings.batch_size,
-                          settings.chunk_size, candidates=candidates, constrain=settings.constrain,
-                          constrain_vocab=constrain_vocab, min_confidence=min_confidence(settings))
+                          settings.chunk_size, candidates=candidates, proposer=proposer, constrain=settings.constrain,
+                          constrain_vocab=constrain_vocab, min_confidence=min_confidence(settings, calibration))
 
 
 def check_shows_demos(template: str | PromptTemplate) -> None:
@@ -150,15 +155,16 @@ def check_shows_demos(template: str | PromptTemplate) -> None:
                            "few_shot, or a .j2 file whose user block renders `demos`")
 
 
-def min_confidence(settings: Settings) -> float | None:
-    """`--min-confidence`: a number in [0, 1], or 'calibrated', the threshold stored in the --adapter."""
+def min_confidence(settings: Settings, calibration: Mapping[str, Any] | None = None) -> float | None:
+    """`--min-confidence`: a number in [0, 1], or 'calibrated', the threshold stored in the --adapter
+    (`calibration`: the `calibration` entry of its llmtags.json, as the run plan read it)."""
     value = settings.min_confidence
     if value is None:
         return None
     if value == "calibrated":
         if not settings.adapter:
             raise OptionsError("--min-confidence calibrated needs --adapter NAME (the threshold is stored there)")
-        calibration = read_metadata(resolve_adapter(settings.adapter, settings.adapters_root)).get("calibration") or {}
+        calibration = calibration or {}
         if calibration.get("threshold") is None:
             raise OptionsError(f"adapter {settings.adapter!r} has no calibrated threshold: run llmtags calibrate first")
         print(f"llmtags: adapter {settings.adapter}: min confidence {calibration['threshold']:.3f} (calibrated for "
@@ -178,100 +184,3 @@ def normaliser_for(settings: Settings) -> Normaliser | None:
     if not settings.vocab:
         return None
     return Normaliser(Vocabulary.load(settings.vocab), policy=settings.policy, fuzzy_threshold=settings.fuzzy_threshold)
-
-
-# --- what an adapter brings ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AdapterDefaults:
-    """What adapter `name` was trained with, for the prompt options the user left unset (None: keep
-    the user's). Files an adapter ships (its pool, its vocabulary) are named relative to its directory."""
-
-    template: str | None = None
-    candidates: str | None = None
-    demos: str | None = None
-    retrieve: int | None = None
-
-    def changes(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-
-def _adapter_file(adapter_dir: Path, path: str) -> str:
-    """`path` as the adapter's metadata records it: a file the adapter ships (relative to its directory,
-    comma-joined for several), else a path relative to where llmtags runs."""
-    parts = [str(adapter_dir / p) if (adapter_dir / p).is_file() else p for p in path.split(",")]
-    return ",".join(parts)
-
-
-def _absent(name: str, what: str, source: str, consequence: str) -> bool:
-    missing = [path for path in candidate_sources(source) if not Path(path).is_file()]
-    if missing:
-        print(f"llmtags: warning: adapter {name} was trained with {what} from {source}, but "
-              f"{', '.join(missing)} is absent here: {consequence}", file=sys.stderr)
-    return bool(missing)
-
-
-def adapter_defaults(name: str, settings: Settings) -> AdapterDefaults:
-    """The template, candidates and retrieval that adapter `name` was trained with, where `settings` leave
-    them unset. A file absent here is dropped with a warning (the adapter still works, less well), so
-    `generate` runs on a machine without the training data.
-
-    `--demos FILE` points the adapter at another catalogue's labelled sample: retrieval then draws from
-    FILE (with the adapter's K unless --retrieve is given), and so do the candidates, because the
-    adapter's own vocabulary belongs to its own catalogue."""
-    adapter_dir = resolve_adapter(name, settings.adapters_root)
-    meta = read_metadata(adapter_dir)
-    template = (meta.get("template") or {}).get("spec") if settings.template == "auto" else None
-    retrieval = meta.get("retrieval") or {}
-    demos, retrieve = None, None
-    if retrieval and settings.demos is None and settings.retrieve != 0:
-        pool = _adapter_file(adapter_dir, retrieval["pool"])
-        if not _absent(name, "demonstrations", pool, "tagging without retrieval; give --demos POOL --retrieve K"):
-            demos, retrieve = pool, settings.retrieve or int(retrieval["k"])
-    elif retrieval and settings.demos and settings.retrieve is None:
-        retrieve = int(retrieval["k"])
-    source = ((meta.get("vocabulary") or {}).get("candidates") or {}).get("path")
-    retrieving = bool(settings.demos) and bool(retrieve or settings.retrieve)
-    if not source or settings.candidates or settings.no_candidates:
-        source = None
-    elif retrieving:  # another catalogue's sample: its own vocabulary, not the adapter's
-        source = settings.demos
-    else:
-        source = _adapter_file(adapter_dir, source)
-        if _absent(name, "vocabulary candidates", source, "tagging without candidates, which lowers recall; give "
-                   "--candidates VOCAB (that file, or a vocabulary built from it)"):
-            source = None
-    found = AdapterDefaults(template, source, demos, retrieve)
-    if found.candidates or found.demos:
-        print(f"llmtags: adapter {name}: " + "; ".join(
-            [f"candidates from {found.candidates}"] * bool(found.candidates)
-            + [f"{found.retrieve or settings.retrieve} demonstrations retrieved from {found.demos}"] * bool(found.demos)),
-            file=sys.stderr)
-    return found
-
-
-def adapter_options(name: str, settings: Settings, options: TaggingOptions) -> TaggingOptions:
-    """`options` with adapter `name`'s own template, candidates and retrieval filled in (see adapter_defaults)."""
-    found = adapter_defaults(name, settings)
-    changes: dict[str, Any] = {}
-    if found.template:
-        changes["template"] = template_choice(found.template)
-    if found.candidates:
-        changes["candidates"] = candidate_finder(found.candidates)
-    demos = found.demos or settings.demos
-    retrieve = found.retrieve if found.retrieve is not None else settings.retrieve
-    if demos and retrieve:
-        check_shows_demos(changes.get("template", options.template))
-        changes.update(pool=load_pool(demos), retrieve=retrieve)
-    return dataclasses.replace(options, **changes)
-
-
-def with_adapter_defaults(settings: Settings) -> Settings:
-    """With one --adapter, unset prompt options default to what the adapter was trained with: its
-    template (instead of 'auto'), its candidate vocabulary and its demo pool, so `generate --adapter NAME`
-    just works."""
-    if not settings.adapter:
-        return settings
-    changes = adapter_defaults(settings.adapter, settings).changes()
-    return settings.replace(**changes) if changes else settings

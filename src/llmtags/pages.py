@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import html
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,7 +82,14 @@ def _gold_text(tag: GoldTag) -> str:
     return " / ".join(tag) if isinstance(tag, list) else tag
 
 
+def page_title(name: str) -> str:
+    """A report's name as a page title: a file path becomes its file name, so the title (which browsers
+    show in tabs, history and bookmarks) names the data, not a directory of the machine that wrote it."""
+    return re.split(r"[\\/]", name.rstrip("\\/"))[-1] or name
+
+
 def _page(title: str, meta: dict[str, str], body: list[str], script: str = "") -> str:
+    title = page_title(title)
     meta_rows = "".join(f"<div>{esc(k)}: <code>{esc(v)}</code></div>" for k, v in meta.items() if v)
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -158,10 +166,11 @@ _LEGEND = ('<div class="legend"><span class="tag ok">found</span><span class="ta
 
 
 def headline_rows(report: Any) -> list[list[str]]:
-    """The headline table: every view and scoring with P/R/F1 and the 95% interval."""
+    """The headline table: every view and scoring with P/R/F1 and the 95% interval, then the peers scored
+    on the same records (`EvalReport.add_peer`: the CRF beside the model)."""
     names = {"typed": "strict (Attribute:value)", "values": "values only", "extractgpt": "ExtractGPT protocol"}
     rows = []
-    for r in report.summary_rows():
+    for r in [*report.summary_rows(), *report.peer_rows()]:
         low, high = r["ci95"]
         rows.append([esc(r["predictions"]), esc(names.get(r["scoring"], r["scoring"])), _f(r["precision"]),
                      _f(r["recall"]), f"<b>{_f(r['f1'])}</b>", f"{_f(low)}–{_f(high)}", _f(r["macro_f1"]),

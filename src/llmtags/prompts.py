@@ -31,9 +31,11 @@ from .records import GoldTag, Record
 PACKAGED = ("zh", "en", "few_shot", "tuned")
 DEMO_MAX_CHARS = 300  # a demonstration's text is cut here
 # Earlier sources of packaged templates that render exactly as the current one for an adapter trained
-# with them: `tuned` gained a block for retrieved demonstrations, which renders nothing without them
-# (tests/test_prompts.py checks the rendering against the earlier source).
-EARLIER_SHA256 = {"tuned": ("1c0084270659e07cc19afb20d27d7ab4b81fbdacf37c647482ad32322e61ad39",)}
+# with them: `tuned` gained a block for retrieved demonstrations, then one for the span proposer's spans,
+# each of which renders nothing without them (tests/test_prompts.py checks the rendering against the
+# earlier sources).
+EARLIER_SHA256 = {"tuned": ("1c0084270659e07cc19afb20d27d7ab4b81fbdacf37c647482ad32322e61ad39",
+                            "441828caab6696230ebfc3bef8ee7714e62692dc151d0bfa99b126b152846399")}
 BLOCKS = ("system", "user", "answer")
 
 _ENV = ImmutableSandboxedEnvironment(
@@ -99,9 +101,12 @@ class PromptTemplate:
             raise PromptError(f"template {self.name!r}: {exc}") from exc
 
     def variables(
-        self, record: Record, demos: Sequence[Demo] = (), candidates: Sequence[str] = ()
+        self, record: Record, demos: Sequence[Demo] = (), candidates: Sequence[str] = (),
+        proposals: Sequence[Any] = (),
     ) -> dict[str, Any]:
-        """Everything a template may use. All product-derived strings are neutralised."""
+        """Everything a template may use. All product-derived strings are neutralised. `proposals`: the
+        span proposer's spans (proposer.Proposal), each as `tag`, `attribute`, `value` and `p`, its
+        marginal probability."""
         return {
             "text": neutralise(record.text),
             "category": neutralise(record.category) if record.category else None,
@@ -109,12 +114,15 @@ class PromptTemplate:
             "lang": record.lang or detect_lang(record.text),
             "demos": [Demo(neutralise(d.text), [neutralise(t) for t in d.tags]) for d in demos],
             "candidates": [neutralise(c) for c in candidates],
+            "proposals": [{"tag": neutralise(p.tag), "attribute": neutralise(p.attribute),
+                           "value": neutralise(p.value), "p": p.p} for p in proposals],
         }
 
     def messages(
-        self, record: Record, demos: Sequence[Demo] = (), candidates: Sequence[str] = ()
+        self, record: Record, demos: Sequence[Demo] = (), candidates: Sequence[str] = (),
+        proposals: Sequence[Any] = (),
     ) -> list[dict[str, str]]:
-        variables = self.variables(record, demos, candidates)
+        variables = self.variables(record, demos, candidates, proposals)
         messages = []
         system = self._render_block("system", variables)
         if system:

@@ -68,6 +68,7 @@ class EvalReport:
             if seq is not None and len(seq) != n:
                 raise ValueError(f"{n} gold records but {len(seq)} {label}")
         self.name = name
+        self.targets = [list(t) for t in targets] if targets is not None else None
         self.golds = [list(g) for g in golds]
         self.preds = {"raw": [list(p) for p in preds]}
         if preds_normalised is not None:
@@ -92,6 +93,8 @@ class EvalReport:
                                                        bootstrap_ci_counts(counts, n=n_boot, seed=seed))
         # Share of gold tags among the vocabulary candidates offered in the prompts (set by the caller).
         self.candidate_recall: float | None = None
+        # Other taggers scored on the same records (`add_peer`): the CRF peer beside every figure.
+        self.peers: dict[str, EvalReport] = {}
         self.normalisation_delta: PairedResult | None = None
         if preds_normalised is not None and n:
             self.normalisation_delta = paired_bootstrap(
@@ -122,6 +125,19 @@ class EvalReport:
             targets=targets,
             **kwargs,
         )
+
+    def add_peer(self, name: str, preds: Sequence[Sequence[str]]) -> EvalReport:
+        """Score another tagger's `preds` on the same records with the same scorings and bootstrap, and
+        show it beside this report's figures (terminal, Markdown, JSON and the HTML page)."""
+        peer = EvalReport(self.golds, preds, ids=self.ids, texts=self.texts, categories=self.categories, name=name,
+                          n_boot=self.n_boot, seed=self.seed, targets=self.targets)
+        self.peers[name] = peer
+        return peer
+
+    def peer_rows(self) -> list[dict[str, Any]]:
+        """The raw-prediction rows of every peer, named by the peer."""
+        return [{**row, "predictions": name} for name, peer in self.peers.items()
+                for row in peer.summary_rows() if row["scoring"] != "values"]
 
     @property
     def final_view(self) -> str:
@@ -175,6 +191,7 @@ class EvalReport:
             else None,
             "normalisation_delta": None if self.normalisation_delta is None else self.normalisation_delta.to_json(),
             "candidate_recall": self.candidate_recall,
+            "peers": {name: {s: v.to_json() for s, v in peer.views["raw"].items()} for name, peer in self.peers.items()},
             "worst_records": self.worst_records(worst),
         }
 
@@ -213,6 +230,11 @@ class EvalReport:
             [[r["predictions"], r["scoring"], _f(r["precision"]), _f(r["recall"]), _f(r["f1"]),
               _ci(r["ci95"]), _f(r["macro_f1"]), r["tp"], r["fp"], r["fn"]] for r in self.summary_rows()],
         )
+        if self.peers:
+            lines += ["", "Peers on the same records (their raw tags):", ""]
+            lines += _table(["peer", "scoring", "P", "R", "F1", "95% CI", "macro F1", "tp", "fp", "fn"],
+                            [[r["predictions"], r["scoring"], _f(r["precision"]), _f(r["recall"]), _f(r["f1"]),
+                              _ci(r["ci95"]), _f(r["macro_f1"]), r["tp"], r["fp"], r["fn"]] for r in self.peer_rows()])
         if self.normalisation_delta is not None:
             d = self.normalisation_delta
             lines += ["", f"Normalisation, typed micro F1: {d.f1_a:.3f} → {d.f1_b:.3f} (Δ {d.delta_f1:+.3f}, "

@@ -1,7 +1,7 @@
 """A whole run of `generate`: a file of records in, a JSONL file of tags out, resumable.
 
 `tag_file` streams records through a `tag(records, on_batch)` callable (`make_tagger` builds the one
-the settings ask for: a plain engine, or adapters routed per record), appends each chunk of results in
+a run plan asks for: a plain engine, or adapters routed per record), appends each chunk of results in
 one synced write, and reports bad records without stopping. `run_settings` and `check_run_settings`
 keep the settings that decide the tags beside the output, so `--resume` never mixes two models.
 """
@@ -21,19 +21,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .adapters.pack import POOL_FILE, VOCABULARY_FILE
-from .adapters.registry import resolve_adapter, weights_sha256
-from .adapters.routing import adapter_tagger, load_adapter_map
-from .candidates import candidate_sources
+from .adapters.routing import adapter_tagger
 from .engines.select import load_engine
-from .models import sha256_file
-from .options import (
-    Settings,
-    TaggingOptions,
-    normaliser_for,
-    tagging_options,
-    with_adapter_defaults,
-)
+from .options import Settings
+from .plan import RunPlan, plan_run
 from .records import Fields, ReadStats, Record, RecordError, count_records, read_records
 from .tagger import TagResult, tag_chunks
 
@@ -130,6 +121,7 @@ def check_run_settings(output: str | Path, settings: dict[str, Any], resume: boo
                 "to start over")
         return path
     tmp = path.with_name(path.name + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)  # `-o new/dir/out.jsonl`: the output's folder may not exist yet
     tmp.write_text(json.dumps(current, ensure_ascii=False, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
@@ -236,51 +228,42 @@ def _valid_records(source: str, fmt: str | None, fields: Fields, stats: ReadStat
 RUN_ONLY_SETTINGS = ("device", "dtype", "engine", "batch_size", "chunk_size")
 
 
-def run_settings(settings: Settings, fields: Fields = Fields(), fmt: str | None = None) -> dict[str, Any]:
-    """What decides the tags of a `generate` run: every setting but the run-only ones, the input's
-    format and fields, and the content hashes of the files they name (adapters' weights, vocabularies,
-    templates), so a retrained adapter counts as a change."""
-    values = {k: v for k, v in dataclasses.asdict(settings).items() if k not in RUN_ONLY_SETTINGS}
+def run_settings(plan: RunPlan, fields: Fields = Fields(), fmt: str | None = None) -> dict[str, Any]:
+    """What decides the tags of a `generate` run: every setting of the plan but the run-only ones, the
+    input's format and fields, and the content hashes of the files they name and of the adapters
+    (`RunPlan.content_hashes`), so a retrained adapter counts as a change."""
+    values = {k: v for k, v in dataclasses.asdict(plan.settings).items() if k not in RUN_ONLY_SETTINGS}
     values.update(format=fmt, id_field=fields.id, text_field=fields.text, category_field=fields.category,
                   tags_field=fields.tags)
-    values = dict(sorted(values.items()))
-    for key in ("candidates", "vocab", "constrain_vocab", "demos", "adapter_map", "template"):
-        value = values.get(key)
-        parts = candidate_sources(value) if isinstance(value, str) else []
-        if parts and all(Path(part).is_file() for part in parts):
-            digests = [sha256_file(part) for part in parts]
-            values[f"{key} sha256"] = digests[0] if len(digests) == 1 else digests
-    names = ([settings.adapter] if settings.adapter
-             else load_adapter_map(settings.adapter_map).adapter_names if settings.adapter_map else [])
-    for name in names:
-        path = resolve_adapter(name, settings.adapters_root)
-        values[f"adapter {name} sha256"] = weights_sha256(path)
-        # What the adapter ships for its prompts (adapters/pack.py): re-packing changes the tags too.
-        for shipped in (POOL_FILE, VOCABULARY_FILE):
-            if (path / shipped).is_file():
-                values[f"adapter {name} {shipped} sha256"] = sha256_file(path / shipped)
-    return values
+    values.update(plan.content_hashes())
+    return dict(sorted(values.items()))
 
 
-def make_tagger(settings: Settings, options: TaggingOptions, normaliser: Any = None) -> Tagger:
-    """The `tag(records, on_batch)` callable that `tag_file` takes: the engine `settings` name, with the
-    adapter or adapter map they name (each record routed to its own), loaded once."""
-    if settings.wants_adapters:
-        return adapter_tagger(settings, options, normaliser)
-    engine = load_engine(settings.engine, settings.base_model, device=settings.device, dtype=settings.dtype)
-    return lambda records, on_batch: tag_chunks(records, engine, options, normaliser, on_batch)
+def make_tagger(plan: RunPlan) -> Tagger:
+    """The `tag(records, on_batch)` callable that `tag_file` takes: the engine the plan names, with its
+    adapter or adapter map (each record routed to its own), loaded once."""
+    if plan.settings.wants_adapters:
+        return adapter_tagger(plan)
+    settings = plan.settings
+    engine = load_engine(settings.engine, plan.base_model, device=settings.device, dtype=settings.dtype)
+    return lambda records, on_batch: tag_chunks(records, engine, plan.options, plan.normaliser, on_batch)
+
+
+def planned_tagger(settings: Settings) -> Tagger:
+    """`make_tagger` of the plan of `settings`: what a Ray worker builds from the plain settings it is
+    sent (loaded options need not pickle), loading its own model replica."""
+    return make_tagger(plan_run(settings))
 
 
 def prepare_generate(settings: Settings, output: str | None, fields: Fields = Fields(), fmt: str | None = None,
-                     compare: bool = False) -> tuple[Settings, TaggingOptions, Any]:
-    """The start of every `generate` run: the adapter's defaults filled in (`with_adapter_defaults`), the
-    tagging options and normaliser built, and the settings file written beside `output` (with `compare`,
-    first checked against the one an earlier run left there). Returns (settings, options, normaliser)."""
-    settings = with_adapter_defaults(settings)
-    options, normaliser = tagging_options(settings), normaliser_for(settings)
+                     compare: bool = False) -> RunPlan:
+    """The start of every `generate` run: the run planned (`plan.plan_run`: the adapter's defaults filled
+    in, the tagging options and normaliser built), and the settings file written beside `output` (with
+    `compare`, first checked against the one an earlier run left there)."""
+    plan = plan_run(settings)
     if output not in (None, "-"):
-        check_run_settings(output, run_settings(settings, fields, fmt), compare)
-    return settings, options, normaliser
+        check_run_settings(output, run_settings(plan, fields, fmt), compare)
+    return plan
 
 
 def generate_file(source: str, output: str | None, settings: Settings, *, fields: Fields = Fields(),
@@ -288,8 +271,7 @@ def generate_file(source: str, output: str | None, settings: Settings, *, fields
                   progress: bool = True, explain: bool = False) -> RunSummary:
     """`llmtags generate` on this machine: tag every record of `source` into `output` (see `tag_file`)
     with what `settings` name; with `explain`, each result is also shown on stderr."""
-    settings, options, normaliser = prepare_generate(settings, output, fields, fmt, compare=resume)
-    tag = make_tagger(settings, options, normaliser)
+    tag = make_tagger(prepare_generate(settings, output, fields, fmt, compare=resume))
     return tag_file(source, output, explaining(tag) if explain else tag, fmt=fmt, fields=fields, limit=limit,
                     errors=errors, resume=resume, progress=progress)
 

@@ -18,6 +18,7 @@ from .hygiene import clean_tags
 from .options import TaggingOptions
 from .parse import parse_tag_spans
 from .prompts import Demo, render_prompt, template_for
+from .proposer import Proposal
 from .records import Record
 
 
@@ -82,25 +83,36 @@ def prompt_candidates(record: Record, options: TaggingOptions, training: bool = 
     return list(options.candidates.tags(record.text, record.tags or () if training else (), record.schema))
 
 
+def prompt_proposals(record: Record, options: TaggingOptions) -> list[Proposal]:
+    """The span proposer's spans for `record` (proposer.py), limited to its schema. In training the
+    proposer is a `proposer.CrossFitted`, so a record never sees proposals from a CRF trained on it."""
+    if options.proposer is None:
+        return []
+    return list(options.proposer.propose(record))
+
+
 @dataclass(frozen=True)
 class PromptParts:
-    """What a template renders for one record: the record as prompts see it, its demonstrations and its
-    candidates. Training builds these too (and may rename their attributes), so both share one path."""
+    """What a template renders for one record: the record as prompts see it, its demonstrations, its
+    vocabulary candidates and its proposals. Training builds these too (and may rename their
+    attributes), so both share one path."""
 
     record: Record
     demos: Sequence[Demo]
     candidates: Sequence[str]
+    proposals: Sequence[Proposal] = ()
 
 
 def prompt_parts(record: Record, options: TaggingOptions, training: bool = False) -> PromptParts:
     ready = prompt_record(record, options)
-    return PromptParts(ready, prompt_demos(record, options), prompt_candidates(ready, options, training))
+    return PromptParts(ready, prompt_demos(record, options), prompt_candidates(ready, options, training),
+                       prompt_proposals(ready, options))
 
 
 def render_parts(parts: PromptParts, tokenizer: Any, options: TaggingOptions) -> str:
     """The exact prompt: the record's template over `parts`, through the model's chat template."""
     template = template_for(parts.record, options.template)
-    return render_prompt(tokenizer, template.messages(parts.record, parts.demos, parts.candidates))
+    return render_prompt(tokenizer, template.messages(parts.record, parts.demos, parts.candidates, parts.proposals))
 
 
 def build_prompt(record: Record, tokenizer: Any, options: TaggingOptions, training: bool = False) -> str:

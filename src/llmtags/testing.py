@@ -1,14 +1,15 @@
 """A tiny random Qwen2 model for tests and soak runs: two layers, the real Qwen tokenizer.
 
 It runs the real generate path in about a second, and being random, its outputs differ from record
-to record. Shared by `tests/conftest.py` and `eval/soak.py`.
+to record. Shared by `tests/conftest.py` and `eval/soak.py`; `random_adapter` puts a LoRA adapter on it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .models import embedded_tokenizer_dir
+from .adapters.registry import build_metadata, write_metadata
+from .models import embedded_tokenizer_dir, load_tokenizer, resolve_base_model
 
 
 def tiny_qwen2(out: str | Path, tokenizer_dir: str | Path | None = None, seed: int = 0) -> Path:
@@ -38,3 +39,21 @@ def tiny_qwen2(out: str | Path, tokenizer_dir: str | Path | None = None, seed: i
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def random_adapter(base_dir: str | Path, out: str | Path, seed: int, template: str = "auto") -> Path:
+    """A peft LoRA adapter on the model in `base_dir` with random, non-zero weights (made, not trained:
+    that is sure to change every output) and its `llmtags.json`, written into `out`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    get_peft_model(model, config).save_pretrained(out, safe_serialization=True)
+    resolved = resolve_base_model(str(base_dir))
+    write_metadata(out, build_metadata(resolved=resolved, template=template, tokenizer=load_tokenizer(resolved),
+                                       hyperparameters={"seed": seed}, command=f"test seed {seed}"))
+    return Path(out)

@@ -4,9 +4,10 @@ An adapter trained with vocabulary candidates and retrieved demonstrations reach
 them. `pack_adapter` copies both into the adapter directory, so a clone without the training data
 tags as well as the machine that trained it:
 - `vocabulary.jsonl`: the candidate vocabulary (tag and count; the text of no record);
-- `pool.jsonl`: the demo pool, with only the fields prompts use (id, text, lang, category, schema, tags).
+- `pool.jsonl`: the demo pool, with only the fields prompts use (id, text, lang, category, schema, tags);
+- `proposer.crfsuite`: the span proposer (proposer.py), a CRF model of feature weights.
 
-`llmtags.json` then names them relative to the adapter directory (`options.adapter_defaults` resolves
+`llmtags.json` then names them relative to the adapter directory (`plan.adapter_defaults` resolves
 them there), with their sha256 and the sources they came from.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from .registry import AdapterError, read_metadata, write_metadata
 
 VOCABULARY_FILE = "vocabulary.jsonl"
 POOL_FILE = "pool.jsonl"
+PROPOSER_FILE = "proposer.crfsuite"
 POOL_FIELDS = ("id", "text", "lang", "category", "schema", "tags")
 
 
@@ -50,11 +53,20 @@ def write_pool(source: str, path: Path) -> int:
 
 
 def pack_adapter(adapter_dir: str | Path, *, candidates: str | None = None, pool: str | None = None,
-                 k: int | None = None, licence: str | None = None) -> dict[str, Any]:
-    """Copy `candidates` (a vocabulary or labelled files) and the demo `pool` (labelled files, shown `k`
-    at a time) into `adapter_dir`, and record them in its metadata. Returns the updated metadata."""
+                 k: int | None = None, licence: str | None = None,
+                 proposer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Copy `candidates` (a vocabulary or labelled files), the demo `pool` (labelled files, shown `k`
+    at a time) and the span proposer (`proposer["model"]`, a crfsuite file, with what to record about it)
+    into `adapter_dir`, and record them in its metadata. Returns the updated metadata."""
     adapter_dir = Path(adapter_dir)
     meta = read_metadata(adapter_dir)
+    if proposer:
+        model = Path(proposer["model"])
+        tmp = adapter_dir / f".{PROPOSER_FILE}.tmp"
+        shutil.copyfile(model, tmp)
+        os.replace(tmp, adapter_dir / PROPOSER_FILE)
+        meta["proposer"] = {**{k: v for k, v in proposer.items() if k != "model"}, "path": PROPOSER_FILE,
+                            "sha256": sha256_file(adapter_dir / PROPOSER_FILE)}
     if candidates:
         vocab = load_candidate_vocabulary(candidates)
         vocab.save(adapter_dir / VOCABULARY_FILE)

@@ -1,96 +1,21 @@
-"""Routing: which adapter tags which record (by category, then language), and tagging a stream of
-records with each record's own adapter on one base model."""
+"""Routing: which adapter tags which record (by the adapter map, adapters/maps.py), and tagging a
+stream of records with each record's own adapter on one base model, as a run plan (plan.py) says."""
 
 from __future__ import annotations
 
 import dataclasses
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 from ..engines.adapter_set import AdapterSet, BaseAdapterSet, LlamaCppAdapterSet
 from ..engines.select import pick_engine
-from ..models import base_model_spec
-from ..options import Settings, TaggingOptions, adapter_options
-from ..prompts import detect_lang
+from ..options import TaggingOptions
+from ..plan import RunPlan
 from ..records import Record
 from ..tagger import TagResult, chunked, tag_chunks
-from .registry import (
-    AdapterError,
-    read_metadata,
-    resolve_adapter,
-    validate_adapter_name,
-)
-
-
-@dataclass
-class AdapterMap:
-    """Category → adapter name, then language → adapter name; records matching neither use `default`
-    (None: the base model). A record's language is its `lang` field, else detected from its text."""
-
-    categories: dict[str, str] = field(default_factory=dict)
-    default: str | None = None
-    languages: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for adapter in [*self.categories.values(), *self.languages.values(), *([self.default] if self.default else [])]:
-            validate_adapter_name(adapter)
-        self._folded = {_fold(k): v for k, v in self.categories.items()}
-
-    @property
-    def adapter_names(self) -> list[str]:
-        names = list(dict.fromkeys([*self.categories.values(), *self.languages.values()]))
-        if self.default and self.default not in names:
-            names.append(self.default)
-        return names
-
-    def adapter_for(self, category: str | None, lang: str | None = None) -> str | None:
-        if category is not None:
-            if category in self.categories:
-                return self.categories[category]
-            if _fold(category) in self._folded:
-                return self._folded[_fold(category)]
-        if lang is not None and lang in self.languages:
-            return self.languages[lang]
-        return self.default
-
-    def adapter_for_record(self, record: Record) -> str | None:
-        lang = record.lang or (detect_lang(record.text) if self.languages else None)
-        return self.adapter_for(record.category, lang)
-
-
-def _fold(text: str) -> str:
-    return unicodedata.normalize("NFKC", text).casefold().strip()
-
-
-def load_adapter_map(path: str | Path) -> AdapterMap:
-    """Read a TOML adapter map: `[categories]` of `"category" = "adapter"`, `[languages]` of
-    `zh = "adapter"`, and an optional `default`."""
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise AdapterError(f"cannot read adapter map {path}: {exc}") from exc
-    unknown = set(data) - {"categories", "languages", "default"}
-    if unknown:
-        raise AdapterError(f"adapter map {path}: unknown key(s) {', '.join(sorted(unknown))}; "
-                           "expected [categories], [languages] and default")
-    tables = {}
-    for key in ("categories", "languages"):
-        table = data.get(key, {})
-        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
-            raise AdapterError(f"adapter map {path}: [{key}] must map names to adapter names")
-        tables[key] = {str(k): v for k, v in table.items()}
-    default = data.get("default")
-    if default is not None and not isinstance(default, str):
-        raise AdapterError(f"adapter map {path}: default must be an adapter name")
-    return AdapterMap(tables["categories"], default or None, tables["languages"])
+from .maps import AdapterMap
+from .registry import AdapterError
 
 
 def route(
@@ -157,47 +82,34 @@ class RoutedTagResult(TagResult):
         return out
 
 
-# --- tagging with the adapters a run's settings name -------------------------------------------------------
+# --- tagging with the adapters of a run plan ---------------------------------------------------------------
 
 
-def load_adapter_set(settings: Settings, template: Any, templates: Mapping[str, Any] | None = None,
-                     adapter_map: AdapterMap | None = None) -> tuple[BaseAdapterSet, AdapterMap | None]:
-    """The base model with the adapter(s) named by --adapter / --adapter-map attached and checked
-    (each against `templates[name]` when given, else `template`).
-
-    Without --base-model (and $LLMTAGS_BASE_MODEL), the base is the one the (first) adapter records.
-    `adapter_map`: the --adapter-map already read, if any. Returns (adapter set, AdapterMap or None).
-    """
-    root = settings.adapters_root
-    if adapter_map is None and settings.adapter_map:
-        adapter_map = load_adapter_map(settings.adapter_map)
-    names = adapter_map.adapter_names if adapter_map is not None else [settings.adapter]
-    base = base_model_spec(settings.base_model, default=None)
-    if base is None and names:
-        base = read_metadata(resolve_adapter(names[0], root)).get("base_model", {}).get("spec")
+def load_adapter_set(plan: RunPlan) -> BaseAdapterSet:
+    """The plan's base model (`RunPlan.base_model`: --base-model, else the one the first adapter was
+    trained on) with the plan's adapters attached by their names, each checked against the template its
+    records are prompted with."""
+    settings, base = plan.settings, plan.base_model
     if pick_engine(settings.engine, base, settings.device, settings.dtype) == "llama.cpp":
         adapter_set: BaseAdapterSet = LlamaCppAdapterSet.load(base)
     else:
         adapter_set = AdapterSet.load(base, device=settings.device, dtype=settings.dtype)
-    for name in names:
-        adapter_set.add(name, template=(templates or {}).get(name, template), force=settings.force_adapter, root=root)
-    return adapter_set, adapter_map
+    for name, adapter in plan.adapters.items():
+        # The directory the plan resolved (absolute: a bare relative one would read as a registry name).
+        adapter_set.add(adapter.path.absolute(), name=name, template=plan.options_for(name).template,
+                        force=settings.force_adapter)
+    return adapter_set
 
 
-def adapter_tagger(settings: Settings, options: TaggingOptions, normaliser: Any = None) -> Callable[..., Any]:
-    """The `tag(records, on_batch)` callable that `run.tag_file` takes, tagging with --adapter or
-    --adapter-map: each chunk's records are grouped by adapter, one base model serves them all.
-    With a map, each adapter gets its own template and candidates unless --template / --candidates
-    were given (with one --adapter, `options.with_adapter_defaults` has already put them into `options`)."""
-    adapter_map = load_adapter_map(settings.adapter_map) if settings.adapter_map else None
-    per_adapter = ({name: adapter_options(name, settings, options) for name in adapter_map.adapter_names}
-                   if adapter_map is not None else {})
-    adapter_set, adapter_map = load_adapter_set(
-        settings, options.template, {name: o.template for name, o in per_adapter.items()}, adapter_map)
-    adapter = None if adapter_map is not None else adapter_set.names[0]
+def adapter_tagger(plan: RunPlan) -> Callable[..., Any]:
+    """The `tag(records, on_batch)` callable that `run.tag_file` takes, tagging with the plan's --adapter
+    or --adapter-map: each chunk's records are grouped by adapter, one base model serves them all, and
+    with a map each adapter prompts with its own options (`RunPlan.options_by_adapter`)."""
+    adapter_set = load_adapter_set(plan)
 
     def tag(records: Any, on_batch: Any) -> Any:
-        return tag_chunks_routed(records, adapter_set, options, adapter=adapter, adapter_map=adapter_map,
-                                 normaliser=normaliser, on_batch=on_batch, options_by_adapter=per_adapter)
+        return tag_chunks_routed(records, adapter_set, plan.options, adapter=plan.settings.adapter,
+                                 adapter_map=plan.adapter_map, normaliser=plan.normaliser, on_batch=on_batch,
+                                 options_by_adapter=plan.options_by_adapter)
 
     return tag

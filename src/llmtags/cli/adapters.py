@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from typing import Any
 
 from ..adapters.merge import merge_adapter
@@ -15,6 +16,9 @@ from ..adapters.registry import (
     resolve_adapter,
     show_adapter,
 )
+from ..candidates import candidate_sources
+from ..proposer import CrossFitted, ProposerSettings
+from ..records import load_labelled
 from .common import CliError, add_root
 
 
@@ -39,6 +43,12 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
     p.add_argument("--candidates", metavar="VOCAB", help="a vocabulary or labelled file(s): saved as vocabulary.jsonl")
     p.add_argument("--demos", metavar="LABELLED", help="labelled file(s): saved as pool.jsonl (prompt fields only)")
     p.add_argument("--retrieve", type=int, metavar="K", help="demonstrations retrieved per product (with --demos)")
+    p.add_argument("--proposer", metavar="LABELLED", help="labelled file(s): train the span proposer (a CRF) on them "
+                   "and ship it as proposer.crfsuite; its spans then go into every prompt of this adapter")
+    p.add_argument("--proposer-folds", type=int, default=5, metavar="K",
+                   help="folds of the cross-fitting whose proposal quality the metadata records (default 5)")
+    p.add_argument("--proposer-iterations", type=int, default=ProposerSettings.max_iterations, metavar="N",
+                   help=f"the proposer's training iterations (default {ProposerSettings.max_iterations})")
     p.add_argument("--licence", "--license", dest="licence", help="licence of the shipped data, for the metadata")
     add_root(p)
     p.set_defaults(func=cmd_adapters_pack)
@@ -85,14 +95,30 @@ def cmd_adapters_show(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_pack(args: argparse.Namespace) -> int:
-    if not args.candidates and not args.demos:
-        raise CliError("give --candidates VOCAB and/or --demos LABELLED --retrieve K")
+    if not args.candidates and not args.demos and not args.proposer:
+        raise CliError("give --candidates VOCAB, --demos LABELLED --retrieve K and/or --proposer LABELLED")
     if bool(args.demos) != bool(args.retrieve):
         raise CliError("--demos and --retrieve K go together: the pool and how many of it each prompt shows")
     path = resolve_adapter(args.adapter, args.adapters_root)
-    meta = pack_adapter(path, candidates=args.candidates, pool=args.demos, k=args.retrieve, licence=args.licence)
-    shipped = [f"{meta['vocabulary']['candidates']['size']} candidate tags"] * bool(args.candidates) + [
-        f"a pool of {meta['retrieval']['records']} records, {meta['retrieval']['k']} shown"] * bool(args.demos)
+    proposer = None
+    if args.proposer:
+        records = [record for spec in candidate_sources(args.proposer) for record in load_labelled(spec)]
+        with tempfile.TemporaryDirectory(prefix="llmtags-proposer-") as work:
+            fitted = CrossFitted.train(records, k=args.proposer_folds, workdir=work,
+                                       settings=ProposerSettings(max_iterations=args.proposer_iterations))
+            proposer = {**fitted.shipped(records), "from": args.proposer}
+            meta = pack_adapter(path, candidates=args.candidates, pool=args.demos, k=args.retrieve,
+                                licence=args.licence, proposer=proposer)
+    else:
+        meta = pack_adapter(path, candidates=args.candidates, pool=args.demos, k=args.retrieve, licence=args.licence)
+    shipped = []
+    if args.candidates:
+        shipped.append(f"{meta['vocabulary']['candidates']['size']} candidate tags")
+    if args.demos:
+        shipped.append(f"a pool of {meta['retrieval']['records']} records, {meta['retrieval']['k']} shown")
+    if proposer:
+        shipped.append(f"a span proposer trained on {meta['proposer']['records']} records (out-of-fold F1 "
+                       f"{meta['proposer']['out_of_fold']['f1']:.3f})")
     print(f"llmtags: {path} now ships {' and '.join(shipped)}", file=sys.stderr)
     return 0
 

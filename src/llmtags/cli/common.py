@@ -100,6 +100,11 @@ def add_prompt(p: argparse.ArgumentParser, template: bool = True) -> None:
                    "commas) found in each text")
     p.add_argument("--no-candidates", action="store_true",
                    help="offer no candidates, even where the adapter was trained with them")
+    p.add_argument("--proposer", metavar="MODEL",
+                   help="a span proposer (a .crfsuite model, as an adapter ships): its spans go into each prompt "
+                   "(default: the adapter's own)")
+    p.add_argument("--no-proposer", action="store_true",
+                   help="show no proposer spans, even where the adapter ships a proposer")
 
 
 def add_generation(p: argparse.ArgumentParser) -> None:
@@ -126,12 +131,15 @@ def add_vocab(p: argparse.ArgumentParser) -> None:
                    help="rapidfuzz ratio needed for a fuzzy match")
 
 
-def add_adapter_options(p: argparse.ArgumentParser) -> None:
-    """`--adapter NAME` | `--adapter-map FILE`, for `llmtags generate`."""
+def add_adapter_options(p: argparse.ArgumentParser, adapter_map: bool = True) -> None:
+    """`--adapter NAME` | `--adapter-map FILE` (for `llmtags generate`; `eval` and `prompt compare` take
+    `--adapter` only, `adapter_map=False`), with the adapter's template, candidates, pool and proposer."""
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--adapter", help="LoRA adapter (registry name or directory) for every record")
-    group.add_argument("--adapter-map", help="TOML category→adapter map: [categories] \"美妆\" = \"NAME\", "
-                       "optional default = \"NAME\"; other records use the base model")
+    group.add_argument("--adapter", help="LoRA adapter (registry name or directory) for every record, with its own "
+                       "template, candidates, demo pool and span proposer unless flags say otherwise")
+    if adapter_map:
+        group.add_argument("--adapter-map", help="TOML category→adapter map: [categories] \"美妆\" = \"NAME\", "
+                           "optional default = \"NAME\"; other records use the base model")
     if not any(a.dest == "adapters_root" for a in p._actions):
         add_root(p)
     p.add_argument("--force-adapter", action="store_true",

@@ -11,24 +11,26 @@ from ..adapters.registry import set_metadata_entry
 from ..calibrate import read_scored_predictions
 from ..evaluate import (
     add_candidate_recall,
-    cached_engine,
     generate_and_score,
     headline_metrics,
     labelled_records,
+    plan_engine,
     score_files,
 )
-from ..options import normaliser_for, tagging_options
+from ..options import normaliser_for
 from ..pages import eval_page, run_meta, write_page
+from ..plan import plan_run
+from ..proposer import SpanProposer
 from ..records import load_labelled
 from ..report import PROTOCOLS
 from .common import (
     CliError,
+    add_adapter_options,
     add_fields,
     add_format,
     add_generation,
     add_model,
     add_prompt,
-    add_root,
     add_vocab,
     command_line,
     fields_from,
@@ -59,27 +61,33 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
     p.add_argument("--save-predictions", help="with --data: write the generated predictions here")
     p.add_argument("--record-to-adapter", metavar="NAME",
                    help="store these figures as adapter NAME's test metrics in its llmtags.json")
-    add_root(p)
+    add_adapter_options(p, adapter_map=False)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
     return {"eval": p}
 
 
+PEER_NAME = "CRF peer (the span proposer alone)"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    normaliser = normaliser_for(settings)
     confidences: list[list[float | None]] = []
     if args.pred:
         if not args.gold:
             raise CliError("--pred needs --gold")
-        report = score_files(args.gold, args.pred, normaliser, protocol=args.protocol, limit=args.limit)
+        if settings.adapter:
+            raise CliError("--adapter tags with the adapter: use it with --data FILE, not --pred")
+        report = score_files(args.gold, args.pred, normaliser_for(settings), protocol=args.protocol, limit=args.limit)
         if args.html:  # the reliability diagram needs the confidences the predictions carry
             scored = read_scored_predictions(args.pred)
             confidences = [scored.get(record_id, ([], []))[1] for record_id in report.ids]
     elif args.data:
         records = labelled_records(args.data, args.limit, fields_from(args))
-        engine = cached_engine(settings.base_model, settings.device, settings.dtype, engine=settings.engine)
-        report, results = generate_and_score(records, engine, tagging_options(settings), normaliser, args.data,
+        # Planned as `generate` plans: with --adapter, its template, candidates, pool and proposer.
+        plan = plan_run(settings)
+        settings = plan.settings
+        report, results = generate_and_score(records, plan_engine(plan), plan.options, plan.normaliser, args.data,
                                              progress=not args.quiet, protocol=args.protocol)
         confidences = [r.confidences for r in results]
         if args.save_predictions:
@@ -88,9 +96,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     out.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
     else:
         raise CliError("give --gold FILE --pred FILE, or --data FILE to generate and score")
+    gold = records if args.data else [r for r in load_labelled(args.gold) if r.tags is not None][: args.limit]
     if settings.candidates:
-        gold = records if args.data else [r for r in load_labelled(args.gold) if r.tags is not None][: args.limit]
         add_candidate_recall(report, gold, settings.candidates)
+    proposer = plan.options.proposer if args.data else (
+        SpanProposer(settings.proposer) if settings.proposer and not settings.no_proposer else None)
+    if proposer is not None:  # the classical peer, on the same records: the CRF alone
+        report.add_peer(PEER_NAME, [[p.tag for p in proposer.propose(record)] for record in gold])
     write_report(report, args)
     if args.html:
         write_page(args.html, eval_page(report, meta=run_meta(command_line(args), args.data or args.gold),

@@ -8,7 +8,7 @@ from functools import partial
 from typing import Any
 
 from ..distributed import tag_file_distributed
-from ..run import generate_file, make_tagger, prepare_generate
+from ..run import generate_file, planned_tagger, prepare_generate
 from .common import (
     CliError,
     add_adapter_options,
@@ -60,16 +60,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_distributed(args: argparse.Namespace) -> int:
-    # Ray runs always reuse finished shards, so they always compare settings with the earlier run's.
-    settings, options, normaliser = prepare_generate(settings_from(args), args.output, fields_from(args), args.format,
-                                                     compare=True)
     if args.output in (None, "-"):
         raise CliError("--workers writes shards next to the output: give -o FILE")
     if args.explain:
         raise CliError("--explain shows results as they come: use it without --workers")
-    # Built inside each Ray worker, so every worker loads its own model replica.
+    settings = settings_from(args)
+    # Ray runs always reuse finished shards, so they always compare settings with the earlier run's. The plan
+    # is made here too, so bad settings or adapters fail before a cluster starts.
+    prepare_generate(settings, args.output, fields_from(args), args.format, compare=True)
+    # Each Ray worker plans the run again from the plain settings and loads its own model replica.
     summary = tag_file_distributed(
-        args.input, args.output, partial(make_tagger, settings, options, normaliser), workers=args.workers,
+        args.input, args.output, partial(planned_tagger, settings), workers=args.workers,
         cpus_per_worker=args.cpus_per_worker, shard_size=args.shard_size, fmt=args.format, fields=fields_from(args),
         limit=args.limit, errors=args.errors, address=args.ray_address, progress=not args.quiet,
     )

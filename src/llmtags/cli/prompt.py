@@ -10,15 +10,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..evaluate import cached_engine, compare_templates, labelled_records
+from ..evaluate import compare_templates, labelled_records, plan_engine
 from ..models import load_tokenizer_only
-from ..options import normaliser_for, tagging_options
+from ..options import tagging_options
 from ..pages import compare_page, run_meta, write_page
+from ..plan import plan_run
 from ..prompts import load_template, template_for
 from ..records import Record, RecordError, clean_text, read_records
 from ..tagger import build_prompt
 from .common import (
     CliError,
+    add_adapter_options,
     add_fields,
     add_generation,
     add_input,
@@ -51,6 +53,7 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
     add_prompt(p, template=False)
     add_generation(p)
     add_vocab(p)
+    add_adapter_options(p, adapter_map=False)
     p.add_argument("--show", type=int, default=10, help="how many disagreeing records to print")
     p.add_argument("--report", help="write the comparison as JSON here")
     p.add_argument("--markdown", help="write the tables as Markdown here")
@@ -91,13 +94,14 @@ def cmd_prompt_render(args: argparse.Namespace) -> int:
 def cmd_prompt_compare(args: argparse.Namespace) -> int:
     if len(args.templates) < 2:
         raise CliError("give at least two templates to compare")
-    settings = settings_from(args)
     templates = [load_template(t) for t in args.templates]
     records = labelled_records(args.data, args.limit, fields_from(args))
-    options = tagging_options(settings, templates)
-    engine = cached_engine(settings.base_model, settings.device, settings.dtype, engine=settings.engine)
-    comparison = compare_templates(records, templates, engine, options, normaliser_for(settings),
-                                   progress=not args.quiet)
+    # Planned as `generate` plans (an --adapter brings its candidates, pool and proposer); every variant
+    # is checked against the adapter, which refuses templates it was not trained with unless --force-adapter.
+    plan = plan_run(settings_from(args), templates)
+    options = plan.options
+    engine = plan_engine(plan, templates)
+    comparison = compare_templates(records, templates, engine, options, plan.normaliser, progress=not args.quiet)
     markdown = comparison.to_markdown(disagreements=args.show)
     if args.report:
         Path(args.report).write_text(json.dumps(comparison.to_json(), ensure_ascii=False, indent=1))

@@ -37,6 +37,12 @@ class TrainConfig:
     demos: str | None = None
     retrieve: int = 0
     rename: float = 0.0  # share of examples whose attributes are renamed (train/rename.py)
+    # The span proposer (proposer.py): a CRF trained on the training records, whose spans every prompt
+    # shows; training examples show those of a CRF trained on the other `proposer_folds` - 1 folds. The
+    # adapter ships the CRF trained on all of them, and generate --adapter uses it.
+    proposer: bool | str = True
+    proposer_folds: int = 5
+    proposer_iterations: int = 80  # the CRF's L-BFGS iterations (proposer.ProposerSettings)
     rank: int = 16
     alpha: int = 32
     dropout: float = 0.05
@@ -111,6 +117,7 @@ class TrainConfig:
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
         self.qlora = _auto_or_bool(self.qlora, "qlora")
         self.fast = _auto_or_bool(self.fast, "fast")
+        self.proposer = bool(_auto_or_bool(self.proposer, "proposer"))
         checks = [
             (self.rank > 0, "rank must be positive"),
             (self.alpha > 0, "alpha must be positive"),
@@ -126,6 +133,8 @@ class TrainConfig:
             (self.retrieve >= 0, "retrieve must not be negative"),
             (not self.retrieve or bool(self.demos), "retrieve needs demos: the labelled records to retrieve from"),
             (0 <= self.rename < 1, "rename must be in [0, 1)"),
+            (self.proposer_folds >= 2, "proposer_folds must be at least 2"),
+            (self.proposer_iterations > 0, "proposer_iterations must be positive"),
             # Renamed answers need the names in the prompt: demonstrations (and the schema they bring).
             (not self.rename or self.retrieve > 0, "rename needs retrieve > 0: the renamed names reach the "
              "model through its demonstrations and schema"),

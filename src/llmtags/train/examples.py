@@ -22,7 +22,7 @@ def end_of_turn(tokenizer: Any) -> str:
 
 def build_examples(
     records: Sequence[Record], tokenizer: Any, template: str | PromptTemplate = "auto", candidates: Any = None,
-    pool: DemoPool | None = None, retrieve: int = 0, rename: float = 0.0, seed: int = 0,
+    pool: DemoPool | None = None, retrieve: int = 0, rename: float = 0.0, seed: int = 0, proposer: Any = None,
 ) -> list[dict[str, str]]:
     """trl prompt/completion pairs: the inference prompt, and the template's answer + end of turn.
 
@@ -31,10 +31,12 @@ def build_examples(
     at test time; with `pool` and `retrieve` K, the record's K nearest pool records are its
     demonstrations (never itself: `DemoPool` skips a record of the same text). A share `rename` of the
     examples get their attributes renamed consistently in demonstrations, schema, candidates and answer
-    (train/rename.py). Unlabelled records (tags None) are skipped; a record with an empty tag list teaches
-    the model to answer nothing.
+    (train/rename.py). With `proposer` (a `proposer.CrossFitted`), each example shows the spans of the CRF
+    trained without its record. Unlabelled records (tags None) are skipped; a record with an empty tag list
+    teaches the model to answer nothing.
     """
-    options = TaggingOptions(template=template_choice(template), candidates=candidates, pool=pool, retrieve=retrieve)
+    options = TaggingOptions(template=template_choice(template), candidates=candidates, pool=pool, retrieve=retrieve,
+                             proposer=proposer)
     eot = end_of_turn(tokenizer)
     rng = random.Random(seed)
     examples = []

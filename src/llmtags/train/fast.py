@@ -216,7 +216,8 @@ class FastLoraTrainer:
             started = time.perf_counter()
             self.cache = HiddenStateCache.build(
                 self.model, self.examples, self.first, memory_budget_bytes=self.memory_budget_bytes,
-                cache_dir=self.cache_dir, log=self.progress, bar=self.cache_bar, bf16=self.bf16)
+                cache_dir=self.cache_dir, log=self.progress, bar=self.cache_bar, bf16=self.bf16,
+                persist_dir=self.checkpoint_dir / "frozen" if self.checkpoint_dir is not None else None)
             self.cache_seconds = time.perf_counter() - started
             if self.verify:
                 self._verify()

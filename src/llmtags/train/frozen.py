@@ -76,6 +76,27 @@ def run_layers(backbone: Any, hidden: Any, start: int, stop: int) -> Any:
 # --- the cache of frozen hidden states -----------------------------------------------------------------
 
 
+def cache_key(model: Any, examples: Sequence[dict[str, Sequence[int]]], first: int, bf16: bool) -> str:
+    """What the cached states depend on: the frozen layers' weights (by their shapes and a sample of their
+    values: the base model), the layer they enter, the autocast, and every example's tokens."""
+    import hashlib
+
+    import torch
+
+    _, backbone, _ = decoder_parts(model)
+    digest = hashlib.sha256(f"{first}:{bf16}:{backbone.config.hidden_size}".encode())
+    with torch.no_grad():
+        frozen = [backbone.get_input_embeddings().weight, *[p for layer in backbone.layers[:first]
+                                                             for p in layer.parameters()]]
+        for weight in frozen:
+            flat = weight.detach().reshape(-1)
+            digest.update(str(tuple(weight.shape)).encode())
+            digest.update(flat[:: max(flat.numel() // 4096, 1)].float().cpu().numpy().tobytes())
+    for example in examples:
+        digest.update(b"|" + ",".join(map(str, example["input_ids"])).encode())
+    return digest.hexdigest()[:16]
+
+
 class HiddenStateCache:
     """The fp32 hidden states entering layer `first` for every token of every example, packed end to end in
     one (tokens, hidden) tensor: in memory, or mapped from a file (deleted as soon as it is mapped)."""
@@ -91,7 +112,10 @@ class HiddenStateCache:
     def build(cls, model: Any, examples: Sequence[dict[str, Sequence[int]]], first: int, *,
               memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, cache_dir: str | Path | None = None,
               batch_tokens: int = 4096, log: Callable[[str], None] | None = None, bar: bool = False,
-              bf16: bool = False) -> HiddenStateCache:
+              bf16: bool = False, persist_dir: str | Path | None = None) -> HiddenStateCache:
+        """With `persist_dir` (a run's checkpoints), the states are written to a file there, named by a hash
+        of the model's frozen part and the examples' tokens, and a later run of the same examples (a resume,
+        in another session) maps that file instead of running the frozen layers again."""
         import torch
         from tqdm import tqdm
 
@@ -104,7 +128,24 @@ class HiddenStateCache:
         total = sum(lengths)
         nbytes = estimate_cache_bytes(lengths, hidden_size)
         path = None
-        if nbytes <= memory_budget_bytes:
+        if persist_dir is not None:
+            path = Path(persist_dir) / f"hidden-{cache_key(model, examples, first, bf16)}.f32"
+            done = path.with_suffix(".done")
+            if path.is_file() and done.is_file() and path.stat().st_size == nbytes:
+                if log:
+                    log(f"the hidden states entering layer {first} for {len(examples)} examples: mapped from {path}")
+                store = torch.from_file(str(path), shared=False, size=total * hidden_size,
+                                        dtype=torch.float32).view(total, hidden_size)
+                return cls(store, offsets, lengths, path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in path.parent.glob("hidden-*"):
+                stale.unlink()
+            with open(path, "wb") as f:
+                f.truncate(nbytes)
+            store = torch.from_file(str(path), shared=True, size=total * hidden_size,
+                                    dtype=torch.float32).view(total, hidden_size)
+            where = f"kept in {path} for a resume"
+        elif nbytes <= memory_budget_bytes:
             store = torch.empty(total, hidden_size, dtype=torch.float32)
             where = "in memory"
         else:
@@ -156,6 +197,8 @@ class HiddenStateCache:
                 for i, example in enumerate(examples):
                     ids = torch.as_tensor(example["input_ids"], device=embed.weight.device)
                     store[offsets[i]:offsets[i] + lengths[i]] = embed(ids).float().cpu()
+        if persist_dir is not None and path is not None:
+            path.with_suffix(".done").write_text(f"{len(examples)} examples, {total} tokens\n", encoding="utf-8")
         return cls(store, offsets, lengths, path)
 
     def batch(self, indices: Sequence[int], device: Any = "cpu") -> Any:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapters.pack import POOL_FILE, VOCABULARY_FILE, pack_adapter
+from ..adapters.pack import POOL_FILE, PROPOSER_FILE, VOCABULARY_FILE, pack_adapter
 from ..adapters.registry import (
     CONFIG_FILE,
     METADATA_FILE,
@@ -57,6 +57,7 @@ from ..models import (
 )
 from ..options import TaggingOptions
 from ..prompts import PromptTemplate, template_choice
+from ..proposer import CrossFitted, ProposerSettings
 from ..records import Record
 from ..retrieve import load_pool
 from .callbacks import callback_classes
@@ -133,7 +134,7 @@ def _prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
             what = "a trained adapter" if (out / METADATA_FILE).exists() else "checkpoints of an unfinished run"
             raise TrainError(f"{out} already holds {what}: pass --resume to continue from its last checkpoint, "
                              "or --overwrite to start afresh")
-        for owned in (CHECKPOINTS, BEST, METADATA_FILE, WEIGHTS_FILE, "adapter_config.json"):
+        for owned in (CHECKPOINTS, BEST, METADATA_FILE, WEIGHTS_FILE, "adapter_config.json", PROPOSER_FILE):
             target = out / owned
             if target.is_dir():
                 shutil.rmtree(target)
@@ -161,6 +162,7 @@ class TrainingRun:
     progress: Any
     evaluation: Any
     fast: bool = False  # the fast CPU trainer, not trl's
+    proposer: CrossFitted | None = None  # the span proposer and its cross-fitted folds
 
 
 @contextlib.contextmanager
@@ -232,8 +234,9 @@ def _prepare_run(
     template = template_choice(config.template)
     candidates = candidate_finder(config.candidates) if config.candidates else None
     pool = load_pool(config.demos) if config.retrieve else None
+    proposer = train_proposer(train_records, config, out) if config.proposer else None
     examples = tokenize_examples(build_examples(train_records, tokenizer, template, candidates, pool, config.retrieve,
-                                                config.rename, config.seed), tokenizer)
+                                                config.rename, config.seed, proposer), tokenizer)
     if not examples:
         raise TrainError("no labelled training records (records need a 'tags' field)")
     truncated = sum(len(e["input_ids"]) > config.max_length for e in examples)
@@ -250,7 +253,8 @@ def _prepare_run(
         config = dataclasses.replace(config, **init)
     layers = resolve_layers(config.layers, num_layers)
     options = TaggingOptions(template=template, max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size,
-                             candidates=candidates, pool=pool, retrieve=config.retrieve)
+                             candidates=candidates, pool=pool, retrieve=config.retrieve,
+                             proposer=proposer.full if proposer else None)
     progress_cb, eval_cb = _callbacks(config, dev, tokenizer, options, out, progress, resume)
     if fast:
         trainer = _fast_trainer(model, examples, config, layers, out, progress_cb, progress,
@@ -263,7 +267,14 @@ def _prepare_run(
         if callback is not None:
             trainer.add_callback(callback)
     return TrainingRun(trainer, config, out, resolved, tokenizer, template, device, qlora, dtype, layers, num_layers,
-                       len(examples), truncated, progress_cb, eval_cb, fast)
+                       len(examples), truncated, progress_cb, eval_cb, fast, proposer)
+
+
+def train_proposer(records: Sequence[Record], config: TrainConfig, out: Path) -> CrossFitted:
+    """The span proposer of `records` and its `proposer_folds` cross-fitted folds, kept with the checkpoints
+    so that a resumed run reuses them."""
+    return CrossFitted.train(records, k=config.proposer_folds, workdir=out / CHECKPOINTS / "proposer",
+                             settings=ProposerSettings(max_iterations=config.proposer_iterations))
 
 
 def use_fast_path(config: TrainConfig, device: str, qlora: bool) -> bool:
@@ -451,9 +462,10 @@ def train(
     )
     write_metadata(out, meta)
     # The adapter carries what its prompts need: its vocabulary and its demo pool (adapters/pack.py).
+    proposer = run.proposer.shipped(train_records) if run.proposer is not None else None
     meta = pack_adapter(out, candidates=config.candidates, pool=config.demos if config.retrieve else None,
-                        k=config.retrieve, licence=(data or {}).get("licence"))
-    shipped = [name for name in (VOCABULARY_FILE, POOL_FILE) if (out / name).is_file()]
+                        k=config.retrieve, licence=(data or {}).get("licence"), proposer=proposer)
+    shipped = [name for name in (VOCABULARY_FILE, POOL_FILE, PROPOSER_FILE) if (out / name).is_file()]
     if shipped:
         run.progress.write(f"the adapter ships {' and '.join(shipped)} (derived from the training data): state "
                            "their licence in its model card before you publish it")
@@ -491,7 +503,8 @@ def _save_final_adapter(run: TrainingRun) -> dict[str, Any] | None:
 def _hyperparameters(run: TrainingRun, config: TrainConfig, state: Any) -> dict[str, Any]:
     hyperparameters = {
         **{k: v for k, v in dataclasses.asdict(config).items()
-           if k not in ("base_model", "template", "device", "candidates", "demos")},
+           if k not in ("base_model", "template", "device", "candidates", "demos", "proposer", "proposer_folds",
+                         "proposer_iterations")},
         "layers_to_transform": run.layers,
         "num_hidden_layers": run.num_layers,
         "qlora": run.qlora,

@@ -63,11 +63,14 @@ def rename_tag(tag: str, mapping: Mapping[str, str]) -> str:
 
 def rename_parts(parts: PromptParts, rng: random.Random) -> PromptParts:
     """`parts` with a random renaming (`pick_renames`) of every attribute they name, applied alike to the
-    record's schema and gold tags (so its answer), the demonstrations and the candidates."""
+    record's schema and gold tags (so its answer), the demonstrations, the candidates and the proposals."""
     record = parts.record
-    named = [*parts.candidates, *map(first_form, record.tags or ()), *[t for d in parts.demos for t in d.tags]]
+    named = [*parts.candidates, *map(first_form, record.tags or ()), *[t for d in parts.demos for t in d.tags],
+             *[p.tag for p in parts.proposals]]
     mapping = pick_renames([t.partition(":")[0] for t in named] + list(record.schema or ()), rng)
     record = replace(record, schema=[mapping.get(a, a) for a in record.schema] if record.schema else None,
                      tags=[rename_tag(first_form(t), mapping) for t in record.tags or ()])
+    proposals = [replace(p, tag=rename_tag(p.tag, mapping), attribute=mapping.get(p.attribute, p.attribute))
+                 for p in parts.proposals]
     return PromptParts(record, [Demo(d.text, [rename_tag(t, mapping) for t in d.tags]) for d in parts.demos],
-                       [rename_tag(t, mapping) for t in parts.candidates])
+                       [rename_tag(t, mapping) for t in parts.candidates], proposals)

@@ -1,0 +1,257 @@
+"""The plan of a run: what `generate`, `eval` and `prompt compare` tag with, resolved once before tagging.
+
+`plan_run(settings)` resolves every adapter the settings name (`--adapter`, or each adapter of
+`--adapter-map`) once: its directory, its metadata (`llmtags.json`), the sha256 of its weights and of
+the files it ships for its prompts. It fills the prompt options the user left unset with what the
+adapter brings (`adapter_defaults`: its template, candidate vocabulary, demo pool and K, span proposer),
+and loads what the tagger takes: the `TaggingOptions` of the run (and one per adapter of a map), the
+normaliser and the confidence threshold. The stages (run.py, adapters/routing.py, evaluate.py) read the
+`RunPlan`; none of them resolves an adapter again. A Ray worker gets the plain `Settings` and plans
+its own run from them, because loaded options (indexes, CRF models) need not pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .adapters.maps import AdapterMap, load_adapter_map
+from .adapters.pack import POOL_FILE, PROPOSER_FILE, VOCABULARY_FILE
+from .adapters.registry import METADATA_FILE, AdapterError, read_metadata, resolve_adapter, weights_sha256
+from .candidates import candidate_finder, candidate_sources
+from .models import base_model_spec, cache_root, sha256_file
+from .options import Settings, TaggingOptions, check_shows_demos, normaliser_for, tagging_options
+from .prompts import PromptTemplate, template_choice
+from .proposer import FEATURES_VERSION, SpanProposer, sample_proposer
+from .records import load_labelled
+from .retrieve import load_pool
+from .vocab import Normaliser
+
+# What an adapter ships for its prompts (adapters/pack.py): re-packing it changes the tags too.
+SHIPPED_FILES = (POOL_FILE, VOCABULARY_FILE, PROPOSER_FILE)
+# Settings that name files whose content decides the tags (comma-joined where several).
+HASHED_SETTINGS = ("candidates", "vocab", "constrain_vocab", "demos", "adapter_map", "template", "proposer")
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """One adapter as a run uses it, read from disk once."""
+
+    name: str  # as the settings give it: a registry name, or a directory
+    path: Path
+    meta: dict[str, Any]  # its llmtags.json
+    weights_sha256: str
+    shipped_sha256: Mapping[str, str]  # file it ships (SHIPPED_FILES) → sha256
+
+    @property
+    def base_model(self) -> str | None:
+        """The spec of the base model it was trained on."""
+        return self.field("base_model.spec", str)
+
+    def field(self, dotted: str, kind: type, required: bool = False) -> Any:
+        """The metadata entry `dotted` ("retrieval.k"), None where absent or null (unless `required`). The
+        file may come from anywhere, so a value of another type is an error naming the file and the field."""
+        value: Any = self.meta
+        for key in dotted.split("."):
+            if value is None:
+                break
+            if not isinstance(value, dict):
+                raise AdapterError(f"{self.path / METADATA_FILE}: field {dotted}: {key!r} is not inside an object")
+            value = value.get(key)
+        if value is None and not required:
+            return None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise AdapterError(f"{self.path / METADATA_FILE}: field {dotted}: expected {kind.__name__}, got {value!r}")
+        return value
+
+    @property
+    def cache_key(self) -> str:
+        """What tells this adapter's generations apart in the generation cache."""
+        return f"{self.path.name}@{self.weights_sha256[:16]}"
+
+
+def resolved_adapter(name: str, root: str | Path | None = None) -> ResolvedAdapter:
+    """Adapter `name` (a registry name under `root`, or a directory): its directory, metadata and hashes."""
+    path = resolve_adapter(name, root)
+    shipped = {file: sha256_file(path / file) for file in SHIPPED_FILES if (path / file).is_file()}
+    return ResolvedAdapter(name, path, read_metadata(path), weights_sha256(path), shipped)
+
+
+# --- what an adapter brings ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterDefaults:
+    """What an adapter was trained with, for the prompt options the user left unset (None: keep the
+    user's). Files an adapter ships (its pool, its vocabulary, its proposer) are named inside its directory."""
+
+    template: str | None = None
+    candidates: str | None = None
+    demos: str | None = None
+    retrieve: int | None = None
+    proposer: str | None = None
+
+    def changes(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _adapter_file(adapter_dir: Path, path: str) -> str:
+    """`path` as the adapter's metadata records it: a file the adapter ships (relative to its directory,
+    comma-joined for several), else a path relative to where llmtags runs."""
+    parts = [str(adapter_dir / p) if (adapter_dir / p).is_file() else p for p in path.split(",")]
+    return ",".join(parts)
+
+
+def _say(message: str) -> None:
+    print(f"llmtags: {message}", file=sys.stderr)
+
+
+def _absent(name: str, what: str, source: str, consequence: str) -> bool:
+    missing = [path for path in candidate_sources(source) if not Path(path).is_file()]
+    if missing:
+        print(f"llmtags: warning: adapter {name} was trained with {what} from {source}, but "
+              f"{', '.join(missing)} is absent here: {consequence}", file=sys.stderr)
+    return bool(missing)
+
+
+def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDefaults:
+    """The template, candidates, retrieval and span proposer `adapter` was trained with, where `settings`
+    leave them unset. A file absent here is dropped with a warning (the adapter still works, less well),
+    so `generate` runs on a machine without the training data.
+
+    `--demos FILE` points the adapter at another catalogue's labelled sample: retrieval then draws from
+    FILE (with the adapter's K unless --retrieve is given), and so do the candidates and, for an adapter
+    that reads proposals, the span proposer (trained on the sample on first use, then cached by its
+    hash), because the adapter's own vocabulary and CRF belong to its own catalogue."""
+    name = adapter.name
+    template = adapter.field("template.spec", str) if settings.template == "auto" else None
+    retrieval = adapter.field("retrieval", dict)
+    demos, retrieve = None, None
+    if retrieval and settings.demos is None and settings.retrieve != 0:
+        pool = _adapter_file(adapter.path, adapter.field("retrieval.pool", str, required=True))
+        if not _absent(name, "demonstrations", pool, "tagging without retrieval; give --demos POOL --retrieve K"):
+            demos, retrieve = pool, settings.retrieve or adapter.field("retrieval.k", int, required=True)
+    elif retrieval and settings.demos and settings.retrieve is None:
+        retrieve = adapter.field("retrieval.k", int, required=True)
+    source = adapter.field("vocabulary.candidates.path", str)
+    retrieving = bool(settings.demos) and bool(retrieve or settings.retrieve)
+    if not source or settings.candidates or settings.no_candidates:
+        source = None
+    elif retrieving:  # another catalogue's sample: its own vocabulary, not the adapter's
+        source = settings.demos
+    else:
+        source = _adapter_file(adapter.path, source)
+        if _absent(name, "vocabulary candidates", source, "tagging without candidates, which lowers recall; give "
+                   "--candidates VOCAB (that file, or a vocabulary built from it)"):
+            source = None
+    proposer = None
+    if adapter.field("proposer", dict) and not settings.proposer and not settings.no_proposer:
+        features = adapter.field("proposer.settings.features", int)
+        if features is not None and features != FEATURES_VERSION:
+            print(f"llmtags: warning: adapter {name}'s span proposer uses features version {features}, this llmtags "
+                  f"computes {FEATURES_VERSION}: tagging without it; train it again with llmtags adapters pack "
+                  f"{name} --proposer LABELLED", file=sys.stderr)
+        elif retrieving:  # another catalogue's sample: a CRF of its own
+            records = [record for spec in candidate_sources(settings.demos) for record in load_labelled(spec)]
+            proposer = str(sample_proposer(records, cache_root() / "proposers", log=_say).path)
+        else:
+            proposer = _adapter_file(adapter.path, adapter.field("proposer.path", str, required=True))
+    found = AdapterDefaults(template, source, demos, retrieve, proposer)
+    if found.candidates or found.demos or found.proposer:
+        print(f"llmtags: adapter {name}: " + "; ".join(
+            [f"span proposer {found.proposer}"] * bool(found.proposer)
+            + [f"candidates from {found.candidates}"] * bool(found.candidates)
+            + [f"{found.retrieve or settings.retrieve} demonstrations retrieved from {found.demos}"] * bool(found.demos)),
+            file=sys.stderr)
+    return found
+
+
+def _with_defaults(options: TaggingOptions, found: AdapterDefaults, settings: Settings) -> TaggingOptions:
+    """`options` (the run's) with what one adapter of a map brings filled in: each adapter of a map keeps
+    its own template, candidates, proposer and pool, while what they share is loaded once."""
+    changes: dict[str, Any] = {}
+    if found.template:
+        changes["template"] = template_choice(found.template)
+    if found.candidates:
+        changes["candidates"] = candidate_finder(found.candidates)
+    if found.proposer:
+        changes["proposer"] = SpanProposer(found.proposer)
+    demos = found.demos or settings.demos
+    retrieve = found.retrieve if found.retrieve is not None else settings.retrieve
+    if demos and retrieve:
+        check_shows_demos(changes.get("template", options.template))
+        changes.update(pool=load_pool(demos), retrieve=retrieve)
+    return dataclasses.replace(options, **changes)
+
+
+# --- the plan ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a run tags with, resolved and loaded once."""
+
+    settings: Settings  # as given, with one --adapter's defaults filled in: what the run records
+    options: TaggingOptions
+    normaliser: Normaliser | None = None
+    # By the name the settings give (--adapter, or the map's names, in the map's order).
+    adapters: Mapping[str, ResolvedAdapter] = dataclasses.field(default_factory=dict)
+    adapter_map: AdapterMap | None = None
+    # With a map: each adapter's own options (its template, candidates, pool, proposer).
+    options_by_adapter: Mapping[str, TaggingOptions] = dataclasses.field(default_factory=dict)
+
+    @property
+    def adapter(self) -> ResolvedAdapter | None:
+        """The one --adapter (None without, or with a map)."""
+        return self.adapters.get(self.settings.adapter) if self.settings.adapter else None
+
+    @property
+    def base_model(self) -> str | None:
+        """--base-model (or $LLMTAGS_BASE_MODEL); without one, the base the (first) adapter was trained on;
+        None: the default base model."""
+        explicit = base_model_spec(self.settings.base_model, default=None)
+        if explicit is None and self.adapters:
+            return next(iter(self.adapters.values())).base_model
+        return explicit
+
+    def options_for(self, adapter: str | None) -> TaggingOptions:
+        """The options the records routed to `adapter` (None: the base model) are tagged with."""
+        return self.options_by_adapter.get(adapter, self.options) if adapter is not None else self.options
+
+    def content_hashes(self) -> dict[str, Any]:
+        """The sha256 of every file the settings name and of each adapter's weights and shipped files,
+        so that a retrained or re-packed adapter, or an edited vocabulary, counts as another run."""
+        hashes: dict[str, Any] = {}
+        values = dataclasses.asdict(self.settings)
+        for key in HASHED_SETTINGS:
+            value = values.get(key)
+            parts = candidate_sources(value) if isinstance(value, str) else []
+            if parts and all(Path(part).is_file() for part in parts):
+                digests = [sha256_file(part) for part in parts]
+                hashes[f"{key} sha256"] = digests[0] if len(digests) == 1 else digests
+        for name, adapter in self.adapters.items():
+            hashes[f"adapter {name} sha256"] = adapter.weights_sha256
+            for file, digest in adapter.shipped_sha256.items():
+                hashes[f"adapter {name} {file} sha256"] = digest
+        return hashes
+
+
+def plan_run(settings: Settings, templates: Sequence[PromptTemplate] = ()) -> RunPlan:
+    """The plan of a run with `settings`. `templates`: the variants `prompt compare` runs instead of the
+    settings' template (retrieval needs one of them to show demonstrations)."""
+    adapter_map = load_adapter_map(settings.adapter_map) if settings.adapter_map else None
+    names = adapter_map.adapter_names if adapter_map is not None else [settings.adapter] if settings.adapter else []
+    adapters = {name: resolved_adapter(name, settings.adapters_root) for name in names}
+    calibration = None
+    if settings.adapter:
+        # One adapter: its defaults become the run's own settings, recorded with the output.
+        settings = settings.replace(**adapter_defaults(adapters[settings.adapter], settings).changes())
+        calibration = adapters[settings.adapter].field("calibration", dict)
+    options = tagging_options(settings, templates, calibration)
+    per_adapter = ({name: _with_defaults(options, adapter_defaults(adapter, settings), settings)
+                    for name, adapter in adapters.items()} if adapter_map is not None else {})
+    return RunPlan(settings, options, normaliser_for(settings), adapters, adapter_map, per_adapter)

@@ -1,0 +1,359 @@
+"""Stage 2b: the span proposer, a linear-chain CRF trained on the catalogue's labelled records in seconds.
+
+A CRF (python-crfsuite) labels each token of a product's text B-attribute / I-attribute / O. Its spans,
+each with its attribute and the marginal probability of its labels, go into the prompt as proposals
+(`proposals` in the template), so the model reads them in context, fixes their boundaries and
+attributes, normalises values and adds what no span tagger can find, instead of re-learning where a
+model number ends.
+
+- `tokenize`: every CJK character is a token, a run of Latin letters and digits is one (the word rule of
+  `spans.py`), any other non-space character is one.
+- `bio_labels`: a labelled record's gold values located in its text (`spans.ValueIndex`, longest first,
+  compared as the evaluator compares them) become the token labels. Values not in the text (implicit,
+  normalised) are the model's job and label nothing.
+- `SpanProposer.train` / `SpanProposer.load`: one crfsuite model file; `propose(record)` gives the
+  Viterbi spans, each with the least marginal probability of its tokens' labels (a lower bound on the
+  span's own probability), limited to the record's schema when it has one.
+- `CrossFitted`: training prompts must look like test prompts. A CRF applied to its own training records
+  proposes almost exactly their gold tags, so a model trained on such prompts learns to copy proposals.
+  `CrossFitted` cuts the training records into k folds and proposes for each record with the CRF trained
+  on the other folds; records outside the training set (dev) get the CRF trained on all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pycrfsuite
+
+from .metrics import canonical
+from .records import Record
+from .spans import ValueIndex, is_cjk, is_word_char, value_key
+
+FEATURES_VERSION = 1  # bump when `token_features` changes: a saved model expects the features it was trained on
+OUTSIDE = "O"
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One span the CRF found: `tag` is `attribute:text[start:end]`, `p` its marginal probability."""
+
+    tag: str
+    attribute: str
+    value: str
+    start: int
+    end: int
+    p: float
+
+
+@dataclass(frozen=True)
+class ProposerSettings:
+    """What shapes a trained proposer; stored beside it (an adapter's `llmtags.json`)."""
+
+    c1: float = 0.05  # L1 regularisation: keeps the model small
+    c2: float = 0.05  # L2 regularisation
+    # L-BFGS iterations. 80 scores as well as 150 on zh-taobao-ner and en-wdc-pave and better on
+    # en-oa-mine + en-ae-110k (stopping early regularises), in half the time (eval/baseline_crf.md).
+    max_iterations: int = 80
+    features: int = FEATURES_VERSION
+
+
+# --- tokens and features -----------------------------------------------------------------------------
+
+
+def tokenize(text: str) -> list[tuple[int, int]]:
+    """The [start, end) character spans of `text`'s tokens (see the module docstring)."""
+    spans: list[tuple[int, int]] = []
+    start = None
+    for i, ch in enumerate(text):
+        if is_word_char(ch):
+            if start is None:
+                start = i
+            continue
+        if start is not None:
+            spans.append((start, i))
+            start = None
+        if not ch.isspace():
+            spans.append((i, i + 1))
+    if start is not None:
+        spans.append((start, len(text)))
+    return spans
+
+
+def _shape(token: str) -> str:
+    """'Aa0' style shape, runs collapsed: 'XER106R' → 'A0A0', '理肤泉' → 'C'."""
+    out: list[str] = []
+    for ch in token:
+        kind = "C" if is_cjk(ch) else "A" if ch.isupper() else "a" if ch.isalpha() else "0" if ch.isdigit() else ch
+        if not out or out[-1] != kind:
+            out.append(kind)
+    return "".join(out)
+
+
+def token_features(text: str, spans: Sequence[tuple[int, int]]) -> list[list[str]]:
+    """Binary features of every token: the token and its shape, its neighbours ±2, bigrams, affixes of
+    Latin words, whether space surrounds it, and whether it is in the first line (the title)."""
+    words = [unicodedata.normalize("NFKC", text[s:e]).casefold() for s, e in spans]
+    shapes = [_shape(text[s:e]) for s, e in spans]
+    title_end = text.find("\n")
+    n = len(spans)
+
+    def word(i: int) -> str:
+        return words[i] if 0 <= i < n else ("<s>" if i < 0 else "</s>")
+
+    rows: list[list[str]] = []
+    for i, (start, end) in enumerate(spans):
+        w = words[i]
+        row = [f"w={w}", f"s={shapes[i]}", f"w-1={word(i - 1)}", f"w+1={word(i + 1)}", f"w-2={word(i - 2)}",
+               f"w+2={word(i + 2)}", f"b-={word(i - 1)}|{w}", f"b+={w}|{word(i + 1)}",
+               f"s-1={shapes[i - 1] if i else '<s>'}", f"s+1={shapes[i + 1] if i + 1 < n else '</s>'}",
+               f"i={min(i, 4)}"]
+        if len(w) > 1 and not is_cjk(w[0]):
+            row += [f"p2={w[:2]}", f"p3={w[:3]}", f"x2={w[-2:]}", f"x3={w[-3:]}", f"len={min(len(w), 8)}"]
+        if start > 0 and text[start - 1].isspace():
+            row.append("sp-")
+        if end < len(text) and text[end].isspace():
+            row.append("sp+")
+        if 0 <= title_end < start:
+            row.append("body")
+        rows.append(row)
+    return rows
+
+
+def _forms(tag: Any) -> list[str]:
+    return [tag] if isinstance(tag, str) else list(tag)
+
+
+def bio_labels(text: str, tags: Sequence[Any], spans: Sequence[tuple[int, int]]) -> list[str]:
+    """BIO labels of `text`'s tokens from gold `tags`: every occurrence of a gold value (any accepted form),
+    longest first and without overlaps, labelled with its attribute. Values that do not start and end on
+    token boundaries label nothing."""
+    by_key: dict[str, str] = {}
+    for tag in tags:
+        for form in _forms(tag):
+            attribute, sep, value = form.partition(":")
+            key = value_key(value)
+            if sep and attribute.strip() and key and key not in by_key:
+                by_key[key] = attribute.strip()
+    labels = [OUTSIDE] * len(spans)
+    if not by_key:
+        return labels
+    starts = {s: i for i, (s, _) in enumerate(spans)}
+    ends = {e: i for i, (_, e) in enumerate(spans)}
+    for match in ValueIndex(by_key).longest_matches(text):
+        first, last = starts.get(match.start), ends.get(match.end)
+        if first is None or last is None or any(label != OUTSIDE for label in labels[first:last + 1]):
+            continue
+        attribute = by_key[match.key]
+        labels[first] = f"B-{attribute}"
+        for i in range(first + 1, last + 1):
+            labels[i] = f"I-{attribute}"
+    return labels
+
+
+def spans_of(labels: Sequence[str]) -> list[tuple[str, int, int]]:
+    """(attribute, first token, last token) of each labelled span; an I- without its B- starts one."""
+    found: list[tuple[str, int, int]] = []
+    current: list[Any] | None = None
+    for i, label in enumerate(labels):
+        kind, _, attribute = label.partition("-")
+        if kind == "I" and current is not None and current[0] == attribute:
+            current[2] = i
+            continue
+        if current is not None:
+            found.append(tuple(current))  # type: ignore[arg-type]
+            current = None
+        if kind in ("B", "I"):
+            current = [attribute, i, i]
+    if current is not None:
+        found.append(tuple(current))  # type: ignore[arg-type]
+    return found
+
+
+# --- the proposer ------------------------------------------------------------------------------------
+
+
+def training_sequences(records: Iterable[Record]) -> Iterable[tuple[list[list[str]], list[str]]]:
+    for record in records:
+        if not record.tags:
+            continue
+        spans = tokenize(record.text)
+        if spans:
+            yield token_features(record.text, spans), bio_labels(record.text, record.tags, spans)
+
+
+class SpanProposer:
+    """A trained CRF (one crfsuite model file) that proposes `Proposal`s for a text."""
+
+    def __init__(self, path: str | Path, settings: ProposerSettings | None = None) -> None:
+        self.path = Path(path)
+        self.settings = settings or ProposerSettings()
+        if self.settings.features != FEATURES_VERSION:
+            raise ValueError(f"proposer {path} was trained on features version {self.settings.features}; this "
+                             f"llmtags computes version {FEATURES_VERSION}: train it again")
+        self._tagger = pycrfsuite.Tagger()
+        try:
+            self._tagger.open(str(self.path))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read the proposer model {path}: {exc}") from exc
+        self.labels = list(self._tagger.labels())
+
+    @classmethod
+    def train(cls, records: Iterable[Record], path: str | Path,
+              settings: ProposerSettings = ProposerSettings()) -> SpanProposer:
+        """Train on the labelled `records` and write the model to `path` (atomically)."""
+        trainer = pycrfsuite.Trainer(verbose=False)
+        count = 0
+        for features, labels in training_sequences(records):
+            trainer.append(features, labels)
+            count += 1
+        if not count:
+            raise ValueError("the span proposer needs labelled records with text to train on")
+        trainer.set_params({"c1": settings.c1, "c2": settings.c2, "max_iterations": settings.max_iterations,
+                            "feature.possible_transitions": True})
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        trainer.train(str(tmp))
+        os.replace(tmp, path)
+        return cls(path, settings)
+
+    def propose_text(self, text: str, attributes: Sequence[str] | None = None) -> list[Proposal]:
+        """The Viterbi spans of `text`, in text order, one per tag (the likelier where a tag repeats); with
+        `attributes`, only spans of those attributes."""
+        spans = tokenize(text)
+        if not spans:
+            return []
+        self._tagger.set(token_features(text, spans))
+        labels = self._tagger.tag()
+        allowed = {canonical(a) for a in attributes} if attributes else None
+        best: dict[str, Proposal] = {}
+        for attribute, first, last in spans_of(labels):
+            if allowed is not None and canonical(attribute) not in allowed:
+                continue
+            start, end = spans[first][0], spans[last][1]
+            value = text[start:end]
+            p = min(self._tagger.marginal(labels[i], i) for i in range(first, last + 1))
+            proposal = Proposal(f"{attribute}:{value}", attribute, value, start, end, round(float(p), 4))
+            key = canonical(proposal.tag)
+            if key not in best or best[key].p < proposal.p:
+                best[key] = proposal
+        return sorted(best.values(), key=lambda p: p.start)
+
+    def propose(self, record: Record) -> list[Proposal]:
+        return self.propose_text(record.text, record.schema)
+
+
+def sample_proposer(records: Sequence[Record], cache_dir: str | Path,
+                    settings: ProposerSettings = ProposerSettings(), log: Any = None) -> SpanProposer:
+    """The proposer of a catalogue's labelled sample (`generate --demos SAMPLE`): trained on first use and
+    kept in `cache_dir` under the hash of the sample's texts and tags and the settings, so the next run
+    of the same sample loads it in milliseconds."""
+    labelled = [r for r in records if r.tags]
+    key = hashlib.sha256(f"{sha256_texts(labelled)}:{json.dumps(asdict(settings), sort_keys=True)}".encode())
+    path = Path(cache_dir) / f"{key.hexdigest()[:24]}.crfsuite"
+    if path.is_file():
+        return SpanProposer(path, settings)
+    started = time.perf_counter()
+    proposer = SpanProposer.train(labelled, path, settings)
+    if log is not None:
+        log(f"trained the span proposer on {len(labelled)} labelled records in {time.perf_counter() - started:.0f} s "
+            f"(kept in {path})")
+    return proposer
+
+
+def sha256_texts(records: Iterable[Record]) -> str:
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps([record.text, record.tags], ensure_ascii=False).encode("utf-8"))
+    return digest.hexdigest()
+
+
+def fold_of(text: str, folds: int) -> int:
+    """A record's fold, from its text: the same record lands in the same fold in every run."""
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:8], 16) % folds
+
+
+@dataclass
+class CrossFitted:
+    """Proposals for training prompts: each training record's from the CRF that did not see it (k folds by
+    `fold_of`); other records' from the CRF trained on all (`full`)."""
+
+    full: SpanProposer
+    folds: list[SpanProposer]
+    seconds: float = 0.0  # training all k + 1 models (0 where reused)
+    full_seconds: float = 0.0  # training `full` alone
+    _texts: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def train(cls, records: Sequence[Record], k: int = 5, settings: ProposerSettings = ProposerSettings(),
+              workdir: str | Path | None = None) -> CrossFitted:
+        """The CRF of all `records` (`full`) and its k fold models, in `workdir`. Models of the same records
+        and settings that an earlier run left there (a resumed training) are reused, not trained again."""
+        if k < 2:
+            raise ValueError(f"cross-fitting needs k >= 2 folds, not {k}")
+        started = time.perf_counter()
+        labelled = [r for r in records if r.tags]
+        texts = {r.text: fold_of(r.text, k) for r in labelled}
+        directory = Path(workdir or tempfile.mkdtemp(prefix="llmtags-folds-"))
+        key = {"records": sha256_texts(labelled), "k": k, "settings": asdict(settings)}
+        key_file = directory / "folds.json"
+        reuse = key_file.is_file() and json.loads(key_file.read_text(encoding="utf-8")) == key
+
+        def model(path: Path, subset: list[Record]) -> SpanProposer:
+            if reuse and path.is_file():
+                return SpanProposer(path, settings)
+            return SpanProposer.train(subset, path, settings)
+
+        full = model(directory / "all.crfsuite", labelled)
+        full_seconds = time.perf_counter() - started
+        folds = [model(directory / f"fold-{fold}.crfsuite", [r for r in labelled if texts[r.text] != fold])
+                 for fold in range(k)]
+        key_file.write_text(json.dumps(key), encoding="utf-8")
+        return cls(full, folds, time.perf_counter() - started, full_seconds, texts)
+
+    def quality(self, records: Sequence[Record]) -> dict[str, dict[str, float]]:
+        """Proposal quality on `records` (the training records) in-fold and out-of-fold: the gap between
+        the two is what cross-fitting keeps out of the training prompts."""
+        labelled = [r for r in records if r.tags]
+        return {"in_fold": proposal_quality(labelled, [self.in_fold(r) for r in labelled]),
+                "out_of_fold": proposal_quality(labelled, [self.propose(r) for r in labelled])}
+
+    def propose(self, record: Record) -> list[Proposal]:
+        fold = self._texts.get(record.text)
+        return (self.full if fold is None else self.folds[fold]).propose(record)
+
+    def shipped(self, records: Sequence[Record]) -> dict[str, Any]:
+        """What an adapter records about its proposer (`adapters.pack.pack_adapter(proposer=...)`): the model
+        file to ship, its settings, the records and folds it was trained on, and the cross-fitting gap."""
+        return {"model": self.full.path, "settings": asdict(self.full.settings), "records": len(self._texts),
+                "folds": len(self.folds), "train_seconds": round(self.full_seconds, 1), **self.quality(records)}
+
+    def in_fold(self, record: Record) -> list[Proposal]:
+        """What the CRF trained on every record proposes: the leak cross-fitting avoids (for the report)."""
+        return self.full.propose(record)
+
+
+def proposal_quality(records: Sequence[Record], proposals: Sequence[Sequence[Proposal]]) -> dict[str, float]:
+    """Micro precision, recall and F1 of proposals as tags against gold (an any-of group counts once)."""
+    tp = fp = fn = 0
+    for record, found in zip(records, proposals):
+        gold = [{canonical(f) for f in _forms(t)} for t in record.tags or ()]
+        predicted = {canonical(p.tag) for p in found}
+        matched = sum(1 for forms in gold if forms & predicted)
+        tp += matched
+        fn += len(gold) - matched
+        fp += len(predicted - set().union(*gold)) if gold else len(predicted)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4)}

@@ -1,0 +1,222 @@
+"""The run plan (plan.py): each adapter resolved once, its defaults (template, candidates, pool, proposer,
+calibrated threshold) in the options every stage reads, and `eval` / `prompt compare --adapter` tagging
+as `generate --adapter` does, on the tiny random model with a random adapter that ships all three files."""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from llmtags.adapters import registry
+from llmtags.adapters.pack import POOL_FILE, PROPOSER_FILE, VOCABULARY_FILE, pack_adapter
+from llmtags.candidates import candidate_finder
+from llmtags.cli import main
+from llmtags.models import load_tokenizer_only, sha256_file
+from llmtags.options import Settings, TaggingOptions
+from llmtags.plan import plan_run
+from llmtags.prompts import load_template
+from llmtags.proposer import SpanProposer
+from llmtags.records import Record
+from llmtags.retrieve import load_pool
+from llmtags.run import run_settings
+from llmtags.tagger import build_prompt
+from llmtags.testing import random_adapter
+
+BRANDS = ["兰蔻", "耐克", "李宁", "得力", "晨光", "小米"]
+PRODUCTS = ["精华液", "跑步鞋", "篮球鞋", "中性笔", "橡皮擦", "耳机"]
+DEV = [Record("d1", "包邮耐克新款篮球鞋热卖", tags=["品牌:耐克", "产品词:篮球鞋"]),
+       Record("d2", "正品小米耳机官方", tags=["品牌:小米", "产品词:耳机"])]
+
+
+def _labelled(n: int) -> list[Record]:
+    rng = random.Random(0)
+    records = []
+    for i in range(n):
+        brand, product = rng.choice(BRANDS), rng.choice(PRODUCTS)
+        records.append(Record(f"s{i}", f"正品{brand}新款{product}包邮", tags=[f"品牌:{brand}", f"产品词:{product}"]))
+    return records
+
+
+def _write(path: Path, records: list[Record]) -> Path:
+    path.write_text("".join(json.dumps({"id": r.id, "text": r.text, "tags": r.tags}, ensure_ascii=False) + "\n"
+                            for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A registry with `zh-tuned` (trained with `tuned`, shipping its vocabulary, a pool with K=2, a span
+    proposer and a calibrated threshold) and `plain` (the `auto` templates, shipping nothing)."""
+    work = tmp_path_factory.mktemp("plan")
+    root = work / "adapters"
+    adapter = random_adapter(tiny_model_dir, root / "zh-tuned", seed=5, template="tuned")
+    sample = _write(work / "sample.jsonl", _labelled(60))
+    crf = SpanProposer.train(_labelled(60), work / "zh.crfsuite")
+    pack_adapter(adapter, candidates=str(sample), pool=str(sample), k=2, proposer={"model": str(crf.path)})
+    registry.set_metadata_entry(adapter, ("calibration",), {"threshold": 0.2, "target_precision": 0.9})
+    sample.unlink()  # the adapter carries what it needs
+    random_adapter(tiny_model_dir, root / "plain", seed=6)
+    return root
+
+
+@pytest.fixture
+def cli_dev(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LLMTAGS_CACHE", str(tmp_path / "cache"))  # a generation cache of this test's own
+    return _write(tmp_path / "dev.jsonl", DEV)
+
+
+def _prompts(options: TaggingOptions, tiny_model_dir: Path) -> list[str]:
+    tokenizer = load_tokenizer_only(str(tiny_model_dir))
+    return [build_prompt(r, tokenizer, options) for r in DEV]
+
+
+def test_the_plan_resolves_each_adapter_once(root, tmp_path, monkeypatch):
+    calls: Counter[str] = Counter()
+    real = registry.resolve_adapter
+
+    def counting(name, root=None):
+        calls[Path(str(name)).name] += 1
+        return real(name, root)
+
+    # Every project module that could resolve an adapter while a run is planned and its settings recorded.
+    for module in [m for name, m in sys.modules.items() if name.startswith("llmtags")]:
+        if getattr(module, "resolve_adapter", None) is real:
+            monkeypatch.setattr(module, "resolve_adapter", counting)
+    plan = plan_run(Settings(adapter="zh-tuned", adapters_root=str(root), min_confidence="calibrated"))
+    run_settings(plan)
+    assert calls == {"zh-tuned": 1}
+    assert plan.options.min_confidence == 0.2  # read from the metadata the plan holds
+    adapter_map = tmp_path / "map.toml"
+    adapter_map.write_text('[languages]\nzh = "zh-tuned"\nen = "plain"\n', encoding="utf-8")
+    mapped = plan_run(Settings(adapter_map=str(adapter_map), adapters_root=str(root)))
+    run_settings(mapped)
+    assert calls == {"zh-tuned": 2, "plain": 1}
+    assert list(mapped.adapters) == ["zh-tuned", "plain"] and mapped.base_model == plan.base_model
+
+
+def test_the_plans_options_and_recorded_settings_are_those_of_the_adapter(root, tiny_model_dir, tmp_path):
+    adapter = root / "zh-tuned"
+    plan = plan_run(Settings(adapter="zh-tuned", adapters_root=str(root)))
+    # What `generate --adapter` tagged with before the plan: the options built by hand from what it ships.
+    by_hand = TaggingOptions(template=load_template("tuned"), pool=load_pool(str(adapter / POOL_FILE)), retrieve=2,
+                             candidates=candidate_finder(str(adapter / VOCABULARY_FILE)),
+                             proposer=SpanProposer(adapter / PROPOSER_FILE))
+    prompts = _prompts(plan.options, tiny_model_dir)
+    assert prompts == _prompts(by_hand, tiny_model_dir)
+    assert all(part in prompts[0] for part in ("例: ", "候选: ", "识别: ", "耐克"))
+    assert plan.base_model == str(tiny_model_dir)  # no --base-model: the one the adapter was trained on
+    recorded = run_settings(plan)
+    assert (recorded["template"], recorded["retrieve"]) == ("tuned", 2)
+    assert (recorded["candidates"], recorded["demos"], recorded["proposer"]) == (
+        str(adapter / VOCABULARY_FILE), str(adapter / POOL_FILE), str(adapter / PROPOSER_FILE))
+    assert recorded["adapter zh-tuned sha256"] == sha256_file(adapter / registry.WEIGHTS_FILE)
+    for file in (POOL_FILE, VOCABULARY_FILE, PROPOSER_FILE):
+        assert recorded[f"adapter zh-tuned {file} sha256"] == sha256_file(adapter / file)
+    # In a map, the adapter prompts as it does alone; the base model's records keep the run's options.
+    adapter_map = tmp_path / "map.toml"
+    adapter_map.write_text('[languages]\nzh = "zh-tuned"\n', encoding="utf-8")
+    mapped = plan_run(Settings(adapter_map=str(adapter_map), adapters_root=str(root)))
+    assert _prompts(mapped.options_for("zh-tuned"), tiny_model_dir) == prompts
+    assert mapped.options_for(None) is mapped.options and mapped.options.proposer is None
+
+
+def test_an_adapters_proposer_is_used_by_default_and_no_proposer_turns_it_off(root, tiny_model_dir, capsys):
+    settings = Settings(adapter="zh-tuned", adapters_root=str(root))
+    assert plan_run(settings).options.proposer.path == root / "zh-tuned" / PROPOSER_FILE
+    assert "span proposer" in capsys.readouterr().err
+    off = plan_run(settings.replace(no_proposer=True))
+    assert off.options.proposer is None and off.settings.proposer is None
+    assert not any("识别: " in p for p in _prompts(off.options, tiny_model_dir))
+    assert "proposer sha256" not in run_settings(off) and run_settings(off)["no_proposer"] is True
+    # The other defaults go the same way: --no-candidates, --retrieve 0.
+    bare = plan_run(settings.replace(no_proposer=True, no_candidates=True, retrieve=0))
+    assert (bare.options.candidates, bare.options.pool, bare.options.retrieve) == (None, None, 0)
+    assert bare.options.template.name == "tuned"
+
+
+def test_eval_with_an_adapter_tags_as_generate_does(root, cli_dev, tmp_path, capsys):
+    flags = ["--adapter", "zh-tuned", "--adapters-root", str(root), "--max-new-tokens", "6", "-q"]
+    out = tmp_path / "generated.jsonl"
+    assert main(["generate", str(cli_dev), "-o", str(out), *flags]) == 0
+    capsys.readouterr()
+    saved, report = tmp_path / "eval_pred.jsonl", tmp_path / "report.json"
+    assert main(["eval", "--data", str(cli_dev), *flags, "--save-predictions", str(saved), "--report",
+                 str(report)]) == 0
+    err = capsys.readouterr().err
+    assert "adapter zh-tuned: span proposer" in err and "2 demonstrations retrieved" in err
+    assert json.loads(report.read_text(encoding="utf-8"))["n_records"] == 2
+    rows = {r["id"]: r for r in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
+    evaluated = {r["id"]: r for r in map(json.loads, saved.read_text(encoding="utf-8").splitlines())}
+    assert {i: r["raw"] for i, r in evaluated.items()} == {i: r["raw"] for i, r in rows.items()}
+
+    # Generations are cached per adapter and prompt: without the proposer the prompts differ, so two
+    # more generations; the default again is answered from the cache.
+    def cached() -> int:
+        with sqlite3.connect(Path(tmp_path / "cache" / "generations.sqlite")) as db:
+            return db.execute("SELECT COUNT(*) FROM generations").fetchone()[0]
+
+    assert cached() == 2
+    assert main(["eval", "--data", str(cli_dev), *flags, "--no-proposer"]) == 0
+    assert cached() == 4
+    assert main(["eval", "--data", str(cli_dev), *flags]) == 0
+    assert cached() == 4
+    assert main(["eval", "--gold", str(cli_dev), "--pred", str(saved), *flags]) == 2
+    assert "use it with --data" in capsys.readouterr().err
+
+
+def test_prompt_compare_checks_every_variant_against_the_adapter(root, cli_dev, tmp_path, capsys):
+    variant = tmp_path / "tuned_variant.j2"
+    variant.write_text("{#- tuned, annotated -#}\n" + load_template("tuned").source, encoding="utf-8")
+    flags = ["--data", str(cli_dev), "--adapter", "zh-tuned", "--adapters-root", str(root), "--max-new-tokens", "4",
+             "-q"]
+    assert main(["prompt", "compare", "tuned", "zh", *flags]) == 2  # another template: refused
+    assert "prompt template: the adapter was trained with 'tuned'" in capsys.readouterr().err
+    assert main(["prompt", "compare", "tuned", str(variant), *flags]) == 2
+    capsys.readouterr()
+    report = tmp_path / "compare.json"
+    with pytest.warns(UserWarning, match="--force"):
+        assert main(["prompt", "compare", "tuned", str(variant), *flags, "--force-adapter", "--report",
+                     str(report)]) == 0
+    variants = json.loads(report.read_text(encoding="utf-8"))["variants"]
+    assert [v["template"] for v in variants] == ["tuned", "tuned_variant"]
+
+
+@pytest.mark.parametrize("meta, extra, field", [
+    ({"template": "tuned"}, {}, "template.spec"),
+    ({"retrieval": {"pool": 3, "k": 2}}, {}, "retrieval.pool"),
+    ({"retrieval": {"pool": "pool.jsonl", "k": "two"}}, {"demos": "other.jsonl"}, "retrieval.k"),
+    ({"proposer": {"folds": 5}}, {}, "proposer.path"),
+    ({"vocabulary": {"candidates": {"path": ["a", "b"]}}}, {}, "vocabulary.candidates.path"),
+])
+def test_a_malformed_metadata_field_is_named(tmp_path, meta, extra, field):
+    adapter = tmp_path / "odd"
+    adapter.mkdir()
+    for name in (registry.CONFIG_FILE, registry.WEIGHTS_FILE):  # only their presence is checked here
+        (adapter / name).write_text("{}", encoding="utf-8")
+    registry.write_metadata(adapter, {"format": registry.FORMAT_VERSION, **meta})
+    with pytest.raises(registry.AdapterError, match=f"odd/llmtags.json: field {field}: "):
+        plan_run(Settings(adapter=str(adapter), **extra))
+
+
+def test_another_catalogues_sample_brings_its_own_proposer_trained_once(root, tmp_path, monkeypatch, capsys):
+    """`--demos SAMPLE` serves retrieval, candidates and the proposer: a CRF trained on the sample on first
+    use and cached by its content, not the adapter's own."""
+    monkeypatch.setenv("LLMTAGS_CACHE", str(tmp_path / "cache"))
+    other = [Record(f"o{i}", f"{c}颜色{p}款", tags=[f"颜色:{c}", f"款式:{p}"])
+             for i, (c, p) in enumerate((c, p) for c in ("红", "蓝", "黑", "白") for p in ("长", "短", "宽"))]
+    sample = _write(tmp_path / "other.jsonl", other * 3)
+    settings = Settings(adapter="zh-tuned", adapters_root=str(root), demos=str(sample))
+    plan = plan_run(settings)
+    assert plan.options.proposer.path.parent == tmp_path / "cache" / "proposers"
+    assert "trained the span proposer on 12 labelled records" in capsys.readouterr().err
+    assert {p.attribute for p in plan.options.proposer.propose(Record("t", "黑颜色短款"))} <= {"颜色", "款式"}
+    again = plan_run(settings)
+    assert again.options.proposer.path == plan.options.proposer.path
+    assert "trained the span proposer" not in capsys.readouterr().err
+    assert plan_run(settings.replace(no_proposer=True)).options.proposer is None

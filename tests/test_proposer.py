@@ -1,0 +1,225 @@
+"""The span proposer (proposer.py): tokens, gold labels, a real CRF trained on small data, cross-fitting,
+and its way into prompts, training examples and an adapter's defaults."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from llmtags.options import Settings, TaggingOptions, tagging_options
+from llmtags.proposer import (
+    CrossFitted,
+    Proposal,
+    SpanProposer,
+    bio_labels,
+    fold_of,
+    proposal_quality,
+    spans_of,
+    tokenize,
+)
+from llmtags.records import Record
+from llmtags.tagger import prompt_parts
+from llmtags.train.rename import rename_parts
+
+BRANDS = ["兰蔻", "雅诗兰黛", "耐克", "李宁", "得力", "晨光", "欧莱雅", "安踏", "小米", "华为"]
+PRODUCTS = ["精华液", "眼霜", "跑步鞋", "篮球鞋", "中性笔", "橡皮擦", "面霜", "运动裤", "手机", "耳机"]
+FILLERS = ["正品", "新款", "包邮", "2024", "官方", "旗舰店", "热卖"]
+
+
+def synthetic(n: int, seed: int = 0) -> list[Record]:
+    """Titles of brand + filler + product word, as Taobao writes them: a CRF learns the pattern."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        brand, product = rng.choice(BRANDS), rng.choice(PRODUCTS)
+        text = f"{rng.choice(FILLERS)}{brand}{rng.choice(FILLERS)}{product}{rng.choice(FILLERS)}"
+        records.append(Record(f"s{i}", text, tags=[f"品牌:{brand}", f"产品词:{product}"]))
+    return records
+
+
+@pytest.fixture(scope="module")
+def zh_proposer(tmp_path_factory: pytest.TempPathFactory) -> SpanProposer:
+    return SpanProposer.train(synthetic(200), tmp_path_factory.mktemp("crf") / "zh.crfsuite")
+
+
+def test_tokens_are_cjk_characters_latin_runs_and_single_marks():
+    text = "理肤泉ka舒缓 15.6寸 XER-106R01409"
+    assert [text[s:e] for s, e in tokenize(text)] == ["理", "肤", "泉", "ka", "舒", "缓", "15", ".", "6", "寸", "XER",
+                                                     "-", "106R01409"]
+    assert tokenize("   ") == []
+
+
+def test_gold_values_label_their_tokens_longest_first_and_any_form():
+    text = "La Roche-Posay 理肤泉 防晒霜 SPF50"
+    spans = tokenize(text)
+    labels = bio_labels(text, ["Brand:La Roche-Posay", "Brand:Roche", ["型号:spf50", "型号:SPF 50"], "其他:缺失"],
+                        spans)
+    by_token = {text[s:e]: label for (s, e), label in zip(spans, labels)}
+    assert [label for label in labels if label != "O"] == ["B-Brand", "I-Brand", "I-Brand", "I-Brand", "B-型号"]
+    assert by_token["SPF50"] == "B-型号" and by_token["理"] == "O"
+    # A value inside a Latin word starts at no token boundary: it labels nothing.
+    assert set(bio_labels("XER106R01409", ["型号:106R01409"], tokenize("XER106R01409"))) == {"O"}
+
+
+def test_spans_of_bio_labels():
+    assert spans_of(["B-品牌", "I-品牌", "O", "I-型号", "B-型号", "I-品牌"]) == [
+        ("品牌", 0, 1), ("型号", 3, 3), ("型号", 4, 4), ("品牌", 5, 5)]
+
+
+def test_a_trained_crf_proposes_spans_with_marginals_limited_to_the_schema(zh_proposer):
+    record = Record("t", "包邮耐克新款篮球鞋热卖")
+    proposals = zh_proposer.propose(record)
+    assert [p.tag for p in proposals] == ["品牌:耐克", "产品词:篮球鞋"]
+    assert all(0.5 < p.p <= 1.0 for p in proposals)
+    assert all(record.text[p.start:p.end] == p.value for p in proposals)
+    assert [p.tag for p in zh_proposer.propose(Record("t", "包邮耐克新款篮球鞋热卖", schema=["产品词"]))] == ["产品词:篮球鞋"]
+    assert zh_proposer.propose(Record("t", "★ ★")) == []
+    assert zh_proposer.propose(Record("t", "   ")) == []
+
+
+def test_proposal_quality_counts_any_of_groups_once():
+    record = Record("r", "耐克跑步鞋", tags=["品牌:耐克", ["产品词:跑步鞋", "产品词:跑鞋"], "型号:缺"])
+    found = [Proposal("品牌:耐克", "品牌", "耐克", 0, 2, 0.9), Proposal("产品词:跑步鞋", "产品词", "跑步鞋", 2, 5, 0.9),
+             Proposal("其他:鞋", "其他", "鞋", 4, 5, 0.2)]
+    assert proposal_quality([record], [found]) == {"precision": 0.6667, "recall": 0.6667, "f1": 0.6667}
+
+
+def test_a_saved_proposer_loads_and_a_damaged_one_is_refused(zh_proposer, tmp_path):
+    again = SpanProposer(zh_proposer.path)
+    assert again.propose(Record("t", "小米手机")) == zh_proposer.propose(Record("t", "小米手机"))
+    bad = tmp_path / "bad.crfsuite"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="bad.crfsuite"):
+        SpanProposer(bad)
+
+
+def test_cross_fitting_proposes_for_a_training_record_from_a_crf_that_never_saw_it(tmp_path):
+    records = synthetic(120)
+    # One record with an attribute no other has: only a CRF trained on it knows that label.
+    records.append(Record("odd", "正品酒红新款眼霜", tags=["颜色:酒红", "产品词:眼霜"]))
+    fitted = CrossFitted.train(records, k=4, workdir=tmp_path / "folds")
+    odd = records[-1]
+    assert len(fitted.folds) == 4 and fold_of(odd.text, 4) in range(4)
+    assert "颜色:酒红" in [p.tag for p in fitted.in_fold(odd)]
+    assert "颜色:酒红" not in [p.tag for p in fitted.propose(odd)]
+    # A record outside the training set gets the CRF trained on all of them.
+    dev = Record("dev", "包邮李宁新款运动裤")
+    assert fitted.propose(dev) == fitted.full.propose(dev)
+    quality = fitted.quality(records)
+    assert quality["in_fold"]["f1"] >= quality["out_of_fold"]["f1"]
+    # The same records again (a resumed run): the models are reused, not trained again.
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "folds").glob("*.crfsuite")}
+    again = CrossFitted.train(records, k=4, workdir=tmp_path / "folds")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "folds").glob("*.crfsuite")} == stamps
+    assert again.propose(odd) == fitted.propose(odd)
+    # Other records: trained afresh.
+    CrossFitted.train(records[:-1], k=4, workdir=tmp_path / "folds")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "folds").glob("*.crfsuite")} != stamps
+
+
+def test_proposals_reach_the_prompt_parts_and_renaming_renames_them(zh_proposer):
+    options = TaggingOptions(template="tuned", proposer=zh_proposer)
+    record = Record("t", "包邮耐克新款篮球鞋热卖", tags=["品牌:耐克", "产品词:篮球鞋"])
+    parts = prompt_parts(record, options)
+    assert [p.tag for p in parts.proposals] == ["品牌:耐克", "产品词:篮球鞋"]
+    assert prompt_parts(record, TaggingOptions(template="tuned")).proposals == []
+    renamed = rename_parts(parts, random.Random(1))
+    mapping = {t.partition(":")[0] for t in renamed.record.tags}
+    assert {p.attribute for p in renamed.proposals} == mapping != {"品牌", "产品词"}
+    assert all(p.tag == f"{p.attribute}:{p.value}" for p in renamed.proposals)
+
+
+def test_settings_load_a_proposer_and_no_proposer_turns_it_off(zh_proposer):
+    assert tagging_options(Settings(proposer=str(zh_proposer.path))).proposer.path == zh_proposer.path
+    assert tagging_options(Settings(proposer=str(zh_proposer.path), no_proposer=True)).proposer is None
+    assert tagging_options(Settings()).proposer is None
+
+
+def test_an_adapters_proposer_is_its_default_and_a_flag_turns_it_off(zh_proposer, tmp_path):
+    from llmtags.adapters.pack import PROPOSER_FILE, pack_adapter
+    from llmtags.plan import adapter_defaults, resolved_adapter
+
+    adapter = tmp_path / "adapters" / "demo"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    (adapter / "llmtags.json").write_text(json.dumps({"format": 1, "template": {"spec": "tuned"}}), encoding="utf-8")
+    meta = pack_adapter(adapter, proposer={"model": zh_proposer.path, "folds": 5})
+    assert meta["proposer"]["path"] == PROPOSER_FILE and (adapter / PROPOSER_FILE).is_file()
+    root = str(tmp_path / "adapters")
+    demo = resolved_adapter("demo", root)
+    found = adapter_defaults(demo, Settings(adapter="demo", adapters_root=root))
+    assert found.proposer == str(adapter / PROPOSER_FILE)
+    assert adapter_defaults(demo, Settings(adapter="demo", adapters_root=root, no_proposer=True)).proposer is None
+
+
+def test_adapters_pack_trains_and_ships_a_proposer(tmp_path):
+    from llmtags.cli import main
+    from llmtags.plan import adapter_defaults, resolved_adapter
+
+    adapter = tmp_path / "adapters" / "demo"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    (adapter / "llmtags.json").write_text(json.dumps({"format": 1, "template": {"spec": "tuned"}}), encoding="utf-8")
+    sample = tmp_path / "sample.jsonl"
+    sample.write_text("".join(json.dumps({"id": r.id, "text": r.text, "tags": r.tags}, ensure_ascii=False) + "\n"
+                              for r in synthetic(80)), encoding="utf-8")
+    assert main(["adapters", "pack", str(adapter), "--proposer", str(sample), "--proposer-folds", "3"]) == 0
+    meta = json.loads((adapter / "llmtags.json").read_text(encoding="utf-8"))["proposer"]
+    assert meta["records"] == 80 and meta["folds"] == 3 and meta["from"] == str(sample)
+    assert meta["in_fold"]["f1"] >= meta["out_of_fold"]["f1"] > 0.5
+    shipped = adapter_defaults(resolved_adapter(str(adapter)), Settings(adapter=str(adapter))).proposer
+    assert [p.tag for p in SpanProposer(shipped).propose(Record("t", "包邮小米新款耳机"))] == ["品牌:小米", "产品词:耳机"]
+
+
+def test_a_samples_proposer_is_trained_once_and_cached_by_its_content(tmp_path):
+    from llmtags.proposer import sample_proposer
+
+    said: list[str] = []
+    first = sample_proposer(synthetic(60), tmp_path, log=said.append)
+    assert len(said) == 1 and "60 labelled records" in said[0]
+    stamp = first.path.stat().st_mtime_ns
+    again = sample_proposer(synthetic(60), tmp_path, log=said.append)
+    assert again.path == first.path and again.path.stat().st_mtime_ns == stamp and len(said) == 1
+    other = sample_proposer(synthetic(60, seed=1), tmp_path, log=said.append)
+    assert other.path != first.path and len(said) == 2
+
+
+def test_training_examples_show_the_cross_fitted_proposals(tmp_path, qwen_tokenizer_dir):
+    from llmtags.models import load_tokenizer_only
+    from llmtags.train.examples import build_examples
+
+    records = synthetic(100)
+    records.append(Record("odd", "正品酒红新款眼霜", tags=["颜色:酒红", "产品词:眼霜"]))
+    fitted = CrossFitted.train(records, k=4, workdir=tmp_path / "folds")
+    tokenizer = load_tokenizer_only(str(qwen_tokenizer_dir))
+    examples = build_examples(records, tokenizer, "tuned", proposer=fitted)
+    odd = examples[-1]["prompt"]
+    shown = next(line for line in odd.splitlines() if line.startswith("识别: "))
+    assert shown == "识别: " + "; ".join(p.tag + ("?" if p.p < 0.5 else "") for p in fitted.propose(records[-1]))
+    assert "颜色:酒红" not in shown and "颜色:酒红" in [p.tag for p in fitted.in_fold(records[-1])]
+    assert examples[-1]["completion"].startswith("颜色:酒红\n产品词:眼霜")
+
+
+def test_eval_shows_the_crf_peer_beside_the_models_figures(zh_proposer, tmp_path, capsys):
+    from llmtags.cli import main
+    from llmtags.cli.eval import PEER_NAME
+
+    gold = [Record(f"g{i}", r.text, tags=r.tags) for i, r in enumerate(synthetic(20, seed=3))]
+    (tmp_path / "gold.jsonl").write_text("".join(json.dumps({"id": r.id, "text": r.text, "tags": r.tags},
+                                                            ensure_ascii=False) + "\n" for r in gold), encoding="utf-8")
+    # The "model" got the brands only.
+    (tmp_path / "pred.jsonl").write_text("".join(json.dumps({"id": r.id, "tags": r.tags[:1]}, ensure_ascii=False) + "\n"
+                                                 for r in gold), encoding="utf-8")
+    assert main(["eval", "--gold", str(tmp_path / "gold.jsonl"), "--pred", str(tmp_path / "pred.jsonl"),
+                 "--proposer", str(zh_proposer.path), "--report", str(tmp_path / "r.json"),
+                 "--html", str(tmp_path / "page.html")]) == 0
+    out = capsys.readouterr().out
+    assert "Peers on the same records" in out and PEER_NAME in out
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    crf = report["peers"][PEER_NAME]["typed"]["micro"]
+    assert report["raw"]["typed"]["micro"]["recall"] == 0.5 and crf["f1"] > 0.9
+    assert PEER_NAME in (tmp_path / "page.html").read_text(encoding="utf-8")
