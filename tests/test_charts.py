@@ -7,7 +7,7 @@ import re
 from xml.etree import ElementTree
 
 from llmtags.charts import attribute_f1_chart, variant_f1_chart
-from llmtags.pages import _page, page_title
+from llmtags.pages import _page, eval_page, page_title
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -32,5 +32,11 @@ def test_page_titles_name_the_file_not_the_machines_directories():
     assert page_title("/home/someone/data/dev.jsonl") == "dev.jsonl"
     assert page_title("C:\\Users\\x\\dev.jsonl") == "dev.jsonl"
     assert page_title("zh-taobao-ner dev") == "zh-taobao-ner dev"
-    page = _page("../shared/datasets/zh-taobao-ner/dev.jsonl", {}, [])
+    from llmtags.records import Record
+    from llmtags.report import EvalReport
+
+    report = EvalReport.from_records([Record("1", "耐克跑鞋", tags=["品牌:耐克"])], [["品牌:耐克"]], n_boot=10,
+                                     name="../shared/datasets/zh-taobao-ner/dev.jsonl")
+    page = eval_page(report)  # a report named by its data file: the title names the file only
     assert "<title>dev.jsonl</title>" in page and "shared/datasets" not in page.split("</h1>")[0]
+    assert "<title>a/b title</title>" in _page("a/b title", {}, [])  # a title the caller gave stays as it is

@@ -220,3 +220,17 @@ def test_another_catalogues_sample_brings_its_own_proposer_trained_once(root, tm
     assert again.options.proposer.path == plan.options.proposer.path
     assert "trained the span proposer" not in capsys.readouterr().err
     assert plan_run(settings.replace(no_proposer=True)).options.proposer is None
+
+
+def test_an_absent_or_altered_proposer_file_is_dropped_with_a_warning(root, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "adapters" / "zh-tuned"
+    shutil.copytree(root / "zh-tuned", copy)
+    settings = Settings(adapter="zh-tuned", adapters_root=str(tmp_path / "adapters"))
+    (copy / PROPOSER_FILE).write_bytes((copy / PROPOSER_FILE).read_bytes() + b"\0")
+    assert plan_run(settings).options.proposer is None
+    assert "sha256 differs" in capsys.readouterr().err
+    (copy / PROPOSER_FILE).unlink()
+    assert plan_run(settings).options.proposer is None
+    assert "is absent: tagging without it" in capsys.readouterr().err

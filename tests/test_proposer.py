@@ -169,7 +169,7 @@ def test_adapters_pack_trains_and_ships_a_proposer(tmp_path):
                               for r in synthetic(80)), encoding="utf-8")
     assert main(["adapters", "pack", str(adapter), "--proposer", str(sample), "--proposer-folds", "3"]) == 0
     meta = json.loads((adapter / "llmtags.json").read_text(encoding="utf-8"))["proposer"]
-    assert meta["records"] == 80 and meta["folds"] == 3 and meta["from"] == str(sample)
+    assert meta["texts"] == 80 and meta["folds"] == 3 and meta["from"] == str(sample)
     assert meta["in_fold"]["f1"] >= meta["out_of_fold"]["f1"] > 0.5
     shipped = adapter_defaults(resolved_adapter(str(adapter)), Settings(adapter=str(adapter))).proposer
     assert [p.tag for p in SpanProposer(shipped).propose(Record("t", "包邮小米新款耳机"))] == ["品牌:小米", "产品词:耳机"]
@@ -223,3 +223,33 @@ def test_eval_shows_the_crf_peer_beside_the_models_figures(zh_proposer, tmp_path
     crf = report["peers"][PEER_NAME]["typed"]["micro"]
     assert report["raw"]["typed"]["micro"]["recall"] == 0.5 and crf["f1"] > 0.9
     assert PEER_NAME in (tmp_path / "page.html").read_text(encoding="utf-8")
+
+
+def test_a_training_record_cut_for_its_prompt_still_gets_the_crf_that_never_saw_it(tmp_path):
+    """A text longer than max_text_chars is cut before prompting: the fold must come from the whole text,
+    or the record would fall back to the CRF trained on it."""
+    records = synthetic(80)
+    long = Record("long", "正品酒红新款眼霜" + "。" * 2100, tags=["颜色:酒红", "产品词:眼霜"])
+    fitted = CrossFitted.train([*records, long], k=4, workdir=tmp_path / "folds")
+    options = TaggingOptions(template="tuned", proposer=fitted)
+    parts = prompt_parts(long, options, training=True)
+    assert len(parts.record.text) == options.max_text_chars
+    assert "颜色:酒红" not in [p.tag for p in parts.proposals]
+    assert "颜色:酒红" in [p.tag for p in fitted.full.propose(parts.record)]
+
+
+def test_cross_fitting_survives_folds_without_data_and_a_dead_run_is_not_reused(tmp_path):
+    two = synthetic(2)
+    fitted = CrossFitted.train(two, k=5, workdir=tmp_path / "folds")  # at least 3 of 5 folds are empty
+    assert all(fitted.propose(r) == [] or fitted.folds[fold_of(r.text, 5)] is not None for r in two)
+    # Another run over other records dies half-way: its key is gone, so nothing of it is reused later.
+    (tmp_path / "folds" / "folds.json").write_text("{torn", encoding="utf-8")
+    again = CrossFitted.train(two, k=5, workdir=tmp_path / "folds")
+    assert again.propose(two[0]) == fitted.propose(two[0])
+    with pytest.raises(ValueError, match="labelled records"):
+        CrossFitted.train([Record("u", "无标签", tags=[])], k=2, workdir=tmp_path / "empty")
+
+
+def test_full_width_colons_and_line_breaks_in_values():
+    text = "理肤泉\n防晒霜"
+    assert bio_labels(text, ["品牌：理肤泉"], tokenize(text))[:3] == ["B-品牌", "I-品牌", "I-品牌"]

@@ -127,6 +127,11 @@ def test_settings_are_recorded_and_a_resume_with_other_settings_is_refused(tmp_p
         check_run_settings(out, {"template": "en"}, resume=True)
     (tmp_path / "old.jsonl").write_text("")
     check_run_settings(tmp_path / "old.jsonl", {"template": "en"}, resume=True)  # from before settings: as is
+    # A settings file from before an option existed resumes when the option is left off, not when it is set.
+    check_run_settings(out, {"template": "en"}, resume=False)
+    check_run_settings(out, {"template": "en", "no_proposer": False, "proposer": None}, resume=True)
+    with pytest.raises(SettingsMismatch, match="proposer: None then, 'p.crfsuite' now"):
+        check_run_settings(out, {"template": "en", "proposer": "p.crfsuite"}, resume=True)
     # An output in a folder that does not exist yet (`-o runs/new/out.jsonl`): the folder is made.
     assert check_run_settings(tmp_path / "new" / "out.jsonl", {"template": "en"}, resume=True).is_file()
 

@@ -89,7 +89,6 @@ def page_title(name: str) -> str:
 
 
 def _page(title: str, meta: dict[str, str], body: list[str], script: str = "") -> str:
-    title = page_title(title)
     meta_rows = "".join(f"<div>{esc(k)}: <code>{esc(v)}</code></div>" for k, v in meta.items() if v)
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -226,7 +225,7 @@ def eval_page(report: Any, *, title: str = "", meta: dict[str, str] | None = Non
     if report.candidate_recall is not None:
         body.append(f"<p>Candidate recall: {_f(report.candidate_recall)} of gold tags were offered.</p>")
     body += _attribute_section(report) + _reliability_section(report, confidences) + _worst_section(report, worst)
-    return _page(title or report.name or "llmtags eval", meta or {}, body)
+    return _page(title or page_title(report.name or "") or "llmtags eval", meta or {}, body)
 
 
 # --- the comparison page ----------------------------------------------------------------------------------

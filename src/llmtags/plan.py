@@ -26,7 +26,7 @@ from .candidates import candidate_finder, candidate_sources
 from .models import base_model_spec, cache_root, sha256_file
 from .options import Settings, TaggingOptions, check_shows_demos, normaliser_for, tagging_options
 from .prompts import PromptTemplate, template_choice
-from .proposer import FEATURES_VERSION, SpanProposer, sample_proposer
+from .proposer import FEATURES_VERSION, ProposerSettings, SpanProposer, sample_proposer
 from .records import load_labelled
 from .retrieve import load_pool
 from .vocab import Normaliser
@@ -118,6 +118,23 @@ def _absent(name: str, what: str, source: str, consequence: str) -> bool:
     return bool(missing)
 
 
+def _shipped_proposer(adapter: ResolvedAdapter) -> str | None:
+    """The adapter's own proposer file, or None with a warning where it is absent or not the file its
+    metadata recorded (crfsuite parses the file in C: only the recorded bytes are opened)."""
+    name = adapter.field("proposer.path", str, required=True)
+    path = adapter.path / name
+    if not path.is_file():
+        _say(f"warning: adapter {adapter.name} was trained with a span proposer, but {path} is absent: tagging "
+             f"without it; give --proposer MODEL, or llmtags adapters pack {adapter.name} --proposer LABELLED")
+        return None
+    recorded = adapter.field("proposer.sha256", str)
+    if recorded is not None and adapter.shipped_sha256.get(name, sha256_file(path)) != recorded:
+        _say(f"warning: {path} is not the span proposer adapter {adapter.name} recorded (sha256 differs): tagging "
+             "without it")
+        return None
+    return str(path)
+
+
 def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDefaults:
     """The template, candidates, retrieval and span proposer `adapter` was trained with, where `settings`
     leave them unset. A file absent here is dropped with a warning (the adapter still works, less well),
@@ -155,11 +172,17 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
             print(f"llmtags: warning: adapter {name}'s span proposer uses features version {features}, this llmtags "
                   f"computes {FEATURES_VERSION}: tagging without it; train it again with llmtags adapters pack "
                   f"{name} --proposer LABELLED", file=sys.stderr)
-        elif retrieving:  # another catalogue's sample: a CRF of its own
+        elif retrieving:  # another catalogue's sample: a CRF of its own, trained as the adapter's was
             records = [record for spec in candidate_sources(settings.demos) for record in load_labelled(spec)]
-            proposer = str(sample_proposer(records, cache_root() / "proposers", log=_say).path)
+            recorded = adapter.field("proposer.settings", dict) or {}
+            proposer_settings = ProposerSettings(**{k: v for k, v in recorded.items()
+                                                    if k in ProposerSettings.__dataclass_fields__})
+            try:
+                proposer = str(sample_proposer(records, cache_root() / "proposers", proposer_settings, log=_say).path)
+            except ValueError as exc:
+                _say(f"warning: no span proposer from {settings.demos} ({exc}): tagging without one")
         else:
-            proposer = _adapter_file(adapter.path, adapter.field("proposer.path", str, required=True))
+            proposer = _shipped_proposer(adapter)
     found = AdapterDefaults(template, source, demos, retrieve, proposer)
     if found.candidates or found.demos or found.proposer:
         print(f"llmtags: adapter {name}: " + "; ".join(

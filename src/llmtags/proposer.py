@@ -35,11 +35,14 @@ from typing import Any
 
 import pycrfsuite
 
-from .metrics import canonical
+from .metrics import canonical, split_tag
 from .records import Record
 from .spans import ValueIndex, is_cjk, is_word_char, value_key
 
 FEATURES_VERSION = 1  # bump when `token_features` changes: a saved model expects the features it was trained on
+# Bump when `tokenize`, `bio_labels` or `fold_of` change: cached fold models (`CrossFitted`) and sample
+# proposers (`sample_proposer`) made before are then trained again.
+FOLDS_VERSION = 1
 OUTSIDE = "O"
 
 
@@ -140,10 +143,10 @@ def bio_labels(text: str, tags: Sequence[Any], spans: Sequence[tuple[int, int]])
     by_key: dict[str, str] = {}
     for tag in tags:
         for form in _forms(tag):
-            attribute, sep, value = form.partition(":")
+            attribute, value = split_tag(form)  # ASCII or full-width colon, as the evaluator splits
             key = value_key(value)
-            if sep and attribute.strip() and key and key not in by_key:
-                by_key[key] = attribute.strip()
+            if attribute and key and key not in by_key:
+                by_key[key] = attribute
     labels = [OUTSIDE] * len(spans)
     if not by_key:
         return labels
@@ -223,8 +226,11 @@ class SpanProposer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        trainer.train(str(tmp))
-        os.replace(tmp, path)
+        try:
+            trainer.train(str(tmp))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return cls(path, settings)
 
     def propose_text(self, text: str, attributes: Sequence[str] | None = None) -> list[Proposal]:
@@ -241,7 +247,7 @@ class SpanProposer:
             if allowed is not None and canonical(attribute) not in allowed:
                 continue
             start, end = spans[first][0], spans[last][1]
-            value = text[start:end]
+            value = " ".join(text[start:end].split())  # one line, as tags are compared (offsets stay exact)
             p = min(self._tagger.marginal(labels[i], i) for i in range(first, last + 1))
             proposal = Proposal(f"{attribute}:{value}", attribute, value, start, end, round(float(p), 4))
             key = canonical(proposal.tag)
@@ -249,7 +255,9 @@ class SpanProposer:
                 best[key] = proposal
         return sorted(best.values(), key=lambda p: p.start)
 
-    def propose(self, record: Record) -> list[Proposal]:
+    def propose(self, record: Record, original: Record | None = None) -> list[Proposal]:
+        """The spans of `record` (as prompts see it: its text may be cut). `original` (the record before
+        it was cut) matters only to `CrossFitted`, which picks the fold by it."""
         return self.propose_text(record.text, record.schema)
 
 
@@ -259,7 +267,8 @@ def sample_proposer(records: Sequence[Record], cache_dir: str | Path,
     kept in `cache_dir` under the hash of the sample's texts and tags and the settings, so the next run
     of the same sample loads it in milliseconds."""
     labelled = [r for r in records if r.tags]
-    key = hashlib.sha256(f"{sha256_texts(labelled)}:{json.dumps(asdict(settings), sort_keys=True)}".encode())
+    key = hashlib.sha256(f"{sha256_texts(labelled)}:{json.dumps(asdict(settings), sort_keys=True)}:"
+                         f"{FOLDS_VERSION}".encode())
     path = Path(cache_dir) / f"{key.hexdigest()[:24]}.crfsuite"
     if path.is_file():
         return SpanProposer(path, settings)
@@ -289,7 +298,7 @@ class CrossFitted:
     `fold_of`); other records' from the CRF trained on all (`full`)."""
 
     full: SpanProposer
-    folds: list[SpanProposer]
+    folds: list[SpanProposer | None]  # None: no labelled record outside that fold
     seconds: float = 0.0  # training all k + 1 models (0 where reused)
     full_seconds: float = 0.0  # training `full` alone
     _texts: dict[str, int] = field(default_factory=dict)
@@ -303,11 +312,21 @@ class CrossFitted:
             raise ValueError(f"cross-fitting needs k >= 2 folds, not {k}")
         started = time.perf_counter()
         labelled = [r for r in records if r.tags]
+        if not labelled:
+            raise ValueError("the span proposer needs labelled records to train on")
         texts = {r.text: fold_of(r.text, k) for r in labelled}
         directory = Path(workdir or tempfile.mkdtemp(prefix="llmtags-folds-"))
-        key = {"records": sha256_texts(labelled), "k": k, "settings": asdict(settings)}
+        directory.mkdir(parents=True, exist_ok=True)
+        # Everything the models depend on: the records, the fold of each, the settings, the code's version.
+        key = {"records": sha256_texts(labelled), "folds": hashlib.sha256(json.dumps(sorted(texts.values())).encode())
+               .hexdigest(), "k": k, "settings": asdict(settings), "version": FOLDS_VERSION}
         key_file = directory / "folds.json"
-        reuse = key_file.is_file() and json.loads(key_file.read_text(encoding="utf-8")) == key
+        try:
+            reuse = json.loads(key_file.read_text(encoding="utf-8")) == key
+        except (OSError, ValueError):
+            reuse = False
+        if not reuse:  # a run of other records may have died half-way: none of its models may be reused
+            key_file.unlink(missing_ok=True)
 
         def model(path: Path, subset: list[Record]) -> SpanProposer:
             if reuse and path.is_file():
@@ -316,9 +335,11 @@ class CrossFitted:
 
         full = model(directory / "all.crfsuite", labelled)
         full_seconds = time.perf_counter() - started
-        folds = [model(directory / f"fold-{fold}.crfsuite", [r for r in labelled if texts[r.text] != fold])
-                 for fold in range(k)]
-        key_file.write_text(json.dumps(key), encoding="utf-8")
+        outside = [[r for r in labelled if texts[r.text] != fold] for fold in range(k)]
+        folds = [model(directory / f"fold-{fold}.crfsuite", rest) if rest else None for fold, rest in enumerate(outside)]
+        tmp = key_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(key), encoding="utf-8")
+        os.replace(tmp, key_file)
         return cls(full, folds, time.perf_counter() - started, full_seconds, texts)
 
     def quality(self, records: Sequence[Record]) -> dict[str, dict[str, float]]:
@@ -328,14 +349,20 @@ class CrossFitted:
         return {"in_fold": proposal_quality(labelled, [self.in_fold(r) for r in labelled]),
                 "out_of_fold": proposal_quality(labelled, [self.propose(r) for r in labelled])}
 
-    def propose(self, record: Record) -> list[Proposal]:
-        fold = self._texts.get(record.text)
-        return (self.full if fold is None else self.folds[fold]).propose(record)
+    def propose(self, record: Record, original: Record | None = None) -> list[Proposal]:
+        """`record`'s spans from the CRF of the other folds when it is a training record (found by the text
+        of `original`, the record before prompts cut its text; else by its own), else from `full`. A
+        fold whose complement held no labelled record has no CRF: its records get no proposals."""
+        fold = self._texts.get((original or record).text)
+        if fold is None:
+            return self.full.propose(record)
+        model = self.folds[fold]
+        return model.propose(record) if model is not None else []
 
     def shipped(self, records: Sequence[Record]) -> dict[str, Any]:
         """What an adapter records about its proposer (`adapters.pack.pack_adapter(proposer=...)`): the model
         file to ship, its settings, the records and folds it was trained on, and the cross-fitting gap."""
-        return {"model": self.full.path, "settings": asdict(self.full.settings), "records": len(self._texts),
+        return {"model": self.full.path, "settings": asdict(self.full.settings), "texts": len(self._texts),
                 "folds": len(self.folds), "train_seconds": round(self.full_seconds, 1), **self.quality(records)}
 
     def in_fold(self, record: Record) -> list[Proposal]:

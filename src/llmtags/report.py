@@ -135,7 +135,8 @@ class EvalReport:
         return peer
 
     def peer_rows(self) -> list[dict[str, Any]]:
-        """The raw-prediction rows of every peer, named by the peer."""
+        """The rows of every peer, named by the peer: strict and (where scored) the ExtractGPT protocol; the
+        values-only scoring is left to the peer's own report (`peers[name]`)."""
         return [{**row, "predictions": name} for name, peer in self.peers.items()
                 for row in peer.summary_rows() if row["scoring"] != "values"]
 

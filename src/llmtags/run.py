@@ -112,8 +112,10 @@ def check_run_settings(output: str | Path, settings: dict[str, Any], resume: boo
                                    "delete the output and its settings file to start over") from exc
         if not isinstance(earlier, dict):
             raise SettingsMismatch(f"cannot resume {output}: its settings file {path} does not hold an object")
+        # An option added since that run (absent from its file) and left off now changes nothing.
         changed = [f"{key}: {earlier.get(key)!r} then, {current.get(key)!r} now"
-                   for key in sorted(earlier.keys() | current.keys()) if earlier.get(key) != current.get(key)]
+                   for key in sorted(earlier.keys() | current.keys()) if earlier.get(key) != current.get(key)
+                   and not (key not in earlier and current.get(key) in (None, False))]
         if changed:
             raise SettingsMismatch(
                 f"cannot resume {output}: it was written with other settings ({'; '.join(changed)}); "

@@ -83,12 +83,14 @@ def prompt_candidates(record: Record, options: TaggingOptions, training: bool = 
     return list(options.candidates.tags(record.text, record.tags or () if training else (), record.schema))
 
 
-def prompt_proposals(record: Record, options: TaggingOptions) -> list[Proposal]:
-    """The span proposer's spans for `record` (proposer.py), limited to its schema. In training the
-    proposer is a `proposer.CrossFitted`, so a record never sees proposals from a CRF trained on it."""
+def prompt_proposals(ready: Record, original: Record, options: TaggingOptions) -> list[Proposal]:
+    """The span proposer's spans for `ready` (the record as `prompt_record` prepared it: its schema, its
+    text cut), limited to its schema. In training the proposer is a `proposer.CrossFitted`, which picks
+    the CRF that never saw the record by the text of `original`, so a cut text cannot fall back to one
+    that did."""
     if options.proposer is None:
         return []
-    return list(options.proposer.propose(record))
+    return list(options.proposer.propose(ready, original))
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ class PromptParts:
 def prompt_parts(record: Record, options: TaggingOptions, training: bool = False) -> PromptParts:
     ready = prompt_record(record, options)
     return PromptParts(ready, prompt_demos(record, options), prompt_candidates(ready, options, training),
-                       prompt_proposals(ready, options))
+                       prompt_proposals(ready, record, options))
 
 
 def render_parts(parts: PromptParts, tokenizer: Any, options: TaggingOptions) -> str:

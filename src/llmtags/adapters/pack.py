@@ -60,13 +60,6 @@ def pack_adapter(adapter_dir: str | Path, *, candidates: str | None = None, pool
     into `adapter_dir`, and record them in its metadata. Returns the updated metadata."""
     adapter_dir = Path(adapter_dir)
     meta = read_metadata(adapter_dir)
-    if proposer:
-        model = Path(proposer["model"])
-        tmp = adapter_dir / f".{PROPOSER_FILE}.tmp"
-        shutil.copyfile(model, tmp)
-        os.replace(tmp, adapter_dir / PROPOSER_FILE)
-        meta["proposer"] = {**{k: v for k, v in proposer.items() if k != "model"}, "path": PROPOSER_FILE,
-                            "sha256": sha256_file(adapter_dir / PROPOSER_FILE)}
     if candidates:
         vocab = load_candidate_vocabulary(candidates)
         vocab.save(adapter_dir / VOCABULARY_FILE)
@@ -81,5 +74,12 @@ def pack_adapter(adapter_dir: str | Path, *, candidates: str | None = None, pool
                              "sha256": sha256_file(adapter_dir / POOL_FILE), "from": pool}
     if licence:
         meta.setdefault("data", {})["shipped_files_licence"] = licence
+    if proposer:  # last: the steps above can still fail, and the file must match the metadata
+        model = Path(proposer["model"])
+        tmp = adapter_dir / f".{PROPOSER_FILE}.tmp"
+        shutil.copyfile(model, tmp)
+        os.replace(tmp, adapter_dir / PROPOSER_FILE)
+        meta["proposer"] = {**{k: v for k, v in proposer.items() if k != "model"}, "path": PROPOSER_FILE,
+                            "sha256": sha256_file(adapter_dir / PROPOSER_FILE)}
     write_metadata(adapter_dir, meta)
     return meta

@@ -117,7 +117,7 @@ def cmd_adapters_pack(args: argparse.Namespace) -> int:
     if args.demos:
         shipped.append(f"a pool of {meta['retrieval']['records']} records, {meta['retrieval']['k']} shown")
     if proposer:
-        shipped.append(f"a span proposer trained on {meta['proposer']['records']} records (out-of-fold F1 "
+        shipped.append(f"a span proposer trained on {meta['proposer']['texts']} labelled texts (out-of-fold F1 "
                        f"{meta['proposer']['out_of_fold']['f1']:.3f})")
     print(f"llmtags: {path} now ships {' and '.join(shipped)}", file=sys.stderr)
     return 0

@@ -52,8 +52,9 @@ _HYPERPARAMETER_FLAGS: list[tuple[str, dict[str, Any]]] = [
                  "of these labelled files (comma-joined; usually the training files), never itself; the adapter "
                  "ships the pool, and generate --adapter uses it"}),
     ("--retrieve", {"type": int, "metavar": "K", "help": "demonstrations retrieved per example (default 0: none)"}),
-    ("--proposer", {"choices": ["true", "false"], "help": "train the span proposer (a CRF) on the training records, "
-                     "show its spans in every prompt (k-fold cross-fitted in training) and ship it (default true)"}),
+    ("--span-proposer", {"choices": ["auto", "true", "false"], "help": "train the span proposer (a CRF) on the "
+                          "training records, show its spans in every prompt (k-fold cross-fitted in training) and ship "
+                          "it (auto, the default: when the template renders `proposals`, as tuned does)"}),
     ("--proposer-folds", {"type": int, "metavar": "K", "help": "folds of the proposer's cross-fitting (default 5)"}),
     ("--proposer-iterations", {"type": int, "metavar": "N", "help": "the proposer's training iterations (default 80)"}),
     ("--rename", {"type": float, "metavar": "P", "help": "share of examples whose attribute names are renamed "

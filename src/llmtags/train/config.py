@@ -39,8 +39,9 @@ class TrainConfig:
     rename: float = 0.0  # share of examples whose attributes are renamed (train/rename.py)
     # The span proposer (proposer.py): a CRF trained on the training records, whose spans every prompt
     # shows; training examples show those of a CRF trained on the other `proposer_folds` - 1 folds. The
-    # adapter ships the CRF trained on all of them, and generate --adapter uses it.
-    proposer: bool | str = True
+    # adapter ships the CRF trained on all of them, and generate --adapter uses it. auto: when the
+    # template renders `proposals` (tuned does; the zh/en defaults do not).
+    span_proposer: bool | str = "auto"
     proposer_folds: int = 5
     proposer_iterations: int = 80  # the CRF's L-BFGS iterations (proposer.ProposerSettings)
     rank: int = 16
@@ -117,7 +118,7 @@ class TrainConfig:
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
         self.qlora = _auto_or_bool(self.qlora, "qlora")
         self.fast = _auto_or_bool(self.fast, "fast")
-        self.proposer = bool(_auto_or_bool(self.proposer, "proposer"))
+        self.span_proposer = _auto_or_bool(self.span_proposer, "span_proposer")
         checks = [
             (self.rank > 0, "rank must be positive"),
             (self.alpha > 0, "alpha must be positive"),

@@ -7,9 +7,11 @@ it in. It is faster because:
 
 1. The frozen bottom layers run once. LoRA sits on layers `first..n-1` only (peft's `layers_to_transform`),
    so the hidden states entering layer `first` do not change during training (the frozen layers have no
-   dropout: Qwen2's attention_dropout is 0). They are computed once, without gradients, and kept as fp32
-   (in memory, or in a memory-mapped file under `cache_dir` when larger than `memory_budget_bytes`). Each
-   step then runs only the adapted layers, the final norm and the head.
+   dropout: Qwen2's attention_dropout is 0). They are computed once, without gradients, and kept as fp32:
+   with a `checkpoint_dir`, in a memory-mapped file there (`frozen/hidden-KEY.f32`, keyed by the model and
+   the examples' tokens), so a resumed run, in this session or a later one, maps it instead of computing it
+   again; else in memory, or in a memory-mapped file under `cache_dir` when larger than
+   `memory_budget_bytes`. Each step then runs only the adapted layers, the final norm and the head.
 2. The head runs only where there is loss: the (frozen, tied) LM head projects only the positions whose next
    token is a completion token, not every position of the padded batch.
 3. Batches hold examples of similar length (HF's `group_by_length` scheme: shuffled megabatches of 50

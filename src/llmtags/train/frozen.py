@@ -76,21 +76,26 @@ def run_layers(backbone: Any, hidden: Any, start: int, stop: int) -> Any:
 # --- the cache of frozen hidden states -----------------------------------------------------------------
 
 
+CACHE_VERSION = 1  # bump when `run_layers` or the layout of the cache file changes
+
+
 def cache_key(model: Any, examples: Sequence[dict[str, Sequence[int]]], first: int, bf16: bool) -> str:
-    """What the cached states depend on: the frozen layers' weights (by their shapes and a sample of their
-    values: the base model), the layer they enter, the autocast, and every example's tokens."""
+    """What the cached states depend on: the frozen layers' weights (shapes, dtypes and a sample of their
+    values: the base model), the model's config (rope, attention implementation, ...), the layer they
+    enter, the autocast, this code's version, and every example's tokens."""
     import hashlib
 
     import torch
 
     _, backbone, _ = decoder_parts(model)
-    digest = hashlib.sha256(f"{first}:{bf16}:{backbone.config.hidden_size}".encode())
+    digest = hashlib.sha256(f"{CACHE_VERSION}:{first}:{bf16}:{backbone.config.to_json_string()}:"
+                            f"{getattr(backbone.config, '_attn_implementation', None)}".encode())
     with torch.no_grad():
         frozen = [backbone.get_input_embeddings().weight, *[p for layer in backbone.layers[:first]
                                                              for p in layer.parameters()]]
         for weight in frozen:
             flat = weight.detach().reshape(-1)
-            digest.update(str(tuple(weight.shape)).encode())
+            digest.update(f"{tuple(weight.shape)}:{weight.dtype}".encode())
             digest.update(flat[:: max(flat.numel() // 4096, 1)].float().cpu().numpy().tobytes())
     for example in examples:
         digest.update(b"|" + ",".join(map(str, example["input_ids"])).encode())
@@ -99,7 +104,8 @@ def cache_key(model: Any, examples: Sequence[dict[str, Sequence[int]]], first: i
 
 class HiddenStateCache:
     """The fp32 hidden states entering layer `first` for every token of every example, packed end to end in
-    one (tokens, hidden) tensor: in memory, or mapped from a file (deleted as soon as it is mapped)."""
+    one (tokens, hidden) tensor: in memory, or mapped from a file. Without `persist_dir` the file is deleted
+    as soon as it is mapped; with it (the recipe passes the run's checkpoints), it is kept for a resume."""
 
     def __init__(self, store: Any, offsets: list[int], lengths: list[int], path: Path | None = None):
         self.store, self.offsets, self.lengths, self.path = store, offsets, lengths, path

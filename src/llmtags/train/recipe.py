@@ -234,7 +234,9 @@ def _prepare_run(
     template = template_choice(config.template)
     candidates = candidate_finder(config.candidates) if config.candidates else None
     pool = load_pool(config.demos) if config.retrieve else None
-    proposer = train_proposer(train_records, config, out) if config.proposer else None
+    if not any(r.tags is not None for r in train_records):
+        raise TrainError("no labelled training records (records need a 'tags' field)")
+    proposer = train_proposer(train_records, config, out) if wants_proposer(config, template) else None
     examples = tokenize_examples(build_examples(train_records, tokenizer, template, candidates, pool, config.retrieve,
                                                 config.rename, config.seed, proposer), tokenizer)
     if not examples:
@@ -268,6 +270,14 @@ def _prepare_run(
             trainer.add_callback(callback)
     return TrainingRun(trainer, config, out, resolved, tokenizer, template, device, qlora, dtype, layers, num_layers,
                        len(examples), truncated, progress_cb, eval_cb, fast, proposer)
+
+
+def wants_proposer(config: TrainConfig, template: str | PromptTemplate) -> bool:
+    """`span_proposer` auto: a proposer only where the template shows its spans (a default zh/en
+    template would ship a CRF that no prompt reads)."""
+    if config.span_proposer == "auto":
+        return isinstance(template, PromptTemplate) and "proposals" in template.source
+    return bool(config.span_proposer)
 
 
 def train_proposer(records: Sequence[Record], config: TrainConfig, out: Path) -> CrossFitted:
@@ -447,6 +457,11 @@ def train(
     config = run.config  # with a warm start, the LoRA shape is the starting adapter's
 
     best = _save_final_adapter(run)
+    frozen = sorted((out / CHECKPOINTS / "frozen").glob("hidden-*.f32"))
+    if frozen:
+        run.progress.write(f"the frozen layers' hidden states ({sum(f.stat().st_size for f in frozen) / 2**30:.1f} GiB) "
+                           f"stay in {frozen[0].parent} for a --resume; delete {out / CHECKPOINTS} once you no longer "
+                           "need one")
     losses = [(h["step"], float(h["loss"])) for h in state.log_history if "loss" in h]
     meta = build_metadata(
         resolved=run.resolved,
@@ -503,7 +518,7 @@ def _save_final_adapter(run: TrainingRun) -> dict[str, Any] | None:
 def _hyperparameters(run: TrainingRun, config: TrainConfig, state: Any) -> dict[str, Any]:
     hyperparameters = {
         **{k: v for k, v in dataclasses.asdict(config).items()
-           if k not in ("base_model", "template", "device", "candidates", "demos", "proposer", "proposer_folds",
+           if k not in ("base_model", "template", "device", "candidates", "demos", "span_proposer", "proposer_folds",
                          "proposer_iterations")},
         "layers_to_transform": run.layers,
         "num_hidden_layers": run.num_layers,
