@@ -35,7 +35,7 @@ from typing import Any
 
 import pycrfsuite
 
-from .metrics import canonical, split_tag
+from .metrics import canonical, score, split_tag
 from .records import Record
 from .spans import ValueIndex, is_cjk, is_word_char, value_key
 
@@ -371,16 +371,8 @@ class CrossFitted:
 
 
 def proposal_quality(records: Sequence[Record], proposals: Sequence[Sequence[Proposal]]) -> dict[str, float]:
-    """Micro precision, recall and F1 of proposals as tags against gold (an any-of group counts once)."""
-    tp = fp = fn = 0
-    for record, found in zip(records, proposals):
-        gold = [{canonical(f) for f in _forms(t)} for t in record.tags or ()]
-        predicted = {canonical(p.tag) for p in found}
-        matched = sum(1 for forms in gold if forms & predicted)
-        tp += matched
-        fn += len(gold) - matched
-        fp += len(predicted - set().union(*gold)) if gold else len(predicted)
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    """Micro precision, recall and F1 of proposals as tags against gold, scored as the evaluator scores tags
+    (`metrics.score`: an any-of group counts once)."""
+    micro = score([r.tags or [] for r in records], [[p.tag for p in found] for found in proposals]).micro
+    precision, recall, f1 = micro.precision, micro.recall, micro.f1
     return {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4)}
