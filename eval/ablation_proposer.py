@@ -20,19 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, ablation_parser, meta_lines, predictions_file, run_meta, split_paths, write_result
+from common import REPO, ablation_parser, generated, meta_lines, predictions_file, run_meta, split_paths, write_result
 
 from llmtags.adapters.pack import PROPOSER_FILE
 from llmtags.adapters.registry import resolve_adapter
 from llmtags.baselines import DictionaryTagger
-from llmtags.calibrate import read_scored_predictions
 from llmtags.metrics import paired_bootstrap
 from llmtags.models import cache_root
-from llmtags.options import Settings
 from llmtags.proposer import SpanProposer
 from llmtags.records import Record, load_labelled
 from llmtags.report import EvalReport
-from llmtags.run import generate_file
 
 # name -> changes to `llmtags generate --adapter`'s settings (the adapter's own are the defaults)
 VARIANTS = {
@@ -41,20 +38,6 @@ VARIANTS = {
     "adapter + CRF proposals": {"no_candidates": True},
     "adapter + both": {},
 }
-
-
-def generated(data: Path, out: Path, adapter: str, changes: dict[str, Any], limit: int) -> tuple[dict, float | None]:
-    """The predictions of one variant, and its tagging rate (None when they came from an earlier run
-    that left no rate)."""
-    rate_file = out.with_suffix(".rate.json")
-    summary = generate_file(str(data), str(out), Settings(adapter=adapter, **changes), limit=limit, resume=True)
-    if summary.interrupted:
-        sys.exit(f"generating {data} into {out} was interrupted")
-    if summary.tagged and not summary.resumed:
-        rate_file.write_text(json.dumps({"products_per_s": summary.products_per_second, "records": summary.tagged,
-                                         "prompt_tokens": summary.prompt_tokens, "new_tokens": summary.new_tokens}))
-    rate = json.loads(rate_file.read_text())["products_per_s"] if rate_file.is_file() else None
-    return read_scored_predictions(out), rate
 
 
 def row(name: str, records: list[Record], preds: list[list[str]], n_boot: int, rate: float | None,

@@ -85,6 +85,28 @@ def generate_predictions(data: Path, out: Path, adapter: str, changes: dict[str,
     return time.perf_counter() - started
 
 
+def generated(data: Path, out: Path, adapter: str, changes: dict[str, Any], limit: int) -> tuple[dict, float | None]:
+    """The predictions of one `llmtags generate --adapter ADAPTER` run with the setting `changes` (read by
+    `calibrate.read_scored_predictions`: id → (tags, confidences)), and its own tagging rate, model loading
+    excluded (None when the predictions came whole from an earlier run that left no rate). Resumes what an
+    earlier run left in `out`; the rate is kept beside it (`OUT.rate.json`)."""
+    from llmtags.calibrate import read_scored_predictions
+    from llmtags.options import Settings
+    from llmtags.run import generate_file
+
+    rate_file = out.with_suffix(".rate.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary = generate_file(str(data), str(out), Settings(adapter=adapter, **changes), limit=limit, resume=True)
+    if summary.interrupted:
+        sys.exit(f"generating {data} into {out} was interrupted")
+    if summary.tagged and not summary.resumed:
+        rate_file.write_text(json.dumps({"products_per_s": summary.products_per_second, "records": summary.tagged,
+                                         "prompt_tokens": summary.prompt_tokens, "new_tokens": summary.new_tokens,
+                                         "cascaded": summary.cascaded}))
+    rate = json.loads(rate_file.read_text())["products_per_s"] if rate_file.is_file() else None
+    return read_scored_predictions(out), rate
+
+
 def predictions_file(work: Path, split: str, variant: str, adapter: str) -> Path:
     """Where a variant's predictions live; the plain adapter run is shared by every script. The name
     holds the adapter's weights hash, so a retrained adapter starts a new file instead of resuming an
@@ -96,14 +118,14 @@ def predictions_file(work: Path, split: str, variant: str, adapter: str) -> Path
     return work / f"{split}-{slug}-{Path(adapter).name}-{weights}.jsonl"
 
 
-def ablation_parser(doc: str) -> Any:
-    """The arguments the ablation scripts share: which set and adapter, the data, where predictions
-    are kept (--work), the bootstrap and the output."""
+def ablation_parser(doc: str, set_name: str | None = None, adapter: str | None = None) -> Any:
+    """The arguments the ablation scripts share: which set and adapter (required unless given a default
+    here), the data, where predictions are kept (--work), the bootstrap and the output."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("--set", required=True)
-    parser.add_argument("--adapter", required=True)
+    parser.add_argument("--set", required=set_name is None, default=set_name)
+    parser.add_argument("--adapter", required=adapter is None, default=adapter)
     parser.add_argument("--data", type=Path, default=DATASETS)
     parser.add_argument("--work", type=Path)
     parser.add_argument("--n-boot", type=int, default=1000)

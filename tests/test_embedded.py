@@ -31,3 +31,39 @@ def test_embedded_model_tags_two_example_products(tmp_path, capsys, monkeypatch,
         assert all(":" in tag for tag in row["tags"]), row
         values = [tag.split(":", 1)[1] for tag in row["tags"]]
         assert any(v and v.lower() in texts[row["id"]].lower() for v in values), row
+
+
+# What a newcomer sees first: the README's main command over every example product. Attributes a
+# product must not get (from neighbours of other categories: a coffee's `Flavor` on jeans) and tags it
+# must get. Products of categories the adapters' data does not know are prompted with the catalogue's
+# core attributes plus those of really similar neighbours (retrieve.LEND_SIMILARITY).
+MUST_NOT_ATTRIBUTES = {
+    "en-003": {"Flavor", "Scent", "Age", "Caffeine content"},  # jeans
+    "en-004": {"Flavor", "Sport Type", "Scent"},  # a stand mixer
+    "en-006": {"Stove Type", "Flavor", "Scent", "Age"},  # a power bank
+    "en-008": {"Sport Type", "Sport", "Flavor", "Age"},  # a LEGO set
+    "en-002": {"Flavor", "Scent", "Stove Type"},  # a phone
+}
+MUST_NOT_TAGS = {"zh-002": {"型号:手机"}, "zh-003": {"产品词:Air", "产品词:Zoom", "产品词:Pegasus"}}
+MUST_TAGS = {"zh-003": {"品牌:耐克", "产品词:跑步鞋"}, "en-008": {"Brand:LEGO"}, "en-004": {"Brand:KitchenAid"},
+             "zh-001": {"品牌:理肤泉"}, "en-001": {"Brand:Diesel"}}
+
+
+def test_every_example_product_gets_sensible_tags(tmp_path, monkeypatch):
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", str(REPO / "examples" / "products.jsonl"), "--adapter-map", "adapters/by-language.toml",
+                 "-o", str(out), "-q"]) == 0
+    tags = {row["id"]: row["tags"] for row in map(json.loads, out.read_text(encoding="utf-8").splitlines())}
+    assert len(tags) == len((REPO / "examples" / "products.jsonl").read_text(encoding="utf-8").splitlines())
+    problems = []
+    for pid, found in tags.items():
+        attributes = {t.split(":", 1)[0] for t in found}
+        problems += [f"{pid}: {a} (must not)" for a in attributes & MUST_NOT_ATTRIBUTES.get(pid, set())]
+        problems += [f"{pid}: {t} (must not)" for t in set(found) & MUST_NOT_TAGS.get(pid, set())]
+        problems += [f"{pid}: {t} missing (in {found})" for t in MUST_TAGS.get(pid, set()) - set(found)]
+        if not found:
+            problems.append(f"{pid}: no tag")
+    assert not problems, problems

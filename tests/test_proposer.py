@@ -175,6 +175,26 @@ def test_adapters_pack_trains_and_ships_a_proposer(tmp_path):
     assert [p.tag for p in SpanProposer(shipped).propose(Record("t", "包邮小米新款耳机"))] == ["品牌:小米", "产品词:耳机"]
 
 
+def test_prompt_render_shows_what_an_adapter_prompts_with(zh_proposer, tmp_path, tiny_model_dir, capsys):
+    from llmtags.adapters.pack import pack_adapter
+    from llmtags.cli import main
+
+    adapter = tmp_path / "demo"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    (adapter / "llmtags.json").write_text(json.dumps({"format": 1, "template": {"spec": "tuned"}}), encoding="utf-8")
+    pack_adapter(adapter, proposer={"model": zh_proposer.path, "folds": 5})
+    assert main(["prompt", "render", "--text", "包邮小米新款耳机", "--adapter", str(adapter), "--base-model",
+                 str(tiny_model_dir)]) == 0
+    captured = capsys.readouterr()
+    assert "识别: 品牌:小米; 产品词:耳机" in captured.out and "template tuned" in captured.err
+    assert "proposer confidence" in captured.err
+    assert main(["prompt", "render", "--text", "包邮小米新款耳机", "--adapter", str(adapter), "--base-model",
+                 str(tiny_model_dir), "--no-proposer"]) == 0
+    assert "识别" not in capsys.readouterr().out
+
+
 def test_a_samples_proposer_is_trained_once_and_cached_by_its_content(tmp_path):
     from llmtags.proposer import sample_proposer
 
@@ -253,3 +273,68 @@ def test_cross_fitting_survives_folds_without_data_and_a_dead_run_is_not_reused(
 def test_full_width_colons_and_line_breaks_in_values():
     text = "理肤泉\n防晒霜"
     assert bio_labels(text, ["品牌：理肤泉"], tokenize(text))[:3] == ["B-品牌", "I-品牌", "I-品牌"]
+
+
+class EchoEngine:
+    """A model that answers every prompt with one fixed tag, and keeps the prompts it was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.prompts = tokenizer, []
+
+    def generate(self, prompts, max_new_tokens=64, batch_size=8, on_batch=None):
+        from llmtags.engines.base import Generation
+
+        self.prompts += prompts
+        if on_batch:
+            on_batch(len(prompts))
+        return [Generation("品牌:模型", 1, 3) for _ in prompts]
+
+
+def test_the_cascade_lets_the_proposer_alone_tag_the_records_it_is_sure_of(zh_proposer, qwen_tokenizer_dir):
+    from llmtags.models import load_tokenizer_only
+    from llmtags.run import RunSummary
+    from llmtags.tagger import tag_records
+
+    records = [Record(f"r{i}", r.text) for i, r in enumerate(synthetic(12, seed=5))]
+    records += [Record("odd", "Hello 世界 42 abc 兰"), Record("empty", "   ")]
+    confidence = {r.id: zh_proposer.read(r)[1] for r in records}
+    assert all(0.0 < c <= 1.0 for c in confidence.values()) and confidence["empty"] == 1.0  # nothing to label
+    threshold = sorted(confidence.values())[len(records) // 2]
+    engine = EchoEngine(load_tokenizer_only(str(qwen_tokenizer_dir)))
+    seen = []
+    results = list(tag_records(records, engine, TaggingOptions(template="tuned", proposer=zh_proposer, cascade=threshold,
+                                                              chunk_size=5, batch_size=2), on_batch=seen.append))
+    assert [r.record.id for r in results] == [r.id for r in records] and sum(seen) == len(records)
+    skipped = {r.id for r in records if confidence[r.id] >= threshold}
+    assert {r.record.id for r in results if r.by == "proposer"} == skipped and 0 < len(skipped) < len(records)
+    assert len(engine.prompts) == len(records) - len(skipped)
+    for result in results:
+        if result.by == "proposer":  # the CRF's spans, its marginals, their offsets; nothing generated
+            proposals = zh_proposer.propose(result.record)
+            assert result.tags == [p.tag for p in proposals] and result.raw == ""
+            assert result.confidences == [p.p for p in proposals]
+            assert result.evidence == [(p.start, p.end) for p in proposals]
+            assert result.to_json()["by"] == "proposer"
+        else:
+            assert result.tags == ["品牌:模型"] and "by" not in result.to_json()
+    summary = RunSummary()
+    for result in results:
+        summary.add(result)
+    assert summary.cascaded == len(skipped) and any("cascade" in line for line in summary.lines())
+    # Without the cascade, every record is generated.
+    engine.prompts = []
+    list(tag_records(records, engine, TaggingOptions(template="tuned", proposer=zh_proposer)))
+    assert len(engine.prompts) == len(records)
+
+
+def test_the_cascade_needs_a_proposer_and_a_threshold_in_range(zh_proposer):
+    from llmtags.options import OptionsError
+
+    assert tagging_options(Settings(proposer=str(zh_proposer.path), cascade=0.9)).cascade == 0.9
+    with pytest.raises(OptionsError, match="--cascade needs a span proposer"):
+        tagging_options(Settings(cascade=0.9))
+    with pytest.raises(OptionsError, match="--cascade needs a span proposer"):
+        tagging_options(Settings(proposer=str(zh_proposer.path), no_proposer=True, cascade=0.9))
+    for bad in (0.0, 1.5, -1):
+        with pytest.raises(OptionsError, match="--cascade"):
+            tagging_options(Settings(proposer=str(zh_proposer.path), cascade=bad))

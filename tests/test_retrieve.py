@@ -79,9 +79,17 @@ def test_a_record_without_schema_gets_its_categorys_or_its_neighbours_or_the_poo
     pool = DemoPool(EN_POOL)
     assert pool.schema_for(Record("q", "x", category="Tea")) == ["Brand", "Tea variety"]
     assert pool.schema_for(Record("q", "x", schema=["Size"])) == ["Size"]
-    # No category: the schemas of its nearest neighbours, which for a sneaker are the shoes'.
-    sneaker = pool.schema_for(Record("q", "Diesel sneaker high-top"))
-    assert sneaker[:3] == ["Brand", "Gender", "Shoe type"]
+    # A category the pool does not know: the catalogue-wide core (what most categories share), then the
+    # attributes of the neighbours that are really similar, which for a sneaker are the shoes'.
+    pool = DemoPool([*EN_POOL, Record("e4", "Ray-Ban Aviator Sunglasses Gold", category="Eyewear",
+                                      schema=["Brand", "Lens color"], tags=["Brand:Ray-Ban", "Lens color:Gold"]),
+                     Record("e5", "Lavazza Espresso Coffee Beans", category="Coffee", schema=["Brand", "Roast type"],
+                            tags=["Brand:Lavazza", "Roast type:Espresso"])])
+    assert pool.core_schema == ["Brand"]
+    assert pool.schema_for(Record("q", "Diesel sneaker high-top", category="Sneakers")) == ["Brand", "Gender", "Shoe type"]
+    # Nothing in the pool is like a LEGO set: no neighbour lends it a tea's or a coffee's attributes.
+    assert pool.schema_for(Record("q", "LEGO Star Wars Millennium Falcon Building Kit")) == ["Brand"]
+    assert "Tea variety" in pool.schema_for(Record("q", "LEGO Star Wars Kit"), lend_similarity=0.0)
     # A pool without categories is one catalogue: its attributes, the most used first.
     assert DemoPool(POOL).schema_for(Record("q", "无关")) == ["产品词", "品牌", "型号", "其他"]
 
@@ -304,3 +312,15 @@ def test_prompt_compare_and_eval_retrieve(tmp_path, tiny_model_dir, capsys):
     assert [v["template"] for v in json.loads((tmp_path / "c.json").read_text())["variants"]] == ["zh", "tuned"]
     assert main(["eval", *common, "--template", "tuned", "--report", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["n_records"] == 2
+
+
+def test_eval_warns_when_the_records_scored_are_in_the_demos_sample(capsys):
+    from llmtags.cli.eval import warn_overlap
+
+    pool = DemoPool(POOL)
+    warn_overlap([Record("a", POOL[0].text), Record("b", "别的商品")], pool, "sample.jsonl")
+    err = capsys.readouterr().err
+    assert "1 of the 2 records scored are in the --demos sample sample.jsonl (e.g. a)" in err
+    warn_overlap([Record("b", "别的商品")], pool, "sample.jsonl")
+    warn_overlap([Record("a", POOL[0].text)], None, None)
+    assert capsys.readouterr().err == ""

@@ -206,6 +206,31 @@ def test_resume_continues_from_the_last_checkpoint_and_keeps_the_best_adapter(ti
     assert json.loads((out / "adapter_config.json").read_text())["layers_to_transform"] == [1]
 
 
+@pytest.mark.parametrize("trainer", ["trl", "fast"])
+def test_a_signal_stops_after_the_step_and_still_writes_the_best_adapter(tiny_model_dir, short_template, tmp_path,
+                                                                         trainer):
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    class Terminate(TrainerCallback):  # as `kill PID` or Ctrl-C would, in the middle of step 2
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "stopped"
+    config = _config(tiny_model_dir, short_template, trainer, max_steps=6, save_every=4, eval_every=0, layers=1)
+    before = signal.getsignal(signal.SIGTERM)
+    result = train(RECORDS, RECORDS[:2], config, out, progress=False, callbacks=[Terminate()])
+    assert result.global_step == 2 and signal.getsignal(signal.SIGTERM) == before
+    assert [e["step"] for e in result.evals] == [2] and (out / "checkpoints" / "checkpoint-2").is_dir()
+    meta = json.loads((out / "llmtags.json").read_text())
+    assert meta["metrics"]["dev"]["step"] == 2 and (out / "adapter_model.safetensors").is_file()
+    # The run can go on from where it stopped.
+    assert train(RECORDS, RECORDS[:2], config, out, progress=False, resume=True).global_step == 6
+
+
 def test_qlora_trains_a_4bit_base_on_cuda(tiny_model_dir, short_template, tmp_path):
     import torch
 

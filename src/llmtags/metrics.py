@@ -69,7 +69,8 @@ def _key(tag: str, typed: bool) -> str:
     return canonical(tag) if typed else canonical_value(tag)
 
 
-def _forms(gold: GoldTag) -> list[str]:
+def gold_forms(gold: GoldTag) -> list[str]:
+    """The accepted forms of one gold tag: itself, or each form of an any-of group."""
     return [gold] if isinstance(gold, str) else list(gold)
 
 
@@ -163,7 +164,7 @@ def match_record(gold: Sequence[GoldTag], pred: Sequence[str], typed: bool = Tru
     groups: list[GoldTag] = []
     group_keys: list[frozenset[str]] = []
     for item in gold:
-        keys = frozenset(_key(form, typed) for form in _forms(item))
+        keys = frozenset(_key(form, typed) for form in gold_forms(item))
         if keys in group_keys:  # the same gold tag listed twice counts once
             continue
         groups.append(item)
@@ -180,7 +181,7 @@ def match_record(gold: Sequence[GoldTag], pred: Sequence[str], typed: bool = Tru
             counts.spurious.append(preds[p][1])
             continue
         matched_groups.add(g)
-        form = next(f for f in _forms(groups[g]) if _key(f, typed) == preds[p][0])
+        form = next(f for f in gold_forms(groups[g]) if _key(f, typed) == preds[p][0])
         counts.matched.append((form, preds[p][1]))
     counts.missed = [groups[g] for g in range(len(groups)) if g not in matched_groups]
     counts.tp = len(counts.matched)
@@ -206,14 +207,14 @@ def match_record_extractgpt(gold: Sequence[GoldTag], pred: Sequence[str], target
             first_guess.setdefault(attribute, tag)
     gold_by_attribute: dict[str, list[GoldTag]] = {}
     for item in gold:
-        attribute = split_tag(canonical(_forms(item)[0]))[0]
+        attribute = split_tag(canonical(gold_forms(item)[0]))[0]
         if attribute is not None:
             gold_by_attribute.setdefault(attribute, []).append(item)
     counts = RecordCounts()
     for target in dict.fromkeys(canonical(t) for t in targets):
         golds, guess = gold_by_attribute.get(target, []), first_guess.get(target)
         if guess is not None and golds:
-            right = next((f for g in golds for f in _forms(g) if canonical(f) == canonical(guess)), None)
+            right = next((f for g in golds for f in gold_forms(g) if canonical(f) == canonical(guess)), None)
             if right is not None:
                 counts.matched.append((right, guess))  # VC
             else:
@@ -304,7 +305,7 @@ def _attribute_rows(counts: Sequence[RecordCounts]) -> dict[str, PRF]:
         for gold_form, _ in c.matched:
             row(gold_form).add(tp=1)
         for group in c.missed:
-            row(_forms(group)[0]).add(fn=1)
+            row(gold_forms(group)[0]).add(fn=1)
     for c in counts:  # predictions last, so gold spellings label the rows
         for tag in c.spurious:
             row(tag).add(fp=1)

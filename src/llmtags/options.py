@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .budget import DEMO_VIEWS
 from .candidates import candidate_finder, load_candidate_vocabulary
 from .engines.base import MAX_NEW_TOKENS
 from .prompts import Demo, PromptTemplate, demos_from, template_choice
@@ -47,6 +48,11 @@ class TaggingOptions:
     # Product text beyond this many characters is cut before prompting: titles and the head of a
     # description carry the tags, and a 1 MB description must not blow up the model's context.
     max_text_chars: int = 2000
+    # The prompt budget for long texts (budget.py): neighbours shown whole or by their title ("title"),
+    # and a text longer than `text_budget` characters shown as its title plus the windows around its
+    # proposals and candidates (None: whole).
+    demo_text: str = "full"
+    text_budget: int | None = None
     candidates: Any = None  # a CandidateFinder: vocabulary entries found in the text go into the prompt
     # A span proposer (proposer.SpanProposer, or CrossFitted in training): its spans go into the prompt.
     proposer: Any = None
@@ -55,6 +61,9 @@ class TaggingOptions:
     constrain: str = "free"
     constrain_vocab: Vocabulary | None = None  # for "closed"
     min_confidence: float | None = None  # drop tags the model is less sure of (grounding.py)
+    # The cascade: a record whose labelling the span proposer is at least this sure of (its Viterbi
+    # path's probability) is tagged by the proposer alone, without generation (None: every record is generated).
+    cascade: float | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,8 @@ class Settings:
     template: str = "auto"
     demos: str | None = None  # a labelled file of demonstrations
     shots: int = 4  # without retrieve: the first `shots` demonstrations, the same for every record
+    demo_text: str = "full"  # retrieved neighbours shown "full" or by their "title" (budget.py)
+    text_budget: int | None = None  # characters: a longer text is shown as its title and windows (budget.py)
     retrieve: int | None = None  # K: each record is shown its K most similar demonstrations (None: unset)
     candidates: str | None = None  # a vocabulary or labelled file(s), comma-joined
     no_candidates: bool = False
@@ -86,6 +97,7 @@ class Settings:
     constrain: str = "free"
     constrain_vocab: str | None = None
     min_confidence: str | None = None  # a number in [0, 1], or "calibrated"
+    cascade: float | None = None  # P in (0, 1]: the proposer alone tags records it is this sure of
     # normalisation
     vocab: str | None = None
     policy: str = "open"
@@ -136,6 +148,17 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
     if settings.candidates and not settings.no_candidates:
         candidates = candidate_finder(settings.candidates)
     proposer = SpanProposer(settings.proposer) if settings.proposer and not settings.no_proposer else None
+    if settings.demo_text not in DEMO_VIEWS:
+        raise OptionsError(f"--demo-text: expected one of {', '.join(DEMO_VIEWS)}, got {settings.demo_text!r}")
+    if settings.text_budget is not None and settings.text_budget < 40:
+        raise OptionsError(f"--text-budget: {settings.text_budget} characters is too few to keep a title; give 40 or more")
+    if settings.cascade is not None:
+        if not 0.0 < settings.cascade <= 1.0:
+            raise OptionsError(f"--cascade: {settings.cascade} is not in (0, 1]: it is the proposer's confidence "
+                               "above which it tags a record alone")
+        if proposer is None and not settings.adapter_map:
+            raise OptionsError("--cascade needs a span proposer: an --adapter that ships one, --demos SAMPLE with such an "
+                               "adapter, or --proposer MODEL (and not --no-proposer)")
     constrain_vocab = None
     if settings.constrain == "closed":
         path = settings.constrain_vocab or settings.vocab
@@ -144,7 +167,8 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
         constrain_vocab = load_candidate_vocabulary(path)
     return TaggingOptions(template, demos, pool, retrieve, settings.max_new_tokens, settings.batch_size,
                           settings.chunk_size, candidates=candidates, proposer=proposer, constrain=settings.constrain,
-                          constrain_vocab=constrain_vocab, min_confidence=min_confidence(settings, calibration))
+                          constrain_vocab=constrain_vocab, min_confidence=min_confidence(settings, calibration),
+                          cascade=settings.cascade, demo_text=settings.demo_text, text_budget=settings.text_budget)
 
 
 def check_shows_demos(template: str | PromptTemplate) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .budget import demo_text
 from .records import GoldTag, Record
 
 PACKAGED = ("zh", "en", "few_shot", "tuned")
@@ -176,10 +177,10 @@ def template_for(record: Record, choice: str | PromptTemplate) -> PromptTemplate
     return load_template(choice)
 
 
-def demo_of(record: Record, max_chars: int = DEMO_MAX_CHARS) -> Demo:
-    """`record` as a demonstration: its text cut to `max_chars` (k long descriptions would otherwise
-    crowd the prompt), its gold tags in their first form."""
-    return Demo(record.text[:max_chars], [first_form(t) for t in record.tags or ()])
+def demo_of(record: Record, max_chars: int = DEMO_MAX_CHARS, view: str = "full") -> Demo:
+    """`record` as a demonstration: its text (its title alone with `view="title"`, budget.demo_text) cut
+    to `max_chars` (k long descriptions would otherwise crowd the prompt), its gold tags in their first form."""
+    return Demo(demo_text(record.text, view, max_chars), [first_form(t) for t in record.tags or ()])
 
 
 def demos_from(records: Sequence[Record], k: int, lang: str | None = None,

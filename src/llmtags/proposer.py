@@ -35,7 +35,7 @@ from typing import Any
 
 import pycrfsuite
 
-from .metrics import canonical, score, split_tag
+from .metrics import canonical, gold_forms, score, split_tag
 from .records import Record
 from .spans import ValueIndex, is_cjk, is_word_char, value_key
 
@@ -132,17 +132,13 @@ def token_features(text: str, spans: Sequence[tuple[int, int]]) -> list[list[str
     return rows
 
 
-def _forms(tag: Any) -> list[str]:
-    return [tag] if isinstance(tag, str) else list(tag)
-
-
 def bio_labels(text: str, tags: Sequence[Any], spans: Sequence[tuple[int, int]]) -> list[str]:
     """BIO labels of `text`'s tokens from gold `tags`: every occurrence of a gold value (any accepted form),
     longest first and without overlaps, labelled with its attribute. Values that do not start and end on
     token boundaries label nothing."""
     by_key: dict[str, str] = {}
     for tag in tags:
-        for form in _forms(tag):
+        for form in gold_forms(tag):
             attribute, value = split_tag(form)  # ASCII or full-width colon, as the evaluator splits
             key = value_key(value)
             if attribute and key and key not in by_key:
@@ -236,11 +232,18 @@ class SpanProposer:
     def propose_text(self, text: str, attributes: Sequence[str] | None = None) -> list[Proposal]:
         """The Viterbi spans of `text`, in text order, one per tag (the likelier where a tag repeats); with
         `attributes`, only spans of those attributes."""
+        return self.read_text(text, attributes)[0]
+
+    def read_text(self, text: str, attributes: Sequence[str] | None = None) -> tuple[list[Proposal], float]:
+        """`propose_text`, and the CRF's probability that its whole labelling of `text` is right (the
+        Viterbi path's probability: 1.0 for a text without tokens). The cascade (`--cascade P`) lets the
+        proposer alone tag a record whose labelling is at least that likely."""
         spans = tokenize(text)
         if not spans:
-            return []
+            return [], 1.0
         self._tagger.set(token_features(text, spans))
         labels = self._tagger.tag()
+        confidence = round(float(self._tagger.probability(labels)), 4)
         allowed = {canonical(a) for a in attributes} if attributes else None
         best: dict[str, Proposal] = {}
         for attribute, first, last in spans_of(labels):
@@ -253,12 +256,16 @@ class SpanProposer:
             key = canonical(proposal.tag)
             if key not in best or best[key].p < proposal.p:
                 best[key] = proposal
-        return sorted(best.values(), key=lambda p: p.start)
+        return sorted(best.values(), key=lambda p: p.start), confidence
 
     def propose(self, record: Record, original: Record | None = None) -> list[Proposal]:
         """The spans of `record` (as prompts see it: its text may be cut). `original` (the record before
         it was cut) matters only to `CrossFitted`, which picks the fold by it."""
         return self.propose_text(record.text, record.schema)
+
+    def read(self, record: Record) -> tuple[list[Proposal], float]:
+        """`propose` and the confidence of `read_text`, for tagging (not training: no folds here)."""
+        return self.read_text(record.text, record.schema)
 
 
 def sample_proposer(records: Sequence[Record], cache_dir: str | Path,
@@ -328,15 +335,14 @@ class CrossFitted:
         if not reuse:  # a run of other records may have died half-way: none of its models may be reused
             key_file.unlink(missing_ok=True)
 
-        def model(path: Path, subset: list[Record]) -> SpanProposer:
-            if reuse and path.is_file():
-                return SpanProposer(path, settings)
-            return SpanProposer.train(subset, path, settings)
-
-        full = model(directory / "all.crfsuite", labelled)
-        full_seconds = time.perf_counter() - started
         outside = [[r for r in labelled if texts[r.text] != fold] for fold in range(k)]
-        folds = [model(directory / f"fold-{fold}.crfsuite", rest) if rest else None for fold, rest in enumerate(outside)]
+        paths = [directory / "all.crfsuite", *(directory / f"fold-{fold}.crfsuite" for fold in range(k))]
+        subsets = [labelled, *outside]
+        todo = [i for i, (path, subset) in enumerate(zip(paths, subsets)) if subset and not (reuse and path.is_file())]
+        seconds = train_in_parallel([paths[i] for i in todo], [subsets[i] for i in todo], settings)
+        full_seconds = seconds[0] if todo and todo[0] == 0 else 0.0
+        full = SpanProposer(paths[0], settings)
+        folds = [SpanProposer(path, settings) if rest else None for path, rest in zip(paths[1:], outside)]
         tmp = key_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(key), encoding="utf-8")
         os.replace(tmp, key_file)
@@ -368,6 +374,29 @@ class CrossFitted:
     def in_fold(self, record: Record) -> list[Proposal]:
         """What the CRF trained on every record proposes: the leak cross-fitting avoids (for the report)."""
         return self.full.propose(record)
+
+
+def _train_one(path: Path, records: list[Record], settings: ProposerSettings) -> float:
+    started = time.perf_counter()
+    SpanProposer.train(records, path, settings)
+    return time.perf_counter() - started
+
+
+def train_in_parallel(paths: Sequence[Path], subsets: Sequence[list[Record]], settings: ProposerSettings,
+                      workers: int | None = None) -> list[float]:
+    """Train one CRF per (path, records) pair, as many at once as there are cores (crfsuite trains on one
+    core); returns each one's training seconds. Workers are spawned, not forked: the caller may be a
+    training process whose torch thread pools must not be copied."""
+    if not paths:
+        return []
+    workers = min(len(paths), workers or os.cpu_count() or 1)
+    if workers == 1:
+        return [_train_one(path, subset, settings) for path, subset in zip(paths, subsets)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_train_one, paths, subsets, [settings] * len(paths)))
 
 
 def proposal_quality(records: Sequence[Record], proposals: Sequence[Sequence[Proposal]]) -> dict[str, float]:

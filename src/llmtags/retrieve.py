@@ -7,8 +7,10 @@ lower-cased words for English. For one record:
 - the K best are returned least similar first, so the most similar sits nearest to the product.
 
 The pool also supplies a schema for records that have none (`schema_for`): the attribute list of the
-record's category in the pool (the pool's own list where it has no categories), else the attributes of
-its nearest neighbours.
+record's category in the pool (the pool's own list where it has no categories). A record whose category
+the pool does not know gets the pool's catalogue-wide core (the attributes most of its categories
+share: brand, colour, material, model, ...) and the attributes of those of its nearest neighbours that
+are really similar to it (`LEND_SIMILARITY`), so jeans do not get a coffee's `Flavor`.
 
 Building the index costs milliseconds per thousand titles, so it is built once per run, in memory, and
 shared between runs in one process by the pool's content hash (no cache on disk).
@@ -31,6 +33,13 @@ from .records import GoldTag, Record, load_labelled
 # Neighbours whose attributes make the schema of a record without category: more than the K shown, so
 # an attribute that only some similar products have is still named.
 SCHEMA_NEIGHBOURS = 10
+# A neighbour lends its attributes to a record of unknown category only when at least this similar
+# (`similarity`: Jaccard of their BM25 terms). Measured by eval/schema_for_unknown.py on en dev: the τ
+# whose schemas are most precise where the pool knows the category (0.70 of their attributes the
+# category's own, 0.97 of gold attributes named), and, where it does not, as precise as the core alone.
+LEND_SIMILARITY = 0.15
+# The catalogue-wide core: attributes in at least this share of the pool's categories.
+CORE_SHARE = 0.4
 
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
 _CJK_RE = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
@@ -76,6 +85,7 @@ class DemoPool:
         if not self.records:
             raise ValueError(f"demo pool {source or '(records)'} holds no labelled record")
         self._texts = [r.text for r in self.records]
+        self._terms = [frozenset(tokens(t)) for t in self._texts]
         self._categories = np.array([(r.category or "").casefold() for r in self.records], dtype=object)
         self._index = bm25s.BM25()
         self._index.index([tokens(t) for t in self._texts], show_progress=False)
@@ -84,6 +94,7 @@ class DemoPool:
         # most used first.
         counts = Counter(a for r in self.records for a in map(attribute_of, r.tags or ()) if a)
         self._pool_schema = [a for a, _ in counts.most_common()] if not self._category_schema else None
+        self.core_schema = core_attributes(list(self._category_schema.values()))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -103,6 +114,14 @@ class DemoPool:
 
     def ranked(self, record: Record, k: int) -> list[Record]:
         """The `k` most similar pool records, best first: same category before others, then BM25."""
+        return [self.records[i] for i in self._ranked(record, k)]
+
+    def neighbours(self, record: Record, k: int) -> list[tuple[Record, float]]:
+        """`ranked`, each with its `similarity` to `record`."""
+        terms = frozenset(tokens(record.text))
+        return [(self.records[i], similarity(terms, self._terms[i])) for i in self._ranked(record, k)]
+
+    def _ranked(self, record: Record, k: int) -> list[int]:
         if k <= 0:
             return []
         terms = tokens(record.text)
@@ -112,33 +131,47 @@ class DemoPool:
         # Sort by (same category, score), descending; ties keep pool order (stable).
         key = scores + (same * (scores.max() + 1.0) if same is not None else 0.0)
         order = np.argsort(-key, kind="stable")
-        chosen: list[Record] = []
+        chosen: list[int] = []
         for i in order:
             if self._texts[i] == record.text:
                 continue
-            chosen.append(self.records[i])
+            chosen.append(int(i))
             if len(chosen) == k:
                 break
         return chosen
 
-    def demos_for(self, record: Record, k: int) -> list[Demo]:
-        """The demonstrations for `record`: its `k` nearest pool records, the most similar last."""
-        return [demo_of(r) for r in reversed(self.ranked(record, k))]
+    def demos_for(self, record: Record, k: int, view: str = "full") -> list[Demo]:
+        """The demonstrations for `record`: its `k` nearest pool records, the most similar last, each
+        whole or by its title (`view`, budget.demo_text)."""
+        return [demo_of(r, view=view) for r in reversed(self.ranked(record, k))]
 
-    def schema_for(self, record: Record) -> list[str] | None:
+    def schema_for(self, record: Record, lend_similarity: float = LEND_SIMILARITY) -> list[str] | None:
         """The attribute names a record without a schema is prompted with: its category's in the pool;
-        in a pool without categories, the pool's; else those of its `SCHEMA_NEIGHBOURS` nearest
-        neighbours (their categories' schemas where they have them)."""
+        in a pool without categories, the pool's; else the pool's catalogue-wide core followed by the
+        attributes of those of its `SCHEMA_NEIGHBOURS` nearest neighbours at least `lend_similarity`
+        similar to it (their categories' schemas where they have them)."""
         if record.schema:
             return list(record.schema)
         if self._pool_schema is not None:
             return list(self._pool_schema)
         if record.category and record.category.casefold() in self._category_schema:
             return list(self._category_schema[record.category.casefold()])
-        lists = []
-        for neighbour in self.ranked(record, SCHEMA_NEIGHBOURS):
-            lists.append(neighbour.schema or [a for a in map(attribute_of, neighbour.tags or ()) if a])
+        lists = [self.core_schema]
+        for neighbour, alike in self.neighbours(record, SCHEMA_NEIGHBOURS):
+            if alike >= lend_similarity:
+                lists.append(neighbour.schema or [a for a in map(attribute_of, neighbour.tags or ()) if a])
         return _ordered_union(lists) or None
+
+
+def similarity(a: frozenset[str], b: frozenset[str]) -> float:
+    """Jaccard similarity of two texts' BM25 terms (`tokens`): 1.0 for the same words, 0.0 for none shared."""
+    return len(a & b) / len(a | b) if a or b else 0.0
+
+
+def core_attributes(schemas: Sequence[Sequence[str]], share: float = CORE_SHARE) -> list[str]:
+    """The attributes at least `share` of `schemas` (one per category) name, the most shared first."""
+    counts = Counter(a for schema in schemas for a in dict.fromkeys(schema))
+    return [a for a, n in counts.most_common() if n >= share * len(schemas)] if schemas else []
 
 
 def load_pool(spec: str) -> DemoPool:

@@ -40,6 +40,7 @@ class RunSummary:
     empty: int = 0  # records for which the model produced no tag
     truncated: int = 0  # records whose text was cut to TaggingOptions.max_text_chars
     resumed: int = 0  # records found done in the output of an earlier run, and skipped
+    cascaded: int = 0  # records the span proposer tagged alone (--cascade), without generation
     interrupted: bool = False
     prompt_tokens: int = 0
     new_tokens: int = 0
@@ -51,6 +52,7 @@ class RunSummary:
             self.dropped[reason] = self.dropped.get(reason, 0) + len(tags)
         self.tagged += 1
         self.empty += not result.tags
+        self.cascaded += result.by == "proposer"
         self.truncated += result.truncated
         self.prompt_tokens += result.prompt_tokens
         self.new_tokens += result.new_tokens
@@ -69,6 +71,9 @@ class RunSummary:
         if self.dropped:
             lines.append("dropped lines that are not tags: " + ", ".join(
                 f"{count} {reason.replace('_', ' ')}" for reason, count in sorted(self.dropped.items())))
+        if self.cascaded:
+            lines.append(f"cascade: the span proposer alone tagged {self.cascaded} of {self.tagged} records "
+                         f"({self.cascaded / self.tagged:.0%}); the model generated the rest")
         if self.resumed:
             lines.append(f"resumed: {self.resumed} records were already done")
         if self.interrupted:
@@ -112,10 +117,11 @@ def check_run_settings(output: str | Path, settings: dict[str, Any], resume: boo
                                    "delete the output and its settings file to start over") from exc
         if not isinstance(earlier, dict):
             raise SettingsMismatch(f"cannot resume {output}: its settings file {path} does not hold an object")
-        # An option added since that run (absent from its file) and left off now changes nothing.
+        # An option added since that run (absent from its file) and left at its default now changes nothing.
+        defaults = dataclasses.asdict(Settings())
         changed = [f"{key}: {earlier.get(key)!r} then, {current.get(key)!r} now"
                    for key in sorted(earlier.keys() | current.keys()) if earlier.get(key) != current.get(key)
-                   and not (key not in earlier and current.get(key) in (None, False))]
+                   and not (key not in earlier and current.get(key) in (None, False, defaults.get(key)))]
         if changed:
             raise SettingsMismatch(
                 f"cannot resume {output}: it was written with other settings ({'; '.join(changed)}); "

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .budget import value_spans, windowed
 from .constrain.spec import ConstraintSpec
 from .grounding import confidences_by_tag, evidence_spans, explain_lines
 from .hygiene import clean_tags
@@ -37,12 +38,15 @@ class TagResult:
     evidence: list[tuple[int, int] | None] = field(default_factory=list)
     below_confidence: list[str] = field(default_factory=list)  # tags dropped by min_confidence
     dropped: dict[str, list[str]] = field(default_factory=dict)  # lines dropped by hygiene.clean_tags, by reason
+    by: str = "model"  # "proposer": the cascade let the span proposer alone tag it (no generation)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.record.id, "text_hash": self.record.text_hash, "tags": self.tags,
                                "confidence": [None if c is None else round(c, 3) for c in self.confidences],
                                "evidence": [list(span) if span is not None else None for span in self.evidence],
                                "raw": self.raw}
+        if self.by != "model":
+            out["by"] = self.by
         if self.below_confidence:
             out["below_confidence"] = self.below_confidence
         if self.dropped:
@@ -71,7 +75,7 @@ def prompt_demos(record: Record, options: TaggingOptions) -> Sequence[Demo]:
     """The demonstrations `record` is shown: its nearest pool records with retrieval, else the fixed ones.
     Give the whole record, not the cut one, so the pool never offers the record its own answer."""
     if options.pool is not None and options.retrieve > 0:
-        return options.pool.demos_for(record, options.retrieve)
+        return options.pool.demos_for(record, options.retrieve, options.demo_text)
     return options.demos
 
 
@@ -83,14 +87,18 @@ def prompt_candidates(record: Record, options: TaggingOptions, training: bool = 
     return list(options.candidates.tags(record.text, record.tags or () if training else (), record.schema))
 
 
-def prompt_proposals(ready: Record, original: Record, options: TaggingOptions) -> list[Proposal]:
+def prompt_proposals(ready: Record, original: Record, options: TaggingOptions,
+                     training: bool = False) -> tuple[list[Proposal], float | None]:
     """The span proposer's spans for `ready` (the record as `prompt_record` prepared it: its schema, its
-    text cut), limited to its schema. In training the proposer is a `proposer.CrossFitted`, which picks
-    the CRF that never saw the record by the text of `original`, so a cut text cannot fall back to one
-    that did."""
+    text cut), limited to its schema, and (in tagging) its confidence in its whole labelling, which the
+    cascade reads. In training the proposer is a `proposer.CrossFitted`, which picks the CRF that never
+    saw the record by the text of `original`, so a cut text cannot fall back to one that did."""
     if options.proposer is None:
-        return []
-    return list(options.proposer.propose(ready, original))
+        return [], None
+    if training:
+        return list(options.proposer.propose(ready, original)), None
+    proposals, confidence = options.proposer.read(ready)
+    return list(proposals), confidence
 
 
 @dataclass(frozen=True)
@@ -103,12 +111,24 @@ class PromptParts:
     demos: Sequence[Demo]
     candidates: Sequence[str]
     proposals: Sequence[Proposal] = ()
+    # The proposer's probability that its labelling of the whole text is right (None: no proposer, or
+    # training); the cascade skips the model where it reaches `TaggingOptions.cascade`.
+    confidence: float | None = None
+
+    def cascaded(self, options: TaggingOptions) -> bool:
+        """Whether the proposer alone tags this record (`--cascade P`)."""
+        return options.cascade is not None and self.confidence is not None and self.confidence >= options.cascade
 
 
 def prompt_parts(record: Record, options: TaggingOptions, training: bool = False) -> PromptParts:
     ready = prompt_record(record, options)
-    return PromptParts(ready, prompt_demos(record, options), prompt_candidates(ready, options, training),
-                       prompt_proposals(ready, record, options))
+    proposals, confidence = prompt_proposals(ready, record, options, training)
+    candidates = prompt_candidates(ready, options, training)
+    if options.text_budget is not None and len(ready.text) > options.text_budget:
+        # Proposals and candidates come from the whole text; the model reads the windows around them.
+        found = [(p.start, p.end) for p in proposals] + value_spans(ready.text, [c.partition(":")[2] for c in candidates])
+        ready = replace(ready, text=windowed(ready.text, found, options.text_budget))
+    return PromptParts(ready, prompt_demos(record, options), candidates, proposals, confidence)
 
 
 def render_parts(parts: PromptParts, tokenizer: Any, options: TaggingOptions) -> str:
@@ -168,16 +188,22 @@ def tag_chunks(
     for chunk in chunked(records, options.chunk_size, first=options.batch_size):
         # Each record's parts once: retrieval (and the schema it gives) is not repeated per use.
         parts = [prompt_parts(record, options) for record in chunk]
-        prompts = [render_parts(p, engine.tokenizer, options) for p in parts]
-        constraints = [constraint_of(p.record, options) for p in parts]
+        results: list[TagResult | None] = [proposer_result(record, p, options, normaliser) if p.cascaded(options)
+                                           else None for record, p in zip(chunk, parts)]
+        if on_batch is not None and any(results):
+            on_batch(sum(r is not None for r in results))
+        todo = [i for i, result in enumerate(results) if result is None]
+        prompts = [render_parts(parts[i], engine.tokenizer, options) for i in todo]
+        constraints = [constraint_of(parts[i].record, options) for i in todo]
         # Engines without constrained decoding still serve unconstrained runs.
         kwargs = {"constraints": constraints} if any(c is not None for c in constraints) else {}
         generations = engine.generate(
             prompts, max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, on_batch=on_batch,
             **kwargs,
-        )
-        yield [to_result(record, generation, options, normaliser, schema=p.record.schema)
-               for record, p, generation in zip(chunk, parts, generations)]
+        ) if todo else []
+        for i, generation in zip(todo, generations):
+            results[i] = to_result(chunk[i], generation, options, normaliser, schema=parts[i].record.schema)
+        yield results  # type: ignore[misc]  # every slot is filled
 
 
 def tag_records(
@@ -200,13 +226,29 @@ def to_result(record: Record, generation: Any, options: TaggingOptions, normalis
     kept, dropped = clean_tags([p.tag for p in parsed], schema if schema is not None else record.schema)
     result = TagResult(record, kept, generation.text, generation.prompt_tokens,
                        generation.new_tokens, truncated=len(record.text) > options.max_text_chars, dropped=dropped)
-    sources = list(kept)
+    return _finish(result, by_raw, options, normaliser)
+
+
+def proposer_result(record: Record, parts: PromptParts, options: TaggingOptions, normaliser: Any = None) -> TagResult:
+    """The cascade's result for a record the proposer is confident of: its proposals as the tags, their
+    marginals as confidences, cleaned and normalised as the model's tags would be."""
+    kept, dropped = clean_tags([p.tag for p in parts.proposals], parts.record.schema)
+    result = TagResult(record, kept, "", truncated=len(record.text) > options.max_text_chars, dropped=dropped,
+                       by="proposer")
+    return _finish(result, {p.tag: p.p for p in parts.proposals}, options, normaliser)
+
+
+def _finish(result: TagResult, confidence_of: dict[str, float | None], options: TaggingOptions,
+            normaliser: Any) -> TagResult:
+    """Normalise `result.tags`, drop those below `options.min_confidence` and ground the rest; a tag's
+    confidence is that of the line (`confidence_of`) it came from."""
+    sources = list(result.tags)
     if normaliser is not None:
         normalised = normaliser.normalise(result.tags)
         kept_tags = [n for n in normalised if n.kept]
         result.tags, sources = [n.tag for n in kept_tags], [n.source for n in kept_tags]
         result.details = [n.to_json() for n in normalised]
-    confidences = [by_raw.get(source) for source in sources]
+    confidences = [confidence_of.get(source) for source in sources]
     if options.min_confidence is not None:
         keep = [c is None or c >= options.min_confidence for c in confidences]
         result.below_confidence = [t for t, k in zip(result.tags, keep) if not k]
@@ -214,5 +256,5 @@ def to_result(record: Record, generation: Any, options: TaggingOptions, normalis
         sources = [s for s, k in zip(sources, keep) if k]
         confidences = [c for c, k in zip(confidences, keep) if k]
     result.confidences = confidences
-    result.evidence = evidence_spans(record.text, result.tags, sources)
+    result.evidence = evidence_spans(result.record.text, result.tags, sources)
     return result

@@ -105,6 +105,12 @@ def add_prompt(p: argparse.ArgumentParser, template: bool = True) -> None:
                    "(default: the adapter's own)")
     p.add_argument("--no-proposer", action="store_true",
                    help="show no proposer spans, even where the adapter ships a proposer")
+    p.add_argument("--demo-text", choices=["full", "title"], default=DEFAULTS.demo_text,
+                   help="retrieved neighbours shown whole or by their title (first line) only, with all their tags "
+                   f"(default {DEFAULTS.demo_text})")
+    p.add_argument("--text-budget", type=int, metavar="CHARS", default=DEFAULTS.text_budget,
+                   help="show a text longer than CHARS as its title plus the windows around the proposer's spans and the "
+                   "candidates found in it (default: whole, up to 2,000 characters)")
 
 
 def add_generation(p: argparse.ArgumentParser) -> None:
@@ -121,6 +127,10 @@ def add_generation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-confidence", metavar="P",
                    help="drop tags whose confidence is below P (0-1), or 'calibrated': the threshold "
                    "`llmtags calibrate` stored in the --adapter; dropped tags are listed as below_confidence")
+    p.add_argument("--cascade", type=float, metavar="P",
+                   help="let the span proposer alone tag the records whose labelling it is at least P sure of "
+                   "(0-1; its CRF's probability of the whole labelling) and generate only the rest: faster on large "
+                   "catalogues (eval/cascade_*.md measures what each P costs); such records are marked \"by\": \"proposer\"")
 
 
 def add_vocab(p: argparse.ArgumentParser) -> None:

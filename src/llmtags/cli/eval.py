@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,19 @@ from .common import (
     open_output,
     settings_from,
 )
+
+
+def warn_overlap(records: list[Any], pool: Any, source: str | None) -> None:
+    """Scores on records the --demos sample holds are optimistic: its proposer and candidates were trained
+    on their gold tags (retrieval already never shows a record its own text)."""
+    if pool is None or not source:
+        return
+    texts = {r.text for r in pool.records}
+    inside = [r.id for r in records if r.text in texts]
+    if inside:
+        print(f"llmtags: warning: {len(inside)} of the {len(records)} records scored are in the --demos sample "
+              f"{source} (e.g. {', '.join(map(str, inside[:3]))}): its span proposer and candidates saw their tags, so "
+              "these scores are optimistic; score on records outside the sample", file=sys.stderr)
 
 
 def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
@@ -87,6 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # Planned as `generate` plans: with --adapter, its template, candidates, pool and proposer.
         plan = plan_run(settings)
         settings = plan.settings
+        warn_overlap(records, plan.options.pool, settings.demos)
         report, results = generate_and_score(records, plan_engine(plan), plan.options, plan.normaliser, args.data,
                                              progress=not args.quiet, protocol=args.protocol)
         confidences = [r.confidences for r in results]

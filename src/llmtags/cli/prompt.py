@@ -12,12 +12,11 @@ from typing import Any
 
 from ..evaluate import compare_templates, labelled_records, plan_engine
 from ..models import load_tokenizer_only
-from ..options import tagging_options
 from ..pages import compare_page, run_meta, write_page
 from ..plan import plan_run
 from ..prompts import load_template, template_for
 from ..records import Record, RecordError, clean_text, read_records
-from ..tagger import build_prompt
+from ..tagger import build_prompt, prompt_parts, render_parts
 from .common import (
     CliError,
     add_adapter_options,
@@ -42,6 +41,7 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
     p.add_argument("--text", help="render this product text instead of reading a file")
     p.add_argument("--base-model")
     add_prompt(p)
+    add_adapter_options(p, adapter_map=False)
     p.set_defaults(func=cmd_prompt_render)
     render = p
 
@@ -79,12 +79,16 @@ def _record_to_render(args: argparse.Namespace) -> Record:
 
 def cmd_prompt_render(args: argparse.Namespace) -> int:
     record = _record_to_render(args)
-    options = tagging_options(settings_from(args))
-    tokenizer = load_tokenizer_only(args.base_model)
-    prompt = build_prompt(record, tokenizer, options)
-    template = template_for(record, options.template)
+    # Planned as `generate` plans: an --adapter brings its template, candidates, pool and proposer.
+    plan = plan_run(settings_from(args))
+    options = plan.options
+    tokenizer = load_tokenizer_only(plan.base_model)
+    parts = prompt_parts(record, options)
+    prompt = render_parts(parts, tokenizer, options)
+    template = template_for(parts.record, options.template)
+    confidence = f", proposer confidence {parts.confidence:.3f}" if parts.confidence is not None else ""
     print(f"# record {record.id}, template {template.name} (sha256 {template.sha256[:12]}), "
-          f"{len(tokenizer(prompt, add_special_tokens=False)['input_ids'])} tokens", file=sys.stderr)
+          f"{len(tokenizer(prompt, add_special_tokens=False)['input_ids'])} tokens{confidence}", file=sys.stderr)
     sys.stdout.write(prompt)
     if record.tags:
         print(f"# training target:\n{template.answer(record.tags)}", file=sys.stderr)

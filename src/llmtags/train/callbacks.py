@@ -135,10 +135,57 @@ class _GenerationEval:
         return entry
 
 
+class _StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM while training: finish the step in flight, save a checkpoint, and end as
+    a run that reached its last step ends (a dev evaluation, then the best adapter so far written with its
+    metadata), so stopping a long run early still gives an adapter. A second signal stops at once."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, progress: Any):
+        self.progress = progress
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for name in self.SIGNALS:
+            number = getattr(signal, name)
+            self._previous[number] = signal.signal(number, self.request)
+
+    def request(self, signum: int, frame: Any) -> None:
+        if self.requested:  # the second signal: stop now, as without this callback
+            self._restore()
+            raise KeyboardInterrupt
+        self.requested = True
+        self.progress.write("llmtags: stopping after this step: a checkpoint, a dev evaluation, then the best adapter "
+                            "so far is written (signal again to stop at once; --resume continues the run)")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_training_stop = True
+            control.should_save = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore()
+
+    def _restore(self) -> None:
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+
 @functools.cache
 def callback_classes() -> dict[str, type]:
     """The callbacks as transformers `TrainerCallback`s (whose no-op methods fill the other events)."""
     from transformers import TrainerCallback
 
     return {"LossProgress": type("LossProgress", (_LossProgress, TrainerCallback), {}),
-            "GenerationEval": type("GenerationEval", (_GenerationEval, TrainerCallback), {})}
+            "GenerationEval": type("GenerationEval", (_GenerationEval, TrainerCallback), {}),
+            "StopOnSignal": type("StopOnSignal", (_StopOnSignal, TrainerCallback), {})}

@@ -264,8 +264,10 @@ def _prepare_run(
     else:
         trainer = _trl_trainer(model, examples, config, layers, out, tokenizer,
                                bf16=dtype == torch.bfloat16 or qlora, use_cpu=device == "cpu")
-    # The progress bar first (evaluation notes go on it), then evaluation, then the caller's callbacks.
-    for callback in [progress_cb, eval_cb, *callbacks]:
+    # The progress bar first (evaluation notes go on it), then evaluation, the stop on a signal, then the
+    # caller's callbacks.
+    stop_cb = callback_classes()["StopOnSignal"](progress_cb)
+    for callback in [progress_cb, eval_cb, stop_cb, *callbacks]:
         if callback is not None:
             trainer.add_callback(callback)
     return TrainingRun(trainer, config, out, resolved, tokenizer, template, device, qlora, dtype, layers, num_layers,
