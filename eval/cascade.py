@@ -48,23 +48,33 @@ def calibration(records: list[Record], parts: list[Any]) -> list[dict[str, Any]]
     return rows
 
 
+def setting(text: str) -> tuple[str, Any]:
+    """`--option max_new_tokens=128` → ("max_new_tokens", 128): a `Settings` field and its value."""
+    key, _, value = text.partition("=")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except ValueError:
+        return key.replace("-", "_"), value
+
+
 def run(args: Any) -> dict[str, Any]:
     paths = split_paths(args.data, args.set, args.split)
     if paths is None:
         sys.exit(0)
     data_path = paths[0]
     records = [r for r in load_labelled(data_path) if r.tags is not None][: args.limit]
-    base = {"demos": str(args.demos)} if args.demos else {}
+    base = {**({"demos": str(args.demos)} if args.demos else {}), **dict(map(setting, args.option))}
     plan = plan_run(Settings(adapter=args.adapter, **base))
     if plan.options.proposer is None:
         sys.exit(f"adapter {args.adapter} brings no span proposer: the cascade needs one")
     parts = [prompt_parts(r, plan.options) for r in records]
     work = args.work or REPO.parent / "runs" / "eval" / args.set
+    label = "-".join(f"{k}{v}" for k, v in sorted(base.items()) if k != "demos") + ("demos" if args.demos else "own")
     thresholds = [None, *(float(t) for t in args.thresholds.split(","))]
     rows, full_preds = [], None
     for threshold in thresholds:
         changes = {**base, **({"cascade": threshold} if threshold is not None else {})}
-        file = predictions_file(work, args.split, f"cascade-{threshold}-{'demos' if args.demos else 'own'}", args.adapter)
+        file = predictions_file(work, args.split, f"cascade-{threshold}-{label}", args.adapter)
         found, rate = generated(data_path, file, args.adapter, changes, args.limit)
         preds = [found.get(r.id, ([], []))[0] for r in records]
         report = EvalReport.from_records(records, preds, name=str(threshold), n_boot=args.n_boot)
@@ -84,12 +94,14 @@ def run(args: Any) -> dict[str, Any]:
     crf = [[p.tag for p in part.proposals] for part in parts]
     crf_report = EvalReport.from_records(records, crf, name="CRF", n_boot=args.n_boot).scores("raw", "typed").micro
     return {"set": args.set, "split": args.split, "adapter": args.adapter, "demos": str(args.demos or ""),
+            "settings": {k: v for k, v in base.items() if k != "demos"},
             "records": len(records), "rows": rows, "crf_f1": crf_report.f1, "calibration": calibration(records, parts),
             "meta": run_meta()}
 
 
 def markdown(result: dict[str, Any]) -> str:
     sample = f", sample {result['demos']}" if result["demos"] else ""
+    sample += "".join(f", {k}={v}" for k, v in result.get("settings", {}).items())
     lines = [f"# The cascade on {result['set']} {result['split']} ({result['adapter']} adapter{sample})", "",
              *meta_lines(result["meta"]),
              f"- records: the first {result['records']} {result['split']} records; strict typed micro P/R/F1, 95% "
@@ -122,6 +134,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--thresholds", default="0.95,0.9,0.8,0.7,0.5")
     parser.add_argument("--demos", type=Path, help="a new catalogue's labelled sample (workflow (a))")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="another generate setting for every run, e.g. demo_text=title (repeatable)")
     args = parser.parse_args()
     result = run(args)
     write_result(args.out or REPO / "eval" / f"cascade_{args.set.replace('-', '_')}", result, markdown(result))

@@ -102,7 +102,7 @@ def generated(data: Path, out: Path, adapter: str, changes: dict[str, Any], limi
     if summary.tagged and not summary.resumed:
         rate_file.write_text(json.dumps({"products_per_s": summary.products_per_second, "records": summary.tagged,
                                          "prompt_tokens": summary.prompt_tokens, "new_tokens": summary.new_tokens,
-                                         "cascaded": summary.cascaded}))
+                                         "cascaded": summary.cascaded, "cut": summary.cut}))
     rate = json.loads(rate_file.read_text())["products_per_s"] if rate_file.is_file() else None
     return read_scored_predictions(out), rate
 

@@ -23,6 +23,8 @@ VARIANTS = {
     "whole texts (neighbours up to 300 characters)": {},
     "neighbours by title": {"demo_text": "title"},
     "neighbours by title, text cut to 400 characters of title + windows": {"demo_text": "title", "text_budget": 400},
+    "neighbours by title, text cut to 400, up to 128 new tokens": {"demo_text": "title", "text_budget": 400,
+                                                                   "max_new_tokens": 128},
 }
 
 
@@ -34,7 +36,8 @@ def run(args: Any) -> dict[str, Any]:
     records = [r for r in load_labelled(test) if r.tags is not None][: args.limit]
     work = args.work or REPO.parent / "runs" / "eval" / args.set
     rows = []
-    for name, changes in VARIANTS.items():
+    chosen = [v.strip() for v in args.variants.split(",")] if args.variants else list(VARIANTS)
+    for name, changes in ((n, VARIANTS[n]) for n in chosen):
         file = predictions_file(work, "test", f"long-{name[:40]}", args.adapter)
         found, rate = generated(test, file, args.adapter, {"demos": str(sample), **changes}, args.limit)
         preds = [found.get(r.id, ([], []))[0] for r in records]
@@ -44,7 +47,8 @@ def run(args: Any) -> dict[str, Any]:
         rows.append({"variant": name, "settings": changes, "precision": micro.precision, "recall": micro.recall,
                      "f1": micro.f1, "f1_ci95": list(report.ci95("raw", "typed")), "products_per_s": rate,
                      "prompt_tokens": rate_info.get("prompt_tokens", 0) / max(rate_info.get("records", 1), 1),
-                     "new_tokens": rate_info.get("new_tokens", 0) / max(rate_info.get("records", 1), 1)})
+                     "new_tokens": rate_info.get("new_tokens", 0) / max(rate_info.get("records", 1), 1),
+                     "cut": rate_info.get("cut")})
         print(f"{name}: F1 {micro.f1:.3f}, {rate} products/s", file=sys.stderr)
     return {"set": args.set, "adapter": args.adapter, "sample": str(sample), "records": len(records), "rows": rows,
             "meta": run_meta()}
@@ -57,19 +61,20 @@ def markdown(result: dict[str, Any]) -> str:
              "candidates, span proposer); strict typed micro P/R/F1, 95% interval by bootstrap over records",
              "- products/s: each variant's own `generate` run (model loading excluded), llama.cpp, 2 threads; "
              "tokens: means per product", "",
-             "| variant | P | R | F1 | 95% CI | prompt tokens | new tokens | products/s |",
-             "|---|---:|---:|---:|---|---:|---:|---:|"]
+             "| variant | P | R | F1 | 95% CI | prompt tokens | new tokens | answers cut | products/s |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
         rate = f"{r['products_per_s']:.2f}" if r["products_per_s"] else "–"
         lines.append(f"| {r['variant']} | {r['precision']:.3f} | {r['recall']:.3f} | **{r['f1']:.3f}** | "
                      f"{r['f1_ci95'][0]:.3f}–{r['f1_ci95'][1]:.3f} | {r['prompt_tokens']:.0f} | {r['new_tokens']:.1f} | "
-                     f"{rate} |")
+                     f"{r['cut'] if r['cut'] is not None else '–'} | {rate} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = ablation_parser(__doc__, "en-wdc-pave", "en-products")
     parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--variants", help=f"comma-joined names of the variants to run (default all: {list(VARIANTS)})")
     args = parser.parse_args()
     result = run(args)
     write_result(args.out or REPO / "eval" / f"long_text_{args.set.replace('-', '_')}", result, markdown(result))

@@ -298,14 +298,15 @@ def test_the_cascade_lets_the_proposer_alone_tag_the_records_it_is_sure_of(zh_pr
     records = [Record(f"r{i}", r.text) for i, r in enumerate(synthetic(12, seed=5))]
     records += [Record("odd", "Hello 世界 42 abc 兰"), Record("empty", "   ")]
     confidence = {r.id: zh_proposer.read(r)[1] for r in records}
-    assert all(0.0 < c <= 1.0 for c in confidence.values()) and confidence["empty"] == 1.0  # nothing to label
+    assert confidence.pop("empty") is None  # nothing to label: nothing the CRF can vouch for
+    assert all(0.0 < c <= 1.0 for c in confidence.values())
     threshold = sorted(confidence.values())[len(records) // 2]
     engine = EchoEngine(load_tokenizer_only(str(qwen_tokenizer_dir)))
     seen = []
     results = list(tag_records(records, engine, TaggingOptions(template="tuned", proposer=zh_proposer, cascade=threshold,
                                                               chunk_size=5, batch_size=2), on_batch=seen.append))
     assert [r.record.id for r in results] == [r.id for r in records] and sum(seen) == len(records)
-    skipped = {r.id for r in records if confidence[r.id] >= threshold}
+    skipped = {r.id for r in records if confidence.get(r.id) is not None and confidence[r.id] >= threshold}
     assert {r.record.id for r in results if r.by == "proposer"} == skipped and 0 < len(skipped) < len(records)
     assert len(engine.prompts) == len(records) - len(skipped)
     for result in results:
@@ -325,6 +326,34 @@ def test_the_cascade_lets_the_proposer_alone_tag_the_records_it_is_sure_of(zh_pr
     engine.prompts = []
     list(tag_records(records, engine, TaggingOptions(template="tuned", proposer=zh_proposer)))
     assert len(engine.prompts) == len(records)
+    # A chunk the proposer takes whole never reaches the engine; a schema naming an attribute the CRF never
+    # learnt leaves the record to the model, however sure the CRF is of the rest.
+    engine.prompts = []
+    sure = [r for r in records if r.id in skipped]
+    assert all(r.by == "proposer" for r in tag_records(sure, engine, TaggingOptions(proposer=zh_proposer, cascade=threshold)))
+    assert engine.prompts == []
+    assert zh_proposer.read(Record("t", sure[0].text, schema=["品牌", "颜色"]))[1] is None
+    assert zh_proposer.read(Record("t", sure[0].text, schema=["品牌"]))[1] == confidence[sure[0].id]
+
+
+def test_a_second_signal_stops_training_at_once_and_the_handlers_come_back():
+    import os
+    import signal
+    import types
+
+    from llmtags.train.callbacks import _StopOnSignal
+
+    said = []
+    stop = _StopOnSignal(types.SimpleNamespace(write=said.append))
+    before = signal.getsignal(signal.SIGINT)
+    stop.on_train_begin(None, None, None)
+    os.kill(os.getpid(), signal.SIGINT)
+    control = types.SimpleNamespace(should_training_stop=False, should_save=False)
+    stop.on_step_end(None, None, control)
+    assert stop.requested and control.should_training_stop and control.should_save and len(said) == 1
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) == before
 
 
 def test_the_cascade_needs_a_proposer_and_a_threshold_in_range(zh_proposer):
@@ -335,6 +364,23 @@ def test_the_cascade_needs_a_proposer_and_a_threshold_in_range(zh_proposer):
         tagging_options(Settings(cascade=0.9))
     with pytest.raises(OptionsError, match="--cascade needs a span proposer"):
         tagging_options(Settings(proposer=str(zh_proposer.path), no_proposer=True, cascade=0.9))
+    with pytest.raises(OptionsError, match="--constrain closed"):
+        tagging_options(Settings(proposer=str(zh_proposer.path), cascade=0.9, constrain="closed"))
     for bad in (0.0, 1.5, -1):
         with pytest.raises(OptionsError, match="--cascade"):
             tagging_options(Settings(proposer=str(zh_proposer.path), cascade=bad))
+
+
+def test_an_answer_that_used_every_new_token_is_counted_as_cut():
+    from llmtags.engines.base import Generation
+    from llmtags.run import RunSummary
+    from llmtags.tagger import to_result
+
+    record = Record("r", "耐克跑步鞋")
+    cut = to_result(record, Generation("品牌:耐克\n产品词:跑", 1, 8), TaggingOptions(max_new_tokens=8))
+    whole = to_result(record, Generation("品牌:耐克\n", 1, 5), TaggingOptions(max_new_tokens=8))
+    assert cut.cut and not whole.cut
+    summary = RunSummary()
+    summary.add(cut)
+    summary.add(whole)
+    assert summary.cut == 1 and any("--max-new-tokens" in line for line in summary.lines())

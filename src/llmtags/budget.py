@@ -11,7 +11,7 @@ eval/long_text.py measures F1 and products/s of each on en-wdc-pave.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 DEMO_VIEWS = ("full", "title")
 GAP = " … "  # where `windowed` left text out
@@ -30,41 +30,33 @@ def demo_text(text: str, view: str, max_chars: int) -> str:
     return (title_of(text) if view == "title" else text)[:max_chars]
 
 
-def value_spans(text: str, values: Iterable[str]) -> list[tuple[int, int]]:
-    """The [start, end) of the first occurrence of each value in `text` (case-insensitive); values not
-    in it are left out."""
-    folded = text.casefold()
-    spans = []
-    for value in values:
-        at = folded.find(value.casefold()) if value else -1
-        if at >= 0:
-            spans.append((at, at + len(value)))
-    return spans
-
-
 def windowed(text: str, spans: Sequence[tuple[int, int]], budget: int, width: int = 60) -> str:
     """`text` within about `budget` characters: unchanged when it fits; else its title, then the
     description's windows of `width` characters either side of each span (merged where they touch), in
-    text order, joined by `GAP`, until the budget is spent. Without spans, the head of the text."""
+    text order, joined by `GAP`, until the budget is spent; the last window shrinks around its first span,
+    and one that cannot hold it is left out. Without spans in the description, the head of the text."""
     if len(text) <= budget:
         return text
     title = title_of(text)
     body_start = len(title) + 1
-    windows: list[list[int]] = []
-    for start, end in sorted(s for s in spans if s[1] > body_start):
+    windows: list[list[int]] = []  # [low, high, start and end of its first span]
+    for start, end in sorted(s for s in spans if s[0] >= body_start):
         low, high = max(body_start, start - width), min(len(text), end + width)
         if windows and low <= windows[-1][1]:
             windows[-1][1] = max(windows[-1][1], high)
         else:
-            windows.append([low, high])
-    pieces = [title]
+            windows.append([low, high, start, end])
+    pieces = []
     spent = len(title)
-    for low, high in windows:
-        if spent + len(GAP) >= budget:
-            break
-        piece = text[low:min(high, low + budget - spent - len(GAP))]
-        pieces.append(" ".join(piece.split()))
-        spent += len(GAP) + len(piece)
-    if len(pieces) == 1:  # nothing found in the description: its head, as a plain cut would keep
+    for low, high, start, end in windows:
+        room = budget - spent - len(GAP)
+        if high - low > room:  # the last window that fits: its first span, with what context is left
+            if end - start > room:
+                break
+            low = max(low, start - (room - (end - start)) // 2)
+            high = low + room
+        pieces.append(" ".join(text[low:high].split()))
+        spent += len(GAP) + high - low
+    if not pieces:  # nothing found in the description: its head, as a plain cut would keep
         return text[:budget]
-    return f"{title}\n{GAP.join(pieces[1:])}"
+    return f"{title}\n{GAP.join(pieces)}"

@@ -161,15 +161,18 @@ def _tags_and_confidences(row: dict[str, Any]) -> tuple[list[str], list[float | 
     return [str(t) for t in tags], [None if c is None else float(c) for c in confidences]
 
 
-def read_scored_predictions(path: str | Path) -> dict[str, tuple[list[str], list[float | None]]]:
+def read_scored_predictions(path: str | Path, model_only: bool = False) -> dict[str, tuple[list[str], list[float | None]]]:
     """id → (tags, confidences) from a `llmtags generate` output; lines without confidences are
-    reported and skipped (they come from an engine or version that does not give them)."""
-    return read_prediction_rows(path, _tags_and_confidences)
+    reported and skipped (they come from an engine or version that does not give them). With
+    `model_only`, records the cascade gave to the proposer (`"by": "proposer"`, whose confidences are
+    the CRF's marginals, not the model's) are left out."""
+    found = read_prediction_rows(path, lambda row: (_tags_and_confidences(row), row.get("by", "model")))
+    return {key: scored for key, (scored, by) in found.items() if not (model_only and by == "proposer")}
 
 
 def calibrate_files(gold: str | Path, pred: str | Path, target_precision: float = 0.9) -> Calibration:
     records = [r for r in load_labelled(gold) if r.tags is not None]
-    scored = read_scored_predictions(pred)
+    scored = read_scored_predictions(pred, model_only=True)  # the model's confidences, not the CRF's
     missing = [r.id for r in records if r.id not in scored]
     if len(missing) == len(records):
         raise ValueError(f"{pred}: no prediction matches a record of {gold} by id")

@@ -156,6 +156,9 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
         if not 0.0 < settings.cascade <= 1.0:
             raise OptionsError(f"--cascade: {settings.cascade} is not in (0, 1]: it is the proposer's confidence "
                                "above which it tags a record alone")
+        if settings.constrain == "closed":
+            raise OptionsError("--cascade and --constrain closed do not go together: the proposer's spans are not "
+                               "limited to the closed vocabulary")
         if proposer is None and not settings.adapter_map:
             raise OptionsError("--cascade needs a span proposer: an --adapter that ships one, --demos SAMPLE with such an "
                                "adapter, or --proposer MODEL (and not --no-proposer)")

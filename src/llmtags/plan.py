@@ -24,7 +24,7 @@ from .adapters.pack import POOL_FILE, PROPOSER_FILE, VOCABULARY_FILE
 from .adapters.registry import METADATA_FILE, AdapterError, read_metadata, resolve_adapter, weights_sha256
 from .candidates import candidate_finder, candidate_sources
 from .models import base_model_spec, cache_root, sha256_file
-from .options import Settings, TaggingOptions, check_shows_demos, normaliser_for, tagging_options
+from .options import OptionsError, Settings, TaggingOptions, check_shows_demos, normaliser_for, tagging_options
 from .prompts import PromptTemplate, template_choice
 from .proposer import FEATURES_VERSION, ProposerSettings, SpanProposer, sample_proposer
 from .records import load_labelled
@@ -277,4 +277,11 @@ def plan_run(settings: Settings, templates: Sequence[PromptTemplate] = ()) -> Ru
     options = tagging_options(settings, templates, calibration)
     per_adapter = ({name: _with_defaults(options, adapter_defaults(adapter, settings), settings)
                     for name, adapter in adapters.items()} if adapter_map is not None else {})
+    if settings.cascade is not None and adapter_map is not None:
+        without = [name for name, o in per_adapter.items() if o.proposer is None]
+        if len(without) == len(per_adapter):
+            raise OptionsError("--cascade needs a span proposer, and no adapter of the map brings one")
+        if without:
+            _say(f"warning: --cascade: adapters {', '.join(without)} bring no span proposer; their records (and those "
+                 "of the base model) are all generated")
     return RunPlan(settings, options, normaliser_for(settings), adapters, adapter_map, per_adapter)

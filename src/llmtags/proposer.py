@@ -205,6 +205,7 @@ class SpanProposer:
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read the proposer model {path}: {exc}") from exc
         self.labels = list(self._tagger.labels())
+        self.attributes = {canonical(label.partition("-")[2]) for label in self.labels if label != OUTSIDE}
 
     @classmethod
     def train(cls, records: Iterable[Record], path: str | Path,
@@ -234,16 +235,18 @@ class SpanProposer:
         `attributes`, only spans of those attributes."""
         return self.read_text(text, attributes)[0]
 
-    def read_text(self, text: str, attributes: Sequence[str] | None = None) -> tuple[list[Proposal], float]:
+    def read_text(self, text: str, attributes: Sequence[str] | None = None) -> tuple[list[Proposal], float | None]:
         """`propose_text`, and the CRF's probability that its whole labelling of `text` is right (the
-        Viterbi path's probability: 1.0 for a text without tokens). The cascade (`--cascade P`) lets the
-        proposer alone tag a record whose labelling is at least that likely."""
+        Viterbi path's probability). The cascade (`--cascade P`) lets the proposer alone tag a record whose
+        labelling is at least that likely. None where the CRF cannot vouch for the record: a text without
+        tokens, or `attributes` naming one it never learnt (its "nothing here" means nothing there)."""
         spans = tokenize(text)
         if not spans:
-            return [], 1.0
+            return [], None
         self._tagger.set(token_features(text, spans))
         labels = self._tagger.tag()
-        confidence = round(float(self._tagger.probability(labels)), 4)
+        known = attributes is None or {canonical(a) for a in attributes} <= self.attributes
+        confidence = round(float(self._tagger.probability(labels)), 4) if known else None
         allowed = {canonical(a) for a in attributes} if attributes else None
         best: dict[str, Proposal] = {}
         for attribute, first, last in spans_of(labels):
@@ -263,7 +266,7 @@ class SpanProposer:
         it was cut) matters only to `CrossFitted`, which picks the fold by it."""
         return self.propose_text(record.text, record.schema)
 
-    def read(self, record: Record) -> tuple[list[Proposal], float]:
+    def read(self, record: Record) -> tuple[list[Proposal], float | None]:
         """`propose` and the confidence of `read_text`, for tagging (not training: no folds here)."""
         return self.read_text(record.text, record.schema)
 
@@ -368,8 +371,10 @@ class CrossFitted:
     def shipped(self, records: Sequence[Record]) -> dict[str, Any]:
         """What an adapter records about its proposer (`adapters.pack.pack_adapter(proposer=...)`): the model
         file to ship, its settings, the records and folds it was trained on, and the cross-fitting gap."""
+        # train_seconds: None where a resumed run reused the model it had trained before.
         return {"model": self.full.path, "settings": asdict(self.full.settings), "texts": len(self._texts),
-                "folds": len(self.folds), "train_seconds": round(self.full_seconds, 1), **self.quality(records)}
+                "folds": len(self.folds), "train_seconds": round(self.full_seconds, 1) if self.full_seconds else None,
+                **self.quality(records)}
 
     def in_fold(self, record: Record) -> list[Proposal]:
         """What the CRF trained on every record proposes: the leak cross-fitting avoids (for the report)."""
@@ -387,16 +392,21 @@ def train_in_parallel(paths: Sequence[Path], subsets: Sequence[list[Record]], se
     """Train one CRF per (path, records) pair, as many at once as there are cores (crfsuite trains on one
     core); returns each one's training seconds. Workers are spawned, not forked: the caller may be a
     training process whose torch thread pools must not be copied."""
-    if not paths:
-        return []
-    workers = min(len(paths), workers or os.cpu_count() or 1)
-    if workers == 1:
-        return [_train_one(path, subset, settings) for path, subset in zip(paths, subsets)]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_train_one, paths, subsets, [settings] * len(paths)))
+    if not paths:
+        return []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(len(paths), workers or cores)
+    if workers > 1 and not multiprocessing.current_process().daemon:  # a daemonic process may not have children
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                return list(pool.map(_train_one, paths, subsets, [settings] * len(paths)))
+        except (BrokenProcessPool, RuntimeError, OSError):
+            pass  # e.g. a script without a __main__ guard, which spawn cannot start: train one after another
+    return [_train_one(path, subset, settings) for path, subset in zip(paths, subsets)]
 
 
 def proposal_quality(records: Sequence[Record], proposals: Sequence[Sequence[Proposal]]) -> dict[str, float]:

@@ -41,6 +41,7 @@ class RunSummary:
     truncated: int = 0  # records whose text was cut to TaggingOptions.max_text_chars
     resumed: int = 0  # records found done in the output of an earlier run, and skipped
     cascaded: int = 0  # records the span proposer tagged alone (--cascade), without generation
+    cut: int = 0  # answers that used all of --max-new-tokens
     interrupted: bool = False
     prompt_tokens: int = 0
     new_tokens: int = 0
@@ -53,6 +54,7 @@ class RunSummary:
         self.tagged += 1
         self.empty += not result.tags
         self.cascaded += result.by == "proposer"
+        self.cut += result.cut
         self.truncated += result.truncated
         self.prompt_tokens += result.prompt_tokens
         self.new_tokens += result.new_tokens
@@ -71,6 +73,9 @@ class RunSummary:
         if self.dropped:
             lines.append("dropped lines that are not tags: " + ", ".join(
                 f"{count} {reason.replace('_', ' ')}" for reason, count in sorted(self.dropped.items())))
+        if self.cut:
+            lines.append(f"{self.cut} answers used all of --max-new-tokens and may have lost tags after it: raise it "
+                         "for products with many tags")
         if self.cascaded:
             lines.append(f"cascade: the span proposer alone tagged {self.cascaded} of {self.tagged} records "
                          f"({self.cascaded / self.tagged:.0%}); the model generated the rest")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .budget import value_spans, windowed
+from .budget import windowed
 from .constrain.spec import ConstraintSpec
 from .grounding import confidences_by_tag, evidence_spans, explain_lines
 from .hygiene import clean_tags
@@ -39,6 +39,7 @@ class TagResult:
     below_confidence: list[str] = field(default_factory=list)  # tags dropped by min_confidence
     dropped: dict[str, list[str]] = field(default_factory=dict)  # lines dropped by hygiene.clean_tags, by reason
     by: str = "model"  # "proposer": the cascade let the span proposer alone tag it (no generation)
+    cut: bool = False  # the answer used all of max_new_tokens: tags after the cut were lost
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.record.id, "text_hash": self.record.text_hash, "tags": self.tags,
@@ -125,8 +126,11 @@ def prompt_parts(record: Record, options: TaggingOptions, training: bool = False
     proposals, confidence = prompt_proposals(ready, record, options, training)
     candidates = prompt_candidates(ready, options, training)
     if options.text_budget is not None and len(ready.text) > options.text_budget:
-        # Proposals and candidates come from the whole text; the model reads the windows around them.
-        found = [(p.start, p.end) for p in proposals] + value_spans(ready.text, [c.partition(":")[2] for c in candidates])
+        # Proposals and candidates come from the text as cut to max_text_chars; the model reads the
+        # windows around them.
+        found = [(p.start, p.end) for p in proposals]
+        if options.candidates:
+            found += [(c.start, c.end) for c in options.candidates.find(ready.text, (), ready.schema)]
         ready = replace(ready, text=windowed(ready.text, found, options.text_budget))
     return PromptParts(ready, prompt_demos(record, options), candidates, proposals, confidence)
 
@@ -144,8 +148,8 @@ def build_prompt(record: Record, tokenizer: Any, options: TaggingOptions, traini
 
 def constraint_for(record: Record, options: TaggingOptions) -> ConstraintSpec | None:
     """The `ConstraintSpec` of `record` (None when nothing is constrained: free mode and no
-    schema), from the record as `prompt_record` gives it."""
-    return constraint_of(prompt_record(record, options), options)
+    schema), from the record as its prompt shows it (`prompt_parts`)."""
+    return constraint_of(prompt_parts(record, options).record, options)
 
 
 def constraint_of(record: Record, options: TaggingOptions) -> ConstraintSpec | None:
@@ -225,17 +229,19 @@ def to_result(record: Record, generation: Any, options: TaggingOptions, normalis
     by_raw = confidences_by_tag(parsed, generation)
     kept, dropped = clean_tags([p.tag for p in parsed], schema if schema is not None else record.schema)
     result = TagResult(record, kept, generation.text, generation.prompt_tokens,
-                       generation.new_tokens, truncated=len(record.text) > options.max_text_chars, dropped=dropped)
+                       generation.new_tokens, truncated=len(record.text) > options.max_text_chars, dropped=dropped,
+                       cut=generation.new_tokens >= options.max_new_tokens)
     return _finish(result, by_raw, options, normaliser)
 
 
 def proposer_result(record: Record, parts: PromptParts, options: TaggingOptions, normaliser: Any = None) -> TagResult:
     """The cascade's result for a record the proposer is confident of: its proposals as the tags, their
-    marginals as confidences, cleaned and normalised as the model's tags would be."""
+    marginals as confidences, cleaned and normalised as the model's tags would be. `min_confidence` (a
+    threshold on the model's confidences) does not apply: the record passed the cascade's own."""
     kept, dropped = clean_tags([p.tag for p in parts.proposals], parts.record.schema)
     result = TagResult(record, kept, "", truncated=len(record.text) > options.max_text_chars, dropped=dropped,
                        by="proposer")
-    return _finish(result, {p.tag: p.p for p in parts.proposals}, options, normaliser)
+    return _finish(result, {p.tag: p.p for p in parts.proposals}, replace(options, min_confidence=None), normaliser)
 
 
 def _finish(result: TagResult, confidence_of: dict[str, float | None], options: TaggingOptions,

@@ -41,16 +41,17 @@ from .common import (
 
 
 def warn_overlap(records: list[Any], pool: Any, source: str | None) -> None:
-    """Scores on records the --demos sample holds are optimistic: its proposer and candidates were trained
-    on their gold tags (retrieval already never shows a record its own text)."""
+    """Scores on records the demonstration pool holds (the --demos sample, or an adapter's own pool) are
+    optimistic: its proposer and candidates were trained on their gold tags (retrieval already never shows
+    a record its own text)."""
     if pool is None or not source:
         return
     texts = {r.text for r in pool.records}
     inside = [r.id for r in records if r.text in texts]
     if inside:
-        print(f"llmtags: warning: {len(inside)} of the {len(records)} records scored are in the --demos sample "
-              f"{source} (e.g. {', '.join(map(str, inside[:3]))}): its span proposer and candidates saw their tags, so "
-              "these scores are optimistic; score on records outside the sample", file=sys.stderr)
+        print(f"llmtags: warning: {len(inside)} of the {len(records)} records scored are in the demonstration pool "
+              f"{source} (e.g. {', '.join(map(str, inside[:3]))}): the span proposer and candidates trained on it saw "
+              "their tags, so these scores are optimistic; score on records outside it", file=sys.stderr)
 
 
 def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:

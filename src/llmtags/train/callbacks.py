@@ -155,25 +155,30 @@ class _StopOnSignal:
             return  # signal handlers can only be set from the main thread
         for name in self.SIGNALS:
             number = getattr(signal, name)
+            current = signal.getsignal(number)
+            if current in (signal.SIG_IGN, None):  # ignored (nohup), or set outside Python: left alone
+                continue
             self._previous[number] = signal.signal(number, self.request)
 
     def request(self, signum: int, frame: Any) -> None:
+        # Only a flag here: a signal can land while the progress bar writes, and writing again would raise.
         if self.requested:  # the second signal: stop now, as without this callback
-            self._restore()
+            self.restore()
             raise KeyboardInterrupt
         self.requested = True
-        self.progress.write("llmtags: stopping after this step: a checkpoint, a dev evaluation, then the best adapter "
-                            "so far is written (signal again to stop at once; --resume continues the run)")
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        if self.requested and not control.should_training_stop:
             control.should_training_stop = True
             control.should_save = True
+            self.progress.write("llmtags: stopping after this step: a checkpoint, a dev evaluation, then the best "
+                                "adapter so far is written (signal again to stop at once; --resume continues the run)")
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._restore()
+        self.restore()
 
-    def _restore(self) -> None:
+    def restore(self) -> None:
+        """The handlers as they were before training (also after a run that raised)."""
         import signal
 
         for number, handler in self._previous.items():

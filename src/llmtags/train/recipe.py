@@ -163,6 +163,7 @@ class TrainingRun:
     evaluation: Any
     fast: bool = False  # the fast CPU trainer, not trl's
     proposer: CrossFitted | None = None  # the span proposer and its cross-fitted folds
+    stop_on_signal: Any = None  # callbacks.StopOnSignal: Ctrl-C / SIGTERM end the run after the step
 
 
 @contextlib.contextmanager
@@ -271,7 +272,7 @@ def _prepare_run(
         if callback is not None:
             trainer.add_callback(callback)
     return TrainingRun(trainer, config, out, resolved, tokenizer, template, device, qlora, dtype, layers, num_layers,
-                       len(examples), truncated, progress_cb, eval_cb, fast, proposer)
+                       len(examples), truncated, progress_cb, eval_cb, fast, proposer, stop_cb)
 
 
 def wants_proposer(config: TrainConfig, template: str | PromptTemplate) -> bool:
@@ -454,7 +455,10 @@ def train(
             run.progress.write(f"resuming from {resume_from} (step {start_step})")
         elif resume:
             run.progress.write(f"no checkpoint in {checkpoints}: starting from scratch")
-        run.trainer.train(resume_from_checkpoint=resume_from)
+        try:
+            run.trainer.train(resume_from_checkpoint=resume_from)
+        finally:
+            run.stop_on_signal.restore()
     state = run.trainer.state
     config = run.config  # with a warm start, the LoRA shape is the starting adapter's
 
