@@ -245,9 +245,9 @@ class SpanProposer:
             return [], None
         self._tagger.set(token_features(text, spans))
         labels = self._tagger.tag()
-        known = attributes is None or {canonical(a) for a in attributes} <= self.attributes
-        confidence = round(float(self._tagger.probability(labels)), 4) if known else None
         allowed = {canonical(a) for a in attributes} if attributes else None
+        known = allowed is None or allowed <= self.attributes
+        confidence = round(float(self._tagger.probability(labels)), 4) if known else None
         best: dict[str, Proposal] = {}
         for attribute, first, last in spans_of(labels):
             if allowed is not None and canonical(attribute) not in allowed:

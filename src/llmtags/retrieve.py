@@ -85,10 +85,11 @@ class DemoPool:
         if not self.records:
             raise ValueError(f"demo pool {source or '(records)'} holds no labelled record")
         self._texts = [r.text for r in self.records]
-        self._terms = [frozenset(tokens(t)) for t in self._texts]
+        terms = [tokens(t) for t in self._texts]
+        self._terms = [frozenset(t) for t in terms]  # for `similarity`
         self._categories = np.array([(r.category or "").casefold() for r in self.records], dtype=object)
         self._index = bm25s.BM25()
-        self._index.index([tokens(t) for t in self._texts], show_progress=False)
+        self._index.index(terms, show_progress=False)
         self._category_schema = self._schemas_by_category()
         # A pool without categories is one catalogue with one attribute list: all its attributes, the
         # most used first.
@@ -114,17 +115,18 @@ class DemoPool:
 
     def ranked(self, record: Record, k: int) -> list[Record]:
         """The `k` most similar pool records, best first: same category before others, then BM25."""
-        return [self.records[i] for i in self._ranked(record, k)]
+        return [self.records[i] for i in self._ranked(record, tokens(record.text), k)]
 
     def neighbours(self, record: Record, k: int) -> list[tuple[Record, float]]:
         """`ranked`, each with its `similarity` to `record`."""
-        terms = frozenset(tokens(record.text))
-        return [(self.records[i], similarity(terms, self._terms[i])) for i in self._ranked(record, k)]
+        terms = tokens(record.text)
+        found = frozenset(terms)
+        return [(self.records[i], similarity(found, self._terms[i])) for i in self._ranked(record, terms, k)]
 
-    def _ranked(self, record: Record, k: int) -> list[int]:
+    def _ranked(self, record: Record, terms: list[str], k: int) -> list[int]:
+        """The pool indices of `ranked`; `terms`: the record's `tokens`."""
         if k <= 0:
             return []
-        terms = tokens(record.text)
         # A text without a word (`★★★`) matches nothing: the pool in its own order.
         scores = self._index.get_scores(terms) if terms else np.zeros(len(self.records))
         same = self._categories == (record.category or "").casefold() if record.category else None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .budget import windowed
+from .candidates import Candidate
 from .constrain.spec import ConstraintSpec
 from .grounding import confidences_by_tag, evidence_spans, explain_lines
 from .hygiene import clean_tags
@@ -80,12 +81,13 @@ def prompt_demos(record: Record, options: TaggingOptions) -> Sequence[Demo]:
     return options.demos
 
 
-def prompt_candidates(record: Record, options: TaggingOptions, training: bool = False) -> list[str]:
-    """The vocabulary candidates `record` is offered. With `training`, candidates that exist only because
-    of this record's own gold tags are left out, so training prompts look like test prompts."""
+def prompt_candidates(record: Record, options: TaggingOptions, training: bool = False) -> list[Candidate]:
+    """The vocabulary candidates `record` is offered, with where they are in its text. With `training`,
+    candidates that exist only because of this record's own gold tags are left out, so training prompts
+    look like test prompts."""
     if not options.candidates:
         return []
-    return list(options.candidates.tags(record.text, record.tags or () if training else (), record.schema))
+    return options.candidates.find(record.text, record.tags or () if training else (), record.schema)
 
 
 def prompt_proposals(ready: Record, original: Record, options: TaggingOptions,
@@ -128,11 +130,9 @@ def prompt_parts(record: Record, options: TaggingOptions, training: bool = False
     if options.text_budget is not None and len(ready.text) > options.text_budget:
         # Proposals and candidates come from the text as cut to max_text_chars; the model reads the
         # windows around them.
-        found = [(p.start, p.end) for p in proposals]
-        if options.candidates:
-            found += [(c.start, c.end) for c in options.candidates.find(ready.text, (), ready.schema)]
+        found = [(p.start, p.end) for p in proposals] + [(c.start, c.end) for c in candidates]
         ready = replace(ready, text=windowed(ready.text, found, options.text_budget))
-    return PromptParts(ready, prompt_demos(record, options), candidates, proposals, confidence)
+    return PromptParts(ready, prompt_demos(record, options), [c.tag for c in candidates], proposals, confidence)
 
 
 def render_parts(parts: PromptParts, tokenizer: Any, options: TaggingOptions) -> str:
