@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import REPO, ablation_parser, generated, meta_lines, predictions_file, run_meta, split_paths, write_result
+from common import (REPO, generated, meta_lines, predictions_file, run_meta, run_parser, run_settings, settings_label,
+                    split_paths, write_result)
 
 from llmtags.metrics import match_record, paired_bootstrap
 from llmtags.options import Settings
@@ -48,28 +49,19 @@ def calibration(records: list[Record], parts: list[Any]) -> list[dict[str, Any]]
     return rows
 
 
-def setting(text: str) -> tuple[str, Any]:
-    """`--option max_new_tokens=128` → ("max_new_tokens", 128): a `Settings` field and its value."""
-    key, _, value = text.partition("=")
-    try:
-        return key.replace("-", "_"), json.loads(value)
-    except ValueError:
-        return key.replace("-", "_"), value
-
-
 def run(args: Any) -> dict[str, Any]:
     paths = split_paths(args.data, args.set, args.split)
     if paths is None:
         sys.exit(0)
     data_path = paths[0]
     records = [r for r in load_labelled(data_path) if r.tags is not None][: args.limit]
-    base = {**({"demos": str(args.demos)} if args.demos else {}), **dict(map(setting, args.option))}
+    base = run_settings(args)
     plan = plan_run(Settings(adapter=args.adapter, **base))
     if plan.options.proposer is None:
         sys.exit(f"adapter {args.adapter} brings no span proposer: the cascade needs one")
     parts = [prompt_parts(r, plan.options) for r in records]
     work = args.work or REPO.parent / "runs" / "eval" / args.set
-    label = "-".join(f"{k}{v}" for k, v in sorted(base.items()) if k != "demos") + ("demos" if args.demos else "own")
+    label = settings_label(base)
     thresholds = [None, *(float(t) for t in args.thresholds.split(","))]
     rows, full_preds = [], None
     for threshold in thresholds:
@@ -129,13 +121,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = ablation_parser(__doc__)
+    parser = run_parser(__doc__)
     parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--thresholds", default="0.95,0.9,0.8,0.7,0.5")
-    parser.add_argument("--demos", type=Path, help="a new catalogue's labelled sample (workflow (a))")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="another generate setting for every run, e.g. demo_text=title (repeatable)")
     args = parser.parse_args()
     result = run(args)
     write_result(args.out or REPO / "eval" / f"cascade_{args.set.replace('-', '_')}", result, markdown(result))

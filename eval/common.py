@@ -118,6 +118,13 @@ def predictions_file(work: Path, split: str, variant: str, adapter: str) -> Path
     return work / f"{split}-{slug}-{Path(adapter).name}-{weights}.jsonl"
 
 
+def settings_label(settings: dict[str, Any]) -> str:
+    """A file-name part for a run's `generate` settings, naming a --demos sample by "demos", not its path, so
+    scripts that run the same settings share one predictions file."""
+    return ("-".join(f"{k}{v}" for k, v in sorted(settings.items()) if k != "demos")
+            + ("demos" if settings.get("demos") else "own"))
+
+
 def ablation_parser(doc: str, set_name: str | None = None, adapter: str | None = None) -> Any:
     """The arguments the ablation scripts share: which set and adapter (required unless given a default
     here), the data, where predictions are kept (--work), the bootstrap and the output."""
@@ -131,6 +138,32 @@ def ablation_parser(doc: str, set_name: str | None = None, adapter: str | None =
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--out", type=Path)
     return parser
+
+
+def setting(text: str) -> tuple[str, Any]:
+    """`--option max_new_tokens=128` → ("max_new_tokens", 128): a `Settings` field and its value."""
+    key, _, value = text.partition("=")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except ValueError:
+        return key.replace("-", "_"), value
+
+
+def run_parser(doc: str, limit: int = 200) -> Any:
+    """`ablation_parser` and what scripts that run an adapter over a set's first records share: --limit,
+    --demos (a new catalogue's labelled sample: workflow (a)) and --option KEY=VALUE (see `run_settings`)."""
+    parser = ablation_parser(doc)
+    parser.add_argument("--limit", type=int, default=limit)
+    parser.add_argument("--demos", type=Path, help="a new catalogue's labelled sample (workflow (a))")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="another generate setting for every run, e.g. demo_text=title (repeatable)")
+    return parser
+
+
+def run_settings(args: Any) -> dict[str, Any]:
+    """The `generate` settings `run_parser`'s --demos and --option give, as `Settings` keywords."""
+    # The sample by its absolute path: runs recorded with it resume whichever way it was spelt.
+    return {**({"demos": str(Path(args.demos).resolve())} if args.demos else {}), **dict(map(setting, args.option))}
 
 
 def write_result(out: Path, result: dict[str, Any], markdown: str) -> None:

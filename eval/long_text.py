@@ -2,10 +2,11 @@
 
     .venv/bin/python eval/long_text.py [--set en-wdc-pave] [--adapter en-products] [--limit 100]
 
-Workflow (a) on a new catalogue: `generate --adapter ADAPTER --demos SAMPLE` (the set's train split as
+Workflow (a) on a new catalogue: `generate --adapter ADAPTER --demos SAMPLE --no-fill` (the set's train split as
 the sample: neighbours, candidates and span proposer), each variant one real run over the first --limit
 test records (kept under --work and resumed), its products/s that run's own tagging rate, model loading
-excluded. Writes eval/long_text_SET.json and .md.
+excluded. eval/fill.py --option KEY=VALUE adds --fill and --cascade to the same runs. Writes
+eval/long_text_SET.json and .md.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import json
 import sys
 from typing import Any
 
-from common import REPO, ablation_parser, generated, meta_lines, predictions_file, run_meta, split_paths, write_result
+from common import (REPO, ablation_parser, generated, meta_lines, predictions_file, run_meta, settings_label,
+                    split_paths, write_result)
 
 from llmtags.records import load_labelled
 from llmtags.report import EvalReport
@@ -38,8 +40,10 @@ def run(args: Any) -> dict[str, Any]:
     rows = []
     chosen = [v.strip() for v in args.variants.split(",")] if args.variants else list(VARIANTS)
     for name, changes in ((n, VARIANTS[n]) for n in chosen):
-        file = predictions_file(work, "test", f"long-{name[:40]}", args.adapter)
-        found, rate = generated(test, file, args.adapter, {"demos": str(sample), **changes}, args.limit)
+        settings = {"demos": str(sample.resolve()), "no_fill": True, **changes}
+        # The file eval/cascade.py and eval/fill.py read for the same settings (--option KEY=VALUE).
+        file = predictions_file(work, "test", f"cascade-None-{settings_label(settings)}", args.adapter)
+        found, rate = generated(test, file, args.adapter, settings, args.limit)
         preds = [found.get(r.id, ([], []))[0] for r in records]
         report = EvalReport.from_records(records, preds, name=name, n_boot=args.n_boot)
         micro = report.scores("raw", "typed").micro

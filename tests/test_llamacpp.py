@@ -203,3 +203,15 @@ def test_cli_engines_agree(tmp_path, tiny_model_dir, tiny_gguf):
     for a, b in zip(outputs["transformers"], outputs["llama.cpp"]):
         assert (a["id"], a["tags"], a["raw"], a["evidence"]) == (b["id"], b["tags"], b["raw"], b["evidence"])
         assert a["confidence"] == pytest.approx(b["confidence"], abs=2e-3)
+
+
+def test_amx_is_read_off_the_cpu_flags(tmp_path):
+    # llama.cpp's AMX matmul crashed the process on an AMX host, so the engine turns it off there.
+    from llmtags.engines.llamacpp import cpu_has_amx
+
+    with_amx = tmp_path / "amx"
+    with_amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile amx_int8\n\n")
+    without = tmp_path / "plain"
+    without.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\nbugs\t\t: amx_tile_is_not_a_flag_here\n")
+    assert cpu_has_amx(str(with_amx)) and not cpu_has_amx(str(without))
+    assert not cpu_has_amx(str(tmp_path / "absent"))

@@ -140,6 +140,22 @@ def test_an_adapters_proposer_is_used_by_default_and_no_proposer_turns_it_off(ro
     assert bare.options.template.name == "tuned"
 
 
+def test_an_adapters_recorded_fill_is_the_default_and_no_fill_or_a_flag_overrides_it(root, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(root / "zh-tuned", tmp_path / "adapters" / "zh-fill")
+    registry.set_metadata_entry(tmp_path / "adapters" / "zh-fill", ("proposer", "fill"), 0.6)
+    settings = Settings(adapter="zh-fill", adapters_root=str(tmp_path / "adapters"))
+    plan = plan_run(settings)
+    assert plan.options.fill == 0.6 and plan.settings.fill == 0.6  # recorded with the output, for --resume
+    assert "--fill" in capsys.readouterr().err
+    assert plan_run(settings.replace(no_fill=True)).options.fill is None
+    assert plan_run(settings.replace(fill=0.9)).options.fill == 0.9
+    # Without its proposer there is nothing to fill from; an adapter that records no P fills nothing.
+    assert plan_run(settings.replace(no_proposer=True)).options.fill is None
+    assert plan_run(Settings(adapter="zh-tuned", adapters_root=str(root))).options.fill is None
+
+
 def test_eval_with_an_adapter_tags_as_generate_does(root, cli_dev, tmp_path, capsys):
     flags = ["--adapter", "zh-tuned", "--adapters-root", str(root), "--max-new-tokens", "6", "-q"]
     out = tmp_path / "generated.jsonl"

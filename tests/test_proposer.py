@@ -3,6 +3,8 @@ and its way into prompts, training examples and an adapter's defaults."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import random
 
@@ -173,6 +175,17 @@ def test_adapters_pack_trains_and_ships_a_proposer(tmp_path):
     assert meta["in_fold"]["f1"] >= meta["out_of_fold"]["f1"] > 0.5
     shipped = adapter_defaults(resolved_adapter(str(adapter)), Settings(adapter=str(adapter))).proposer
     assert [p.tag for p in SpanProposer(shipped).propose(Record("t", "包邮小米新款耳机"))] == ["品牌:小米", "产品词:耳机"]
+    # The --fill P chosen on dev is recorded beside the proposer and becomes the adapter's default.
+    assert main(["adapters", "pack", str(adapter), "--fill", "0.7"]) == 0
+    assert adapter_defaults(resolved_adapter(str(adapter)), Settings(adapter=str(adapter))).fill == 0.7
+    assert adapter_defaults(resolved_adapter(str(adapter)), Settings(adapter=str(adapter), constrain="closed")).fill is None
+    assert main(["adapters", "pack", str(adapter), "--fill", "1.5"]) != 0
+    bare = tmp_path / "adapters" / "bare"
+    bare.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (bare / name).write_bytes((adapter / name).read_bytes())
+    (bare / "llmtags.json").write_text(json.dumps({"format": 1}), encoding="utf-8")
+    assert main(["adapters", "pack", str(bare), "--fill", "0.7"]) != 0  # no proposer to fill from
 
 
 def test_prompt_render_shows_what_an_adapter_prompts_with(zh_proposer, tmp_path, tiny_model_dir, capsys):
@@ -356,19 +369,91 @@ def test_a_second_signal_stops_training_at_once_and_the_handlers_come_back():
     assert signal.getsignal(signal.SIGINT) == before
 
 
-def test_the_cascade_needs_a_proposer_and_a_threshold_in_range(zh_proposer):
+@pytest.mark.parametrize("name", ["cascade", "fill"])
+def test_the_cascade_and_fill_need_a_proposer_and_a_threshold_in_range(zh_proposer, name):
     from llmtags.options import OptionsError
 
-    assert tagging_options(Settings(proposer=str(zh_proposer.path), cascade=0.9)).cascade == 0.9
-    with pytest.raises(OptionsError, match="--cascade needs a span proposer"):
-        tagging_options(Settings(cascade=0.9))
-    with pytest.raises(OptionsError, match="--cascade needs a span proposer"):
-        tagging_options(Settings(proposer=str(zh_proposer.path), no_proposer=True, cascade=0.9))
+    flag = f"--{name}"
+    assert getattr(tagging_options(Settings(proposer=str(zh_proposer.path), **{name: 0.9})), name) == 0.9
+    with pytest.raises(OptionsError, match=f"{flag} needs a span proposer"):
+        tagging_options(Settings(**{name: 0.9}))
+    with pytest.raises(OptionsError, match=f"{flag} needs a span proposer"):
+        tagging_options(Settings(proposer=str(zh_proposer.path), no_proposer=True, **{name: 0.9}))
     with pytest.raises(OptionsError, match="--constrain closed"):
-        tagging_options(Settings(proposer=str(zh_proposer.path), cascade=0.9, constrain="closed"))
+        tagging_options(Settings(proposer=str(zh_proposer.path), constrain="closed", **{name: 0.9}))
     for bad in (0.0, 1.5, -1):
-        with pytest.raises(OptionsError, match="--cascade"):
-            tagging_options(Settings(proposer=str(zh_proposer.path), cascade=bad))
+        with pytest.raises(OptionsError, match=flag):
+            tagging_options(Settings(proposer=str(zh_proposer.path), **{name: bad}))
+
+
+def test_unanswered_keeps_the_likely_proposals_no_tag_of_the_answer_covers():
+    from llmtags.proposer import Proposal, unanswered
+
+    text = "Nike Air Zoom Pegasus 40 running shoes, black"
+    found = [Proposal("Brand:Nike", "Brand", "Nike", 0, 4, 0.95),
+             Proposal("Model:Air Zoom", "Model", "Air Zoom", 5, 13, 0.9),
+             Proposal("Product:running shoes", "Product", "running shoes", 25, 38, 0.8),
+             Proposal("Color:black", "Color", "black", 40, 45, 0.4)]
+    assert text[25:38] == "running shoes"
+    # The model's own reading of a span stands (a longer model value, another attribute); only spans
+    # the answer is silent on come back, and only when they are likely enough.
+    answer = ["Model:Air Zoom Pegasus 40", "Type:Running Shoes"]
+    assert [p.tag for p in unanswered(found, answer, 0.5)] == ["Brand:Nike"]
+    assert [p.tag for p in unanswered(found, answer, 0.3)] == ["Brand:Nike", "Color:black"]
+    assert [p.tag for p in unanswered(found, [], 0.85)] == ["Brand:Nike", "Model:Air Zoom"]
+    assert unanswered(found, answer, 0.99) == []
+
+
+class FirstSpanEngine(EchoEngine):
+    """A model that reads the first span of the prompt's `识别:` line as another attribute (`其他`), and
+    answers a prompt without spans with one fixed tag."""
+
+    def generate(self, prompts, max_new_tokens=64, batch_size=8, on_batch=None):
+        from llmtags.engines.base import Generation
+
+        answers = []
+        for prompt in prompts:
+            spans = next((line[len("识别: "):] for line in prompt.splitlines() if line.startswith("识别: ")), "")
+            first = spans.split("; ")[0].split(":", 1)[-1].rstrip("?")
+            answers.append(Generation(f"其他:{first}" if spans else "品牌:模型", 1, 3))
+        if on_batch:
+            on_batch(len(prompts))
+        return answers
+
+
+def test_fill_adds_the_spans_the_answer_left_out_marked_as_filled(zh_proposer, qwen_tokenizer_dir):
+    from llmtags.models import load_tokenizer_only
+    from llmtags.run import RunSummary
+    from llmtags.tagger import tag_records
+
+    records = [Record(f"r{i}", r.text) for i, r in enumerate(synthetic(8, seed=9))]
+    engine = FirstSpanEngine(load_tokenizer_only(str(qwen_tokenizer_dir)))
+    marginals = sorted(p.p for r in records for p in zh_proposer.propose(r)[1:])
+    threshold = marginals[len(marginals) // 2]  # some spans below it, some at or above
+    assert marginals[0] < threshold
+    options = TaggingOptions(template="tuned", proposer=zh_proposer, fill=threshold)
+    results = list(tag_records(records, engine, options))
+    plain = list(tag_records(records, engine, TaggingOptions(template="tuned", proposer=zh_proposer)))
+    assert all(not r.filled for r in plain)
+    for result, before in zip(results, plain):
+        proposals = zh_proposer.propose(result.record)
+        assert proposals and before.tags == [f"其他:{proposals[0].value}"]
+        # The span the model read stands as it read it; of the others, the likely ones come back.
+        first = proposals[0].value
+        expected = [p for p in proposals[1:] if p.p >= threshold and first not in p.value and p.value not in first]
+        assert result.filled == [p.tag for p in expected]
+        assert result.tags == [*before.tags, *result.filled]
+        assert result.confidences[1:] == [p.p for p in expected]  # a filled tag's confidence: its marginal
+        assert result.evidence[1:] == [(p.start, p.end) for p in expected]
+        assert ("filled" in result.to_json()) == bool(result.filled)
+    assert any(r.filled for r in results)
+    summary = RunSummary()
+    for result in results:
+        summary.add(result)
+    assert summary.filled == sum(len(r.filled) for r in results) and any("fill:" in line for line in summary.lines())
+    # --min-confidence is a threshold on the model's confidences: filled tags passed --fill's instead.
+    strict = list(tag_records(records, engine, dataclasses.replace(options, min_confidence=0.999)))
+    assert [r.filled for r in strict] == [r.filled for r in results]
 
 
 def test_an_answer_that_used_every_new_token_is_counted_as_cut():

@@ -164,10 +164,19 @@ def _tags_and_confidences(row: dict[str, Any]) -> tuple[list[str], list[float | 
 def read_scored_predictions(path: str | Path, model_only: bool = False) -> dict[str, tuple[list[str], list[float | None]]]:
     """id → (tags, confidences) from a `llmtags generate` output; lines without confidences are
     reported and skipped (they come from an engine or version that does not give them). With
-    `model_only`, records the cascade gave to the proposer (`"by": "proposer"`, whose confidences are
-    the CRF's marginals, not the model's) are left out."""
-    found = read_prediction_rows(path, lambda row: (_tags_and_confidences(row), row.get("by", "model")))
-    return {key: scored for key, (scored, by) in found.items() if not (model_only and by == "proposer")}
+    `model_only`, what the span proposer wrote is left out: records the cascade gave it (`"by":
+    "proposer"`) and tags `--fill` added (`"filled"`), whose confidences are the CRF's marginals, not the
+    model's."""
+    def scored(row: dict[str, Any]) -> tuple[tuple[list[str], list[float | None]], str]:
+        tags, confidences = _tags_and_confidences(row)
+        if model_only and row.get("filled"):
+            filled = set(row["filled"])
+            pairs = [(t, c) for t, c in zip(tags, confidences) if t not in filled]
+            tags, confidences = [t for t, _ in pairs], [c for _, c in pairs]
+        return (tags, confidences), row.get("by", "model")
+
+    found = read_prediction_rows(path, scored)
+    return {key: tags for key, (tags, by) in found.items() if not (model_only and by == "proposer")}
 
 
 def calibrate_files(gold: str | Path, pred: str | Path, target_precision: float = 0.9) -> Calibration:

@@ -64,6 +64,9 @@ class TaggingOptions:
     # The cascade: a record whose labelling the span proposer is at least this sure of (its Viterbi
     # path's probability) is tagged by the proposer alone, without generation (None: every record is generated).
     cascade: float | None = None
+    # Fusion: the proposer's spans of at least this marginal that the model's answer leaves out (no tag
+    # over their words) are added to it (None: the answer stands as written).
+    fill: float | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ class Settings:
     constrain_vocab: str | None = None
     min_confidence: str | None = None  # a number in [0, 1], or "calibrated"
     cascade: float | None = None  # P in (0, 1]: the proposer alone tags records it is this sure of
+    fill: float | None = None  # P in (0, 1]: add the proposer's spans this likely that the answer leaves out
+    no_fill: bool = False  # not even the P the adapter records
     # normalisation
     vocab: str | None = None
     policy: str = "open"
@@ -152,15 +157,19 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
         raise OptionsError(f"--demo-text: expected one of {', '.join(DEMO_VIEWS)}, got {settings.demo_text!r}")
     if settings.text_budget is not None and settings.text_budget < 40:
         raise OptionsError(f"--text-budget: {settings.text_budget} characters is too few to keep a title; give 40 or more")
-    if settings.cascade is not None:
-        if not 0.0 < settings.cascade <= 1.0:
-            raise OptionsError(f"--cascade: {settings.cascade} is not in (0, 1]: it is the proposer's confidence "
-                               "above which it tags a record alone")
+    for flag, value, meaning in (("--cascade", settings.cascade, "the proposer's confidence above which it tags a "
+                                  "record alone"),
+                                 ("--fill", settings.fill, "the marginal probability a proposer's span needs to be "
+                                  "added to the model's answer")):
+        if value is None:
+            continue
+        if not 0.0 < value <= 1.0:
+            raise OptionsError(f"{flag}: {value} is not in (0, 1]: it is {meaning}")
         if settings.constrain == "closed":
-            raise OptionsError("--cascade and --constrain closed do not go together: the proposer's spans are not "
+            raise OptionsError(f"{flag} and --constrain closed do not go together: the proposer's spans are not "
                                "limited to the closed vocabulary")
         if proposer is None and not settings.adapter_map:
-            raise OptionsError("--cascade needs a span proposer: an --adapter that ships one, --demos SAMPLE with such an "
+            raise OptionsError(f"{flag} needs a span proposer: an --adapter that ships one, --demos SAMPLE with such an "
                                "adapter, or --proposer MODEL (and not --no-proposer)")
     constrain_vocab = None
     if settings.constrain == "closed":
@@ -171,7 +180,8 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
     return TaggingOptions(template, demos, pool, retrieve, settings.max_new_tokens, settings.batch_size,
                           settings.chunk_size, candidates=candidates, proposer=proposer, constrain=settings.constrain,
                           constrain_vocab=constrain_vocab, min_confidence=min_confidence(settings, calibration),
-                          cascade=settings.cascade, demo_text=settings.demo_text, text_budget=settings.text_budget)
+                          cascade=settings.cascade, fill=None if settings.no_fill else settings.fill,
+                          demo_text=settings.demo_text, text_budget=settings.text_budget)
 
 
 def check_shows_demos(template: str | PromptTemplate) -> None:

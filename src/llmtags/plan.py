@@ -94,6 +94,7 @@ class AdapterDefaults:
     demos: str | None = None
     retrieve: int | None = None
     proposer: str | None = None
+    fill: float | None = None  # the --fill P chosen on the adapter's dev records (llmtags.json: proposer.fill)
 
     def changes(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -183,10 +184,18 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
                 _say(f"warning: no span proposer from {settings.demos} ({exc}): tagging without one")
         else:
             proposer = _shipped_proposer(adapter)
-    found = AdapterDefaults(template, source, demos, retrieve, proposer)
+    fill = None
+    # Filled spans are not limited to a closed vocabulary: with --constrain closed the answer stands.
+    if proposer and settings.fill is None and not settings.no_fill and settings.constrain != "closed":
+        fill = adapter.field("proposer.fill", float)
+        if fill is not None and not 0.0 < fill <= 1.0:
+            raise OptionsError(f"adapter {name}: llmtags.json proposer.fill is {fill}, not in (0, 1]")
+    found = AdapterDefaults(template, source, demos, retrieve, proposer, fill)
     if found.candidates or found.demos or found.proposer:
         print(f"llmtags: adapter {name}: " + "; ".join(
             [f"span proposer {found.proposer}"] * bool(found.proposer)
+            + [f"its spans of marginal >= {found.fill} that answers leave out added (--fill; --no-fill: not)"]
+            * (found.fill is not None)
             + [f"candidates from {found.candidates}"] * bool(found.candidates)
             + [f"{found.retrieve or settings.retrieve} demonstrations retrieved from {found.demos}"] * bool(found.demos)),
             file=sys.stderr)
@@ -203,6 +212,8 @@ def _with_defaults(options: TaggingOptions, found: AdapterDefaults, settings: Se
         changes["candidates"] = candidate_finder(found.candidates)
     if found.proposer:
         changes["proposer"] = SpanProposer(found.proposer)
+    if found.fill is not None:
+        changes["fill"] = found.fill
     demos = found.demos or settings.demos
     retrieve = found.retrieve if found.retrieve is not None else settings.retrieve
     if demos and retrieve:
@@ -258,6 +269,8 @@ class RunPlan:
                 hashes[f"{key} sha256"] = digests[0] if len(digests) == 1 else digests
         for name, adapter in self.adapters.items():
             hashes[f"adapter {name} sha256"] = adapter.weights_sha256
+            if name in self.options_by_adapter:  # a map: each adapter's own --fill P decides its tags too
+                hashes[f"adapter {name} fill"] = self.options_by_adapter[name].fill
             for file, digest in adapter.shipped_sha256.items():
                 hashes[f"adapter {name} {file} sha256"] = digest
         return hashes
@@ -277,11 +290,14 @@ def plan_run(settings: Settings, templates: Sequence[PromptTemplate] = ()) -> Ru
     options = tagging_options(settings, templates, calibration)
     per_adapter = ({name: _with_defaults(options, adapter_defaults(adapter, settings), settings)
                     for name, adapter in adapters.items()} if adapter_map is not None else {})
-    if settings.cascade is not None and adapter_map is not None:
+    for flag, value, then in (("--cascade", settings.cascade, "are all generated"),
+                              ("--fill", settings.fill, "keep the model's answers as written")):
+        if value is None or adapter_map is None:
+            continue
         without = [name for name, o in per_adapter.items() if o.proposer is None]
         if len(without) == len(per_adapter):
-            raise OptionsError("--cascade needs a span proposer, and no adapter of the map brings one")
+            raise OptionsError(f"{flag} needs a span proposer, and no adapter of the map brings one")
         if without:
-            _say(f"warning: --cascade: adapters {', '.join(without)} bring no span proposer; their records (and those "
-                 "of the base model) are all generated")
+            _say(f"warning: {flag}: adapters {', '.join(without)} bring no span proposer; their records (and those "
+                 f"of the base model) {then}")
     return RunPlan(settings, options, normaliser_for(settings), adapters, adapter_map, per_adapter)

@@ -409,6 +409,22 @@ def train_in_parallel(paths: Sequence[Path], subsets: Sequence[list[Record]], se
     return [_train_one(path, subset, settings) for path, subset in zip(paths, subsets)]
 
 
+def unanswered(proposals: Sequence[Proposal], tags: Sequence[str], min_p: float) -> list[Proposal]:
+    """The proposals at least `min_p` likely that the model's answer (`tags`) leaves out: no tag's value
+    overlaps theirs (one holds the other, compared as the evaluator compares values). A tag over the same
+    words is the model's reading of that span (it may have fixed the boundary or the attribute) and
+    stands; `--fill P` adds back only the spans the model was silent on."""
+    written = [value_key(split_tag(tag)[1]) for tag in tags]
+    left = []
+    for proposal in proposals:
+        if proposal.p < min_p:
+            continue
+        key = value_key(proposal.value)
+        if key and not any(w and (w in key or key in w) for w in written):
+            left.append(proposal)
+    return left
+
+
 def proposal_quality(records: Sequence[Record], proposals: Sequence[Sequence[Proposal]]) -> dict[str, float]:
     """Micro precision, recall and F1 of proposals as tags against gold, scored as the evaluator scores tags
     (`metrics.score`: an any-of group counts once)."""

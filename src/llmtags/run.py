@@ -42,6 +42,7 @@ class RunSummary:
     resumed: int = 0  # records found done in the output of an earlier run, and skipped
     cascaded: int = 0  # records the span proposer tagged alone (--cascade), without generation
     cut: int = 0  # answers that used all of --max-new-tokens
+    filled: int = 0  # tags --fill added from the proposer's spans
     interrupted: bool = False
     prompt_tokens: int = 0
     new_tokens: int = 0
@@ -55,6 +56,7 @@ class RunSummary:
         self.empty += not result.tags
         self.cascaded += result.by == "proposer"
         self.cut += result.cut
+        self.filled += len(result.filled)
         self.truncated += result.truncated
         self.prompt_tokens += result.prompt_tokens
         self.new_tokens += result.new_tokens
@@ -79,6 +81,8 @@ class RunSummary:
         if self.cascaded:
             lines.append(f"cascade: the span proposer alone tagged {self.cascaded} of {self.tagged} records "
                          f"({self.cascaded / self.tagged:.0%}); the model generated the rest")
+        if self.filled:
+            lines.append(f"fill: {self.filled} tags added from the span proposer's spans the answers left out")
         if self.resumed:
             lines.append(f"resumed: {self.resumed} records were already done")
         if self.interrupted:

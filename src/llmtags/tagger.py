@@ -20,7 +20,7 @@ from .hygiene import clean_tags
 from .options import TaggingOptions
 from .parse import parse_tag_spans
 from .prompts import Demo, render_prompt, template_for
-from .proposer import Proposal
+from .proposer import Proposal, unanswered
 from .records import Record
 
 
@@ -41,6 +41,7 @@ class TagResult:
     dropped: dict[str, list[str]] = field(default_factory=dict)  # lines dropped by hygiene.clean_tags, by reason
     by: str = "model"  # "proposer": the cascade let the span proposer alone tag it (no generation)
     cut: bool = False  # the answer used all of max_new_tokens: tags after the cut were lost
+    filled: list[str] = field(default_factory=list)  # tags --fill took from the proposer (also in `tags`)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.record.id, "text_hash": self.record.text_hash, "tags": self.tags,
@@ -49,6 +50,8 @@ class TagResult:
                                "raw": self.raw}
         if self.by != "model":
             out["by"] = self.by
+        if self.filled:
+            out["filled"] = self.filled
         if self.below_confidence:
             out["below_confidence"] = self.below_confidence
         if self.dropped:
@@ -206,7 +209,8 @@ def tag_chunks(
             **kwargs,
         ) if todo else []
         for i, generation in zip(todo, generations):
-            results[i] = to_result(chunk[i], generation, options, normaliser, schema=parts[i].record.schema)
+            results[i] = to_result(chunk[i], generation, options, normaliser, schema=parts[i].record.schema,
+                                   proposals=parts[i].proposals)
         yield results  # type: ignore[misc]  # every slot is filled
 
 
@@ -222,15 +226,22 @@ def tag_records(
 
 
 def to_result(record: Record, generation: Any, options: TaggingOptions, normaliser: Any = None,
-              schema: Sequence[str] | None = None) -> TagResult:
+              schema: Sequence[str] | None = None, proposals: Sequence[Proposal] = ()) -> TagResult:
     """Parse, clean (`hygiene.clean_tags`: against `schema`, else the record's), normalise and ground one
-    generation."""
+    generation; with `options.fill`, the `proposals` the answer left out at that marginal are added
+    (`proposer.unanswered`), with their marginals as confidences."""
+    schema = schema if schema is not None else record.schema
     parsed = parse_tag_spans(generation.text)
     by_raw = confidences_by_tag(parsed, generation)
-    kept, dropped = clean_tags([p.tag for p in parsed], schema if schema is not None else record.schema)
-    result = TagResult(record, kept, generation.text, generation.prompt_tokens,
+    kept, dropped = clean_tags([p.tag for p in parsed], schema)
+    filled: list[str] = []
+    if options.fill is not None:
+        added = unanswered(proposals, kept, options.fill)
+        filled, _ = clean_tags([p.tag for p in added], schema)
+        by_raw = {**{p.tag: p.p for p in added}, **by_raw}
+    result = TagResult(record, kept + filled, generation.text, generation.prompt_tokens,
                        generation.new_tokens, truncated=len(record.text) > options.max_text_chars, dropped=dropped,
-                       cut=generation.new_tokens >= options.max_new_tokens)
+                       cut=generation.new_tokens >= options.max_new_tokens, filled=filled)
     return _finish(result, by_raw, options, normaliser)
 
 
@@ -255,12 +266,15 @@ def _finish(result: TagResult, confidence_of: dict[str, float | None], options: 
         result.tags, sources = [n.tag for n in kept_tags], [n.source for n in kept_tags]
         result.details = [n.to_json() for n in normalised]
     confidences = [confidence_of.get(source) for source in sources]
+    filled = set(result.filled)
     if options.min_confidence is not None:
-        keep = [c is None or c >= options.min_confidence for c in confidences]
+        # A threshold on the model's confidences: a filled tag's is the CRF's marginal, already past --fill.
+        keep = [c is None or c >= options.min_confidence or s in filled for c, s in zip(confidences, sources)]
         result.below_confidence = [t for t, k in zip(result.tags, keep) if not k]
         result.tags = [t for t, k in zip(result.tags, keep) if k]
         sources = [s for s, k in zip(sources, keep) if k]
         confidences = [c for c, k in zip(confidences, keep) if k]
     result.confidences = confidences
+    result.filled = [tag for tag, source in zip(result.tags, sources) if source in filled]  # as normalised
     result.evidence = evidence_spans(result.record.text, result.tags, sources)
     return result

@@ -13,7 +13,9 @@ from ..adapters.pack import pack_adapter
 from ..adapters.registry import (
     adapters_root,
     list_adapters,
+    read_metadata,
     resolve_adapter,
+    set_metadata_entry,
     show_adapter,
 )
 from ..candidates import candidate_sources
@@ -49,6 +51,8 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
                    help="folds of the cross-fitting whose proposal quality the metadata records (default 5)")
     p.add_argument("--proposer-iterations", type=int, default=ProposerSettings.max_iterations, metavar="N",
                    help=f"the proposer's training iterations (default {ProposerSettings.max_iterations})")
+    p.add_argument("--fill", type=float, metavar="P", help="record P as the adapter's default --fill (choose it on dev "
+                   "records: eval/fill.py); the adapter must ship a span proposer")
     p.add_argument("--licence", "--license", dest="licence", help="licence of the shipped data, for the metadata")
     add_root(p)
     p.set_defaults(func=cmd_adapters_pack)
@@ -95,13 +99,18 @@ def cmd_adapters_show(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_pack(args: argparse.Namespace) -> int:
-    if not args.candidates and not args.demos and not args.proposer:
-        raise CliError("give --candidates VOCAB, --demos LABELLED --retrieve K and/or --proposer LABELLED")
+    if not args.candidates and not args.demos and not args.proposer and args.fill is None:
+        raise CliError("give --candidates VOCAB, --demos LABELLED --retrieve K, --proposer LABELLED and/or --fill P")
     if bool(args.demos) != bool(args.retrieve):
         raise CliError("--demos and --retrieve K go together: the pool and how many of it each prompt shows")
+    if args.fill is not None and not 0.0 < args.fill <= 1.0:
+        raise CliError(f"--fill: {args.fill} is not in (0, 1]")
     path = resolve_adapter(args.adapter, args.adapters_root)
+    shipped = []
     proposer = None
-    if args.proposer:
+    if not args.candidates and not args.demos and not args.proposer:
+        meta = {}
+    elif args.proposer:
         records = [record for spec in candidate_sources(args.proposer) for record in load_labelled(spec)]
         with tempfile.TemporaryDirectory(prefix="llmtags-proposer-") as work:
             fitted = CrossFitted.train(records, k=args.proposer_folds, workdir=work,
@@ -111,7 +120,11 @@ def cmd_adapters_pack(args: argparse.Namespace) -> int:
                                 licence=args.licence, proposer=proposer)
     else:
         meta = pack_adapter(path, candidates=args.candidates, pool=args.demos, k=args.retrieve, licence=args.licence)
-    shipped = []
+    if args.fill is not None:
+        if not (meta.get("proposer") or read_metadata(path).get("proposer")):
+            raise CliError(f"--fill: {path} ships no span proposer to fill from; pack one with --proposer LABELLED")
+        set_metadata_entry(path, ("proposer", "fill"), args.fill)
+        shipped.append(f"--fill {args.fill} by default")
     if args.candidates:
         shipped.append(f"{meta['vocabulary']['candidates']['size']} candidate tags")
     if args.demos:

@@ -131,6 +131,13 @@ def add_generation(p: argparse.ArgumentParser) -> None:
                    help="let the span proposer alone tag the records whose labelling it is at least P sure of "
                    "(0-1; its CRF's probability of the whole labelling) and generate only the rest: faster on large "
                    "catalogues (eval/cascade_*.md measures what each P costs); such records are marked \"by\": \"proposer\"")
+    fill = p.add_mutually_exclusive_group()
+    fill.add_argument("--fill", type=float, metavar="P",
+                      help="add to the model's answer the span proposer's spans of marginal probability at least P (in "
+                      "(0, 1]) whose value no tag of the answer holds or is held by; such tags are also listed as "
+                      "\"filled\" (default: the P the adapter records in its llmtags.json, proposer.fill)")
+    fill.add_argument("--no-fill", action="store_true", help="keep the model's answers as written, even where the "
+                      "adapter records a --fill P")
 
 
 def add_vocab(p: argparse.ArgumentParser) -> None:

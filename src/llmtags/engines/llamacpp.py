@@ -52,6 +52,15 @@ from .base import (
 PREFIX_MIN_TOKENS = 8  # below this, copying a prefix saves less than it costs
 
 
+def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU advertises Intel AMX tiles (Linux; elsewhere False)."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            return any(line.startswith("flags") and "amx_tile" in line.split() for line in f)
+    except OSError:
+        return False
+
+
 def available_threads() -> int:
     """$LLMTAGS_THREADS (set per Ray worker), else the CPUs this process may run on."""
     if os.environ.get("LLMTAGS_THREADS", "").isdigit():
@@ -117,8 +126,13 @@ class LlamaCppEngine(PromptEncoder):
         self.stop_on_repeat = True
         self.stop_token_ids = stop_token_ids(tokenizer)
         self._newline_ids = newline_token_ids(tokenizer)
-        self._model = _internals.LlamaModel(path_model=str(gguf_path), params=llama_cpp.llama_model_default_params(),
-                                            verbose=False)
+        model_params = llama_cpp.llama_model_default_params()
+        if cpu_has_amx():
+            # llama.cpp's AMX matmul (an "extra buffer type", built in wherever the compiler sees AMX) crashes
+            # on such hosts (SIGSEGV in ggml_backend_amx_mul_mat, seen 2026-12-02 on a 2-core Xeon VM); its
+            # plain CPU kernels give the same tokens.
+            model_params.use_extra_bufts = False
+        self._model = _internals.LlamaModel(path_model=str(gguf_path), params=model_params, verbose=False)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch
