@@ -123,9 +123,15 @@ def gguf_lora(adapter_dir: Path) -> Path:
 
 
 def run_llama_cpp(prompts: list[str], adapter_dir: Path) -> tuple[list[str], list[int], float]:
+    import llama_cpp.llama_cpp as low_level
     from llama_cpp import Llama
 
+    from llmtags.engines.llamacpp import model_params
     from llmtags.models import resolve_base_model
+
+    # Llama() takes no switch for the AMX buffers that crash on AMX hosts: give it llmtags' safe defaults.
+    default_params = low_level.llama_model_default_params
+    low_level.llama_model_default_params = lambda: model_params(default_params)
 
     llm = Llama(model_path=str(resolve_base_model("embedded").gguf), lora_path=str(gguf_lora(adapter_dir)),
                 n_ctx=1024, n_threads=os.cpu_count(), n_batch=512, verbose=False)

@@ -8,7 +8,12 @@ resumed) gives the model's answers. Both options only change what happens around
 (P, C) cell is computed from that run with the tagger's own functions: `--fill P` adds the proposals of
 marginal >= P that no tag of the answer covers (`proposer.unanswered`), and `--cascade C` replaces the
 answer by the proposer's spans where its confidence is >= C. Choose on dev, report on test; speed is
-measured by real runs (eval/cascade.py). Writes eval/fill_SET.json and .md.
+measured by real runs (eval/cascade.py).
+
+The fusion to ship is chosen on the first split (dev) and reported on the others (test): for each P
+(and off), the attributes `--proposer-decides` gives to the CRF are picked greedily, most supported
+first, where the switch raises that split's micro F1 (attributes with at least --min-support gold tags);
+the best (P, attributes) is applied unchanged to the later splits. Writes eval/fill_SET.json and .md.
 """
 
 from __future__ import annotations
@@ -23,38 +28,61 @@ from llmtags.hygiene import clean_tags
 from llmtags.metrics import paired_bootstrap, score
 from llmtags.options import Settings, TaggingOptions
 from llmtags.plan import plan_run
-from llmtags.proposer import unanswered
+from llmtags.proposer import fuse
 from llmtags.records import load_labelled
 from llmtags.tagger import prompt_parts
 
 
-def fused(answer: list[str], parts: Any, fill: float | None, cascade: float | None) -> list[str]:
-    """What `generate --fill fill --cascade cascade` writes for one record whose plain answer is `answer`
-    (no --vocab: tags are not normalised)."""
+def fused(answer: list[str], parts: Any, fill: float | None, cascade: float | None,
+          decides: frozenset[str] = frozenset()) -> list[str]:
+    """What `generate --fill fill --cascade cascade --proposer-decides decides` writes for one record whose
+    plain answer is `answer` (no --vocab: tags are not normalised)."""
     schema = parts.record.schema
     if parts.cascaded(TaggingOptions(cascade=cascade)):
         return clean_tags([p.tag for p in parts.proposals], schema)[0]
-    if fill is None:
-        return answer
-    return answer + clean_tags([p.tag for p in unanswered(parts.proposals, answer, fill)], schema)[0]
+    kept, taken = fuse(answer, parts.proposals, fill, decides)
+    return kept + clean_tags([p.tag for p in taken], schema)[0]
 
 
-def grid(args: Any, split: str, fills: list[float | None], cascades: list[float | None]) -> dict[str, Any] | None:
+def f1_of(gold: list[Any], answers: list[list[str]], parts: list[Any], fill: float | None,
+          decides: frozenset[str]) -> float:
+    return score(gold, [fused(a, p, fill, None, decides) for a, p in zip(answers, parts)]).micro.f1
+
+
+def choose_decides(gold: list[Any], answers: list[list[str]], parts: list[Any], fill: float | None,
+                   min_support: int) -> tuple[frozenset[str], float]:
+    """The attributes whose tags the CRF's spans should decide at `fill`, greedily (most supported first,
+    kept where the switch raises micro F1 on these records), and the F1 they reach."""
+    support = score(gold, answers).per_attribute
+    order = sorted((a for a, row in support.items() if row.support >= min_support), key=lambda a: -support[a].support)
+    chosen: frozenset[str] = frozenset()
+    best = f1_of(gold, answers, parts, fill, chosen)
+    for attribute in order:
+        trial = f1_of(gold, answers, parts, fill, chosen | {attribute})
+        if trial > best:
+            chosen, best = chosen | {attribute}, trial
+    return chosen, best
+
+
+def split_run(args: Any, split: str) -> tuple[list[Any], list[list[str]], list[Any], float | None] | None:
+    """(gold, the plain run's answers, the prompt parts, its products/s) on the first --limit records of `split`."""
     paths = split_paths(args.data, args.set, split)
     if paths is None:
         return None
     records = [r for r in load_labelled(paths[0]) if r.tags is not None][: args.limit]
-    base = {**run_settings(args), "no_fill": True}  # the answers as the model wrote them: fill is computed here
+    base = {**run_settings(args), "no_fill": True}  # the answers as the model wrote them: fusion is computed here
     plan = plan_run(Settings(adapter=args.adapter, **base))
     if plan.options.proposer is None:
         sys.exit(f"adapter {args.adapter} brings no span proposer: --fill and --cascade need one")
     parts = [prompt_parts(r, plan.options) for r in records]
     work = args.work or REPO.parent / "runs" / "eval" / args.set
-    label = settings_label(base)
-    found, rate = generated(paths[0], predictions_file(work, split, f"cascade-None-{label}", args.adapter),
+    found, rate = generated(paths[0], predictions_file(work, split, f"cascade-None-{settings_label(base)}", args.adapter),
                             args.adapter, base, args.limit)
-    answers = [found.get(r.id, ([], []))[0] for r in records]
-    gold = [r.tags for r in records]
+    return [r.tags for r in records], [found.get(r.id, ([], []))[0] for r in records], parts, rate
+
+
+def grid(split: str, run: tuple, fills: list[float | None], cascades: list[float | None], n_boot: int) -> dict[str, Any]:
+    gold, answers, parts, rate = run
     cells = []
     for fill in fills:
         for cascade in cascades:
@@ -64,20 +92,39 @@ def grid(args: Any, split: str, fills: list[float | None], cascades: list[float 
                     "f1": micro.f1,
                     "skipped": sum(p.cascaded(TaggingOptions(cascade=cascade)) for p in parts) / len(parts)}
             if fill is not None or cascade is not None:
-                cell["vs_plain"] = paired_bootstrap(gold, answers, preds, n=args.n_boot).to_json()
+                cell["vs_plain"] = paired_bootstrap(gold, answers, preds, n=n_boot).to_json()
             cells.append(cell)
     crf = score(gold, [[p.tag for p in part.proposals] for part in parts]).micro
     print(f"{split}: plain F1 {cells[0]['f1']:.3f}, best {max(c['f1'] for c in cells):.3f}", file=sys.stderr)
-    return {"split": split, "records": len(records), "plain_products_per_s": rate, "crf_f1": crf.f1, "cells": cells}
+    return {"split": split, "records": len(gold), "plain_products_per_s": rate, "crf_f1": crf.f1, "cells": cells}
+
+
+def chosen_fusion(runs: dict[str, tuple], fills: list[float | None], min_support: int, n_boot: int) -> dict[str, Any]:
+    """The (fill, decides) with the best F1 on the first split, and what it scores on each split."""
+    first = next(iter(runs))
+    gold, answers, parts, _ = runs[first]
+    fill, decides, _ = max(((f, *choose_decides(gold, answers, parts, f, min_support)) for f in fills),
+                           key=lambda found: found[2])
+    scored = []
+    for split, (gold, answers, parts, _) in runs.items():
+        preds = [fused(a, p, fill, None, decides) for a, p in zip(answers, parts)]
+        crf = [[p.tag for p in part.proposals] for part in parts]
+        micro = score(gold, preds).micro
+        scored.append({"split": split, "precision": micro.precision, "recall": micro.recall, "f1": micro.f1,
+                       "vs_plain": paired_bootstrap(gold, answers, preds, n=n_boot).to_json(),
+                       "vs_crf": paired_bootstrap(gold, crf, preds, n=n_boot).to_json()})
+    return {"chosen_on": first, "fill": fill, "decides": sorted(decides), "min_support": min_support,
+            "splits": scored}
 
 
 def run(args: Any) -> dict[str, Any]:
     fills = [None, *(float(t) for t in args.fills.split(","))]
     cascades = [None, *(float(t) for t in args.cascades.split(","))]
+    runs = {split: found for split in args.splits.split(",") if (found := split_run(args, split))}
     return {"set": args.set, "adapter": args.adapter, "demos": str(args.demos or ""),
             "settings": {k: v for k, v in run_settings(args).items() if k != "demos"}, "fills": fills, "cascades": cascades,
-            "splits": [found for split in args.splits.split(",") if (found := grid(args, split, fills, cascades))],
-            "meta": run_meta()}
+            "splits": [grid(split, found, fills, cascades, args.n_boot) for split, found in runs.items()],
+            "chosen": chosen_fusion(runs, fills, args.min_support, args.n_boot), "meta": run_meta()}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -103,6 +150,18 @@ def markdown(result: dict[str, Any]) -> str:
                 text.append(f"{c['f1']:.3f}{delta}" + (f", {c['skipped']:.0%} skipped" if c["cascade"] else ""))
             lines.append(f"| {'off' if fill is None else fill} | " + " | ".join(text) + " |")
         lines.append("")
+    chosen = result["chosen"]
+    decides = ", ".join(f"`{a}`" for a in chosen["decides"]) or "none"
+    lines += [f"## The fusion chosen on {chosen['chosen_on']}: --fill {chosen['fill'] or 'off'}, "
+              f"--proposer-decides {decides}", "",
+              f"Attributes with at least {chosen['min_support']} gold tags there were tried. ΔF1 by paired bootstrap, "
+              "95% interval" + (" (the split it was chosen on is not a fair test)" if len(chosen["splits"]) == 1 else ""),
+              "", "| split | P | R | F1 | vs plain | vs CRF alone |", "|---|---:|---:|---:|---|---|"]
+    for row in chosen["splits"]:
+        vs = [f"{d['delta_f1']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" for d in (row["vs_plain"], row["vs_crf"])]
+        lines.append(f"| {row['split']} | {row['precision']:.3f} | {row['recall']:.3f} | **{row['f1']:.3f}** | "
+                     f"{vs[0]} | {vs[1]} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -111,6 +170,8 @@ def main() -> None:
     parser.add_argument("--splits", default="dev,test")
     parser.add_argument("--fills", default="0.9,0.8,0.7,0.5,0.3")
     parser.add_argument("--cascades", default="0.5,0.3,0.1")
+    parser.add_argument("--min-support", type=int, default=10, help="gold tags an attribute needs on the first split "
+                        "to be tried for --proposer-decides")
     args = parser.parse_args()
     result = run(args)
     write_result(args.out or REPO / "eval" / f"fill_{args.set.replace('-', '_')}", result, markdown(result))

@@ -215,3 +215,14 @@ def test_amx_is_read_off_the_cpu_flags(tmp_path):
     without.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\nbugs\t\t: amx_tile_is_not_a_flag_here\n")
     assert cpu_has_amx(str(with_amx)) and not cpu_has_amx(str(without))
     assert not cpu_has_amx(str(tmp_path / "absent"))
+
+
+def test_model_params_turn_the_amx_buffers_off_only_on_amx_hosts(monkeypatch):
+    import llama_cpp
+
+    from llmtags.engines import llamacpp
+
+    for has_amx in (True, False):
+        monkeypatch.setattr(llamacpp, "cpu_has_amx", lambda has_amx=has_amx: has_amx)
+        params = llamacpp.model_params(llama_cpp.llama_model_default_params)
+        assert params.use_extra_bufts is (not has_amx)

@@ -156,6 +156,22 @@ def test_an_adapters_recorded_fill_is_the_default_and_no_fill_or_a_flag_override
     assert plan_run(Settings(adapter="zh-tuned", adapters_root=str(root))).options.fill is None
 
 
+def test_an_adapters_recorded_proposer_decides_is_the_default_on_its_own_catalogue(root, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(root / "zh-tuned", tmp_path / "adapters" / "zh-decides")
+    registry.set_metadata_entry(tmp_path / "adapters" / "zh-decides", ("proposer", "decides"), ["产品词", "品牌"])
+    settings = Settings(adapter="zh-decides", adapters_root=str(tmp_path / "adapters"))
+    plan = plan_run(settings)
+    assert plan.options.proposer_decides == {"产品词", "品牌"} and plan.settings.proposer_decides == "产品词,品牌"
+    assert "--proposer-decides" in capsys.readouterr().err
+    assert plan_run(settings.replace(no_fill=True)).options.proposer_decides == set()
+    assert plan_run(settings.replace(proposer_decides="型号")).options.proposer_decides == {"型号"}
+    registry.set_metadata_entry(tmp_path / "adapters" / "zh-decides", ("proposer", "decides"), "产品词")
+    with pytest.raises(registry.AdapterError, match="proposer.decides"):
+        plan_run(settings)
+
+
 def test_eval_with_an_adapter_tags_as_generate_does(root, cli_dev, tmp_path, capsys):
     flags = ["--adapter", "zh-tuned", "--adapters-root", str(root), "--max-new-tokens", "6", "-q"]
     out = tmp_path / "generated.jsonl"

@@ -180,12 +180,22 @@ def test_adapters_pack_trains_and_ships_a_proposer(tmp_path):
     assert adapter_defaults(resolved_adapter(str(adapter)), Settings(adapter=str(adapter))).fill == 0.7
     assert adapter_defaults(resolved_adapter(str(adapter)), Settings(adapter=str(adapter), constrain="closed")).fill is None
     assert main(["adapters", "pack", str(adapter), "--fill", "1.5"]) != 0
+    # So are the attributes its spans decide, chosen there too.
+    assert main(["adapters", "pack", str(adapter), "--proposer-decides", "产品词, 品牌"]) == 0
+    assert meta_of(adapter)["proposer"]["decides"] == ["产品词", "品牌"]
+    assert adapter_defaults(resolved_adapter(str(adapter)), Settings(adapter=str(adapter))).proposer_decides == "产品词,品牌"
+    assert adapter_defaults(resolved_adapter(str(adapter)), Settings(adapter=str(adapter), no_fill=True)).proposer_decides is None
     bare = tmp_path / "adapters" / "bare"
     bare.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (bare / name).write_bytes((adapter / name).read_bytes())
     (bare / "llmtags.json").write_text(json.dumps({"format": 1}), encoding="utf-8")
     assert main(["adapters", "pack", str(bare), "--fill", "0.7"]) != 0  # no proposer to fill from
+    assert main(["adapters", "pack", str(bare), "--proposer-decides", "品牌"]) != 0
+
+
+def meta_of(adapter):
+    return json.loads((adapter / "llmtags.json").read_text(encoding="utf-8"))
 
 
 def test_prompt_render_shows_what_an_adapter_prompts_with(zh_proposer, tmp_path, tiny_model_dir, capsys):
@@ -404,6 +414,32 @@ def test_unanswered_keeps_the_likely_proposals_no_tag_of_the_answer_covers():
     assert unanswered(found, answer, 0.99) == []
 
 
+def test_decide_gives_the_proposers_attributes_to_its_spans():
+    from llmtags.proposer import Proposal, decide
+
+    found = [Proposal("Brand:Nike", "Brand", "Nike", 0, 4, 0.95),
+             Proposal("Product:running shoes", "Product", "running shoes", 25, 38, 0.8),
+             Proposal("Color:black", "Color", "black", 40, 45, 0.4)]
+    answer = ["Brand:Nike Air", "Gender:Men", "product:Running Shoes"]
+    # Names compare as the schema compares them (case, spaces); the model keeps the other attributes.
+    kept, taken = decide(answer, found, {"brand", " Product "})
+    assert kept == ["Gender:Men"] and [p.tag for p in taken] == ["Brand:Nike", "Product:running shoes"]
+    assert decide(answer, found, ()) == (answer, [])
+    assert decide(answer, [], {"Brand"}) == (["Gender:Men", "product:Running Shoes"], [])
+
+
+def test_proposer_decides_needs_a_proposer_and_is_off_with_no_fill(zh_proposer):
+    from llmtags.options import OptionsError
+
+    model = str(zh_proposer.path)
+    assert tagging_options(Settings(proposer=model, proposer_decides="品牌, 产品词,")).proposer_decides == {"品牌", "产品词"}
+    assert tagging_options(Settings(proposer=model, proposer_decides="品牌", no_fill=True)).proposer_decides == set()
+    with pytest.raises(OptionsError, match="--proposer-decides needs a span proposer"):
+        tagging_options(Settings(proposer_decides="品牌"))
+    with pytest.raises(OptionsError, match="--constrain closed"):
+        tagging_options(Settings(proposer=model, proposer_decides="品牌", constrain="closed"))
+
+
 class FirstSpanEngine(EchoEngine):
     """A model that reads the first span of the prompt's `识别:` line as another attribute (`其他`), and
     answers a prompt without spans with one fixed tag."""
@@ -450,10 +486,26 @@ def test_fill_adds_the_spans_the_answer_left_out_marked_as_filled(zh_proposer, q
     summary = RunSummary()
     for result in results:
         summary.add(result)
-    assert summary.filled == sum(len(r.filled) for r in results) and any("fill:" in line for line in summary.lines())
+    assert summary.filled == sum(len(r.filled) for r in results) and any("fusion:" in line for line in summary.lines())
     # --min-confidence is a threshold on the model's confidences: filled tags passed --fill's instead.
     strict = list(tag_records(records, engine, dataclasses.replace(options, min_confidence=0.999)))
     assert [r.filled for r in strict] == [r.filled for r in results]
+
+
+def test_proposer_decides_replaces_the_models_tags_of_those_attributes(zh_proposer, qwen_tokenizer_dir):
+    from llmtags.models import load_tokenizer_only
+    from llmtags.tagger import tag_records
+
+    records = [Record(f"r{i}", r.text) for i, r in enumerate(synthetic(8, seed=9))]
+    engine = FirstSpanEngine(load_tokenizer_only(str(qwen_tokenizer_dir)))  # it answers `其他:<first span>`
+    decides = frozenset({"其他", "品牌"})
+    results = list(tag_records(records, engine, TaggingOptions(template="tuned", proposer=zh_proposer,
+                                                               proposer_decides=decides)))
+    for result in results:
+        expected = [p for p in zh_proposer.propose(result.record) if p.attribute in decides]
+        assert result.tags == result.filled == [p.tag for p in expected]
+        assert result.confidences == [p.p for p in expected]
+    assert any(r.tags for r in results)
 
 
 def test_an_answer_that_used_every_new_token_is_counted_as_cut():

@@ -21,7 +21,7 @@ _PLACEHOLDER_ATTRIBUTES = {"attribute", "attr", "属性", "属性名"}
 _PLACEHOLDER_VALUES = {"value", "值", "属性值", "..."}
 
 
-def _key(name: str) -> str:
+def name_key(name: str) -> str:
     """Names compared as scoring compares them: NFKC, case-folded, spaces collapsed."""
     return " ".join(unicodedata.normalize("NFKC", name).split()).casefold()
 
@@ -33,17 +33,17 @@ def drop_reason(tag: str, schema: set[str] | None) -> str | None:
         return "no_attribute"
     if schema is not None:
         # A catalogue may really call an attribute "属性": what its schema names is never a placeholder.
-        if _key(attribute) not in schema:
-            return "placeholder" if _key(attribute) in _PLACEHOLDER_ATTRIBUTES else "outside_schema"
-        return "placeholder" if _key(value) in _PLACEHOLDER_VALUES else None
-    if _key(attribute) in _PLACEHOLDER_ATTRIBUTES or _key(value) in _PLACEHOLDER_VALUES:
+        if name_key(attribute) not in schema:
+            return "placeholder" if name_key(attribute) in _PLACEHOLDER_ATTRIBUTES else "outside_schema"
+        return "placeholder" if name_key(value) in _PLACEHOLDER_VALUES else None
+    if name_key(attribute) in _PLACEHOLDER_ATTRIBUTES or name_key(value) in _PLACEHOLDER_VALUES:
         return "placeholder"
     return None
 
 
 def clean_tags(tags: Sequence[str], schema: Sequence[str] | None = None) -> tuple[list[str], dict[str, list[str]]]:
     """(the tags kept, in order; the tags dropped, by reason)."""
-    allowed = {_key(name) for name in schema} if schema else None
+    allowed = {name_key(name) for name in schema} if schema else None
     kept: list[str] = []
     dropped: dict[str, list[str]] = {}
     for tag in tags:

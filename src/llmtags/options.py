@@ -67,6 +67,8 @@ class TaggingOptions:
     # Fusion: the proposer's spans of at least this marginal that the model's answer leaves out (no tag
     # over their words) are added to it (None: the answer stands as written).
     fill: float | None = None
+    # Attributes the proposer decides: the model's tags for them give way to its spans (proposer.decide).
+    proposer_decides: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,8 @@ class Settings:
     min_confidence: str | None = None  # a number in [0, 1], or "calibrated"
     cascade: float | None = None  # P in (0, 1]: the proposer alone tags records it is this sure of
     fill: float | None = None  # P in (0, 1]: add the proposer's spans this likely that the answer leaves out
-    no_fill: bool = False  # not even the P the adapter records
+    proposer_decides: str | None = None  # comma-joined attributes whose tags are the proposer's spans
+    no_fill: bool = False  # the answers as written: neither --fill nor --proposer-decides, not even the adapter's
     # normalisation
     vocab: str | None = None
     policy: str = "open"
@@ -157,13 +160,15 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
         raise OptionsError(f"--demo-text: expected one of {', '.join(DEMO_VIEWS)}, got {settings.demo_text!r}")
     if settings.text_budget is not None and settings.text_budget < 40:
         raise OptionsError(f"--text-budget: {settings.text_budget} characters is too few to keep a title; give 40 or more")
+    decides = decided_attributes(settings.proposer_decides)
     for flag, value, meaning in (("--cascade", settings.cascade, "the proposer's confidence above which it tags a "
                                   "record alone"),
                                  ("--fill", settings.fill, "the marginal probability a proposer's span needs to be "
-                                  "added to the model's answer")):
+                                  "added to the model's answer"),
+                                 ("--proposer-decides", decides or None, "")):
         if value is None:
             continue
-        if not 0.0 < value <= 1.0:
+        if not isinstance(value, frozenset) and not 0.0 < value <= 1.0:
             raise OptionsError(f"{flag}: {value} is not in (0, 1]: it is {meaning}")
         if settings.constrain == "closed":
             raise OptionsError(f"{flag} and --constrain closed do not go together: the proposer's spans are not "
@@ -181,7 +186,13 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
                           settings.chunk_size, candidates=candidates, proposer=proposer, constrain=settings.constrain,
                           constrain_vocab=constrain_vocab, min_confidence=min_confidence(settings, calibration),
                           cascade=settings.cascade, fill=None if settings.no_fill else settings.fill,
+                          proposer_decides=frozenset() if settings.no_fill else decides,
                           demo_text=settings.demo_text, text_budget=settings.text_budget)
+
+
+def decided_attributes(joined: str | None) -> frozenset[str]:
+    """`--proposer-decides A,B`: the attribute names, without blanks."""
+    return frozenset(name.strip() for name in (joined or "").split(",") if name.strip())
 
 
 def check_shows_demos(template: str | PromptTemplate) -> None:

@@ -24,7 +24,8 @@ from .adapters.pack import POOL_FILE, PROPOSER_FILE, VOCABULARY_FILE
 from .adapters.registry import METADATA_FILE, AdapterError, read_metadata, resolve_adapter, weights_sha256
 from .candidates import candidate_finder, candidate_sources
 from .models import base_model_spec, cache_root, sha256_file
-from .options import OptionsError, Settings, TaggingOptions, check_shows_demos, normaliser_for, tagging_options
+from .options import (OptionsError, Settings, TaggingOptions, check_shows_demos, decided_attributes, normaliser_for,
+                      tagging_options)
 from .prompts import PromptTemplate, template_choice
 from .proposer import FEATURES_VERSION, ProposerSettings, SpanProposer, sample_proposer
 from .records import load_labelled
@@ -95,6 +96,7 @@ class AdapterDefaults:
     retrieve: int | None = None
     proposer: str | None = None
     fill: float | None = None  # the --fill P chosen on the adapter's dev records (llmtags.json: proposer.fill)
+    proposer_decides: str | None = None  # comma-joined, chosen there too (proposer.decides)
 
     def changes(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -184,18 +186,27 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
                 _say(f"warning: no span proposer from {settings.demos} ({exc}): tagging without one")
         else:
             proposer = _shipped_proposer(adapter)
-    fill = None
-    # Filled spans are not limited to a closed vocabulary: with --constrain closed the answer stands.
-    if proposer and settings.fill is None and not settings.no_fill and settings.constrain != "closed":
+    fill, decides = None, None
+    # The proposer's spans are not limited to a closed vocabulary: with --constrain closed the answer stands.
+    fusing = proposer and not settings.no_fill and settings.constrain != "closed"
+    if fusing and settings.fill is None:
         fill = adapter.field("proposer.fill", float)
         if fill is not None and not 0.0 < fill <= 1.0:
             raise OptionsError(f"adapter {name}: llmtags.json proposer.fill is {fill}, not in (0, 1]")
-    found = AdapterDefaults(template, source, demos, retrieve, proposer, fill)
+    # Which attributes its CRF tags better was measured on the adapter's own catalogue, not on a sample's.
+    if fusing and settings.proposer_decides is None and not retrieving:
+        recorded = adapter.field("proposer.decides", list)
+        if recorded is not None and not all(isinstance(a, str) and a.strip() for a in recorded):
+            raise OptionsError(f"adapter {name}: llmtags.json proposer.decides is {recorded}, not a list of names")
+        decides = ",".join(recorded) if recorded else None
+    found = AdapterDefaults(template, source, demos, retrieve, proposer, fill, decides)
     if found.candidates or found.demos or found.proposer:
         print(f"llmtags: adapter {name}: " + "; ".join(
             [f"span proposer {found.proposer}"] * bool(found.proposer)
             + [f"its spans of marginal >= {found.fill} that answers leave out added (--fill; --no-fill: not)"]
             * (found.fill is not None)
+            + [f"its spans decide {found.proposer_decides} (--proposer-decides; --no-fill: not)"]
+            * bool(found.proposer_decides)
             + [f"candidates from {found.candidates}"] * bool(found.candidates)
             + [f"{found.retrieve or settings.retrieve} demonstrations retrieved from {found.demos}"] * bool(found.demos)),
             file=sys.stderr)
@@ -214,6 +225,8 @@ def _with_defaults(options: TaggingOptions, found: AdapterDefaults, settings: Se
         changes["proposer"] = SpanProposer(found.proposer)
     if found.fill is not None:
         changes["fill"] = found.fill
+    if found.proposer_decides:
+        changes["proposer_decides"] = decided_attributes(found.proposer_decides)
     demos = found.demos or settings.demos
     retrieve = found.retrieve if found.retrieve is not None else settings.retrieve
     if demos and retrieve:
@@ -269,8 +282,11 @@ class RunPlan:
                 hashes[f"{key} sha256"] = digests[0] if len(digests) == 1 else digests
         for name, adapter in self.adapters.items():
             hashes[f"adapter {name} sha256"] = adapter.weights_sha256
-            if name in self.options_by_adapter:  # a map: each adapter's own --fill P decides its tags too
+            if name in self.options_by_adapter:  # a map: each adapter's own fusion decides its tags too
                 hashes[f"adapter {name} fill"] = self.options_by_adapter[name].fill
+                decides = sorted(self.options_by_adapter[name].proposer_decides)
+                if decides:
+                    hashes[f"adapter {name} proposer decides"] = decides
             for file, digest in adapter.shipped_sha256.items():
                 hashes[f"adapter {name} {file} sha256"] = digest
         return hashes
@@ -291,7 +307,8 @@ def plan_run(settings: Settings, templates: Sequence[PromptTemplate] = ()) -> Ru
     per_adapter = ({name: _with_defaults(options, adapter_defaults(adapter, settings), settings)
                     for name, adapter in adapters.items()} if adapter_map is not None else {})
     for flag, value, then in (("--cascade", settings.cascade, "are all generated"),
-                              ("--fill", settings.fill, "keep the model's answers as written")):
+                              ("--fill", settings.fill, "keep the model's answers as written"),
+                              ("--proposer-decides", settings.proposer_decides, "keep the model's answers as written")):
         if value is None or adapter_map is None:
             continue
         without = [name for name, o in per_adapter.items() if o.proposer is None]

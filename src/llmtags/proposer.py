@@ -35,6 +35,7 @@ from typing import Any
 
 import pycrfsuite
 
+from .hygiene import name_key
 from .metrics import canonical, gold_forms, score, split_tag
 from .records import Record
 from .spans import ValueIndex, is_cjk, is_word_char, value_key
@@ -423,6 +424,29 @@ def unanswered(proposals: Sequence[Proposal], tags: Sequence[str], min_p: float)
         if key and not any(w and (w in key or key in w) for w in written):
             left.append(proposal)
     return left
+
+
+def decide(tags: Sequence[str], proposals: Sequence[Proposal],
+           attributes: Iterable[str]) -> tuple[list[str], list[Proposal]]:
+    """`--proposer-decides`: for `attributes` (chosen on dev records, where the CRF's spans score higher
+    than the model's tags), the answer's tags give way to the proposer's spans. Returns (the answer's tags
+    for the other attributes, the proposals that replace the rest). Names compare as the schema compares them."""
+    decided = {name_key(name) for name in attributes}
+    if not decided:
+        return list(tags), []
+    kept = [tag for tag in tags if name_key(split_tag(tag)[0] or "") not in decided]
+    return kept, [p for p in proposals if name_key(p.attribute) in decided]
+
+
+def fuse(tags: Sequence[str], proposals: Sequence[Proposal], fill: float | None,
+         decides: Iterable[str] = ()) -> tuple[list[str], list[Proposal]]:
+    """Model fusion: (the answer's tags that stand, the proposals that join them). The attributes the
+    proposer `decides` take its spans instead of the model's tags (`decide`); with `fill`, the spans of at
+    least that marginal the answer is silent on are added (`unanswered`)."""
+    kept, taken = decide(tags, proposals, decides)
+    if fill is not None:
+        taken += unanswered(proposals, kept + [p.tag for p in taken], fill)
+    return kept, taken
 
 
 def proposal_quality(records: Sequence[Record], proposals: Sequence[Sequence[Proposal]]) -> dict[str, float]:

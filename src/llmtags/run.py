@@ -42,7 +42,7 @@ class RunSummary:
     resumed: int = 0  # records found done in the output of an earlier run, and skipped
     cascaded: int = 0  # records the span proposer tagged alone (--cascade), without generation
     cut: int = 0  # answers that used all of --max-new-tokens
-    filled: int = 0  # tags --fill added from the proposer's spans
+    filled: int = 0  # tags taken from the proposer's spans (--fill, --proposer-decides)
     interrupted: bool = False
     prompt_tokens: int = 0
     new_tokens: int = 0
@@ -82,7 +82,7 @@ class RunSummary:
             lines.append(f"cascade: the span proposer alone tagged {self.cascaded} of {self.tagged} records "
                          f"({self.cascaded / self.tagged:.0%}); the model generated the rest")
         if self.filled:
-            lines.append(f"fill: {self.filled} tags added from the span proposer's spans the answers left out")
+            lines.append(f"fusion: {self.filled} tags taken from the span proposer's spans (--fill, --proposer-decides)")
         if self.resumed:
             lines.append(f"resumed: {self.resumed} records were already done")
         if self.interrupted:

@@ -20,7 +20,7 @@ from .hygiene import clean_tags
 from .options import TaggingOptions
 from .parse import parse_tag_spans
 from .prompts import Demo, render_prompt, template_for
-from .proposer import Proposal, unanswered
+from .proposer import Proposal, fuse
 from .records import Record
 
 
@@ -41,7 +41,7 @@ class TagResult:
     dropped: dict[str, list[str]] = field(default_factory=dict)  # lines dropped by hygiene.clean_tags, by reason
     by: str = "model"  # "proposer": the cascade let the span proposer alone tag it (no generation)
     cut: bool = False  # the answer used all of max_new_tokens: tags after the cut were lost
-    filled: list[str] = field(default_factory=list)  # tags --fill took from the proposer (also in `tags`)
+    filled: list[str] = field(default_factory=list)  # tags taken from the proposer (also in `tags`)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.record.id, "text_hash": self.record.text_hash, "tags": self.tags,
@@ -228,17 +228,16 @@ def tag_records(
 def to_result(record: Record, generation: Any, options: TaggingOptions, normaliser: Any = None,
               schema: Sequence[str] | None = None, proposals: Sequence[Proposal] = ()) -> TagResult:
     """Parse, clean (`hygiene.clean_tags`: against `schema`, else the record's), normalise and ground one
-    generation; with `options.fill`, the `proposals` the answer left out at that marginal are added
-    (`proposer.unanswered`), with their marginals as confidences."""
+    generation. The `proposals` join the answer, with their marginals as confidences (`proposer.fuse`): for
+    the attributes of `options.proposer_decides` they replace its tags, and with `options.fill` those it
+    left out at that marginal are added."""
     schema = schema if schema is not None else record.schema
     parsed = parse_tag_spans(generation.text)
     by_raw = confidences_by_tag(parsed, generation)
     kept, dropped = clean_tags([p.tag for p in parsed], schema)
-    filled: list[str] = []
-    if options.fill is not None:
-        added = unanswered(proposals, kept, options.fill)
-        filled, _ = clean_tags([p.tag for p in added], schema)
-        by_raw = {**{p.tag: p.p for p in added}, **by_raw}
+    kept, added = fuse(kept, proposals, options.fill, options.proposer_decides)
+    filled, _ = clean_tags([p.tag for p in added], schema)
+    by_raw = {**{p.tag: p.p for p in added}, **by_raw}
     result = TagResult(record, kept + filled, generation.text, generation.prompt_tokens,
                        generation.new_tokens, truncated=len(record.text) > options.max_text_chars, dropped=dropped,
                        cut=generation.new_tokens >= options.max_new_tokens, filled=filled)

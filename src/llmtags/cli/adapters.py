@@ -19,6 +19,7 @@ from ..adapters.registry import (
     show_adapter,
 )
 from ..candidates import candidate_sources
+from ..options import decided_attributes
 from ..proposer import CrossFitted, ProposerSettings
 from ..records import load_labelled
 from .common import CliError, add_root
@@ -53,6 +54,8 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
                    help=f"the proposer's training iterations (default {ProposerSettings.max_iterations})")
     p.add_argument("--fill", type=float, metavar="P", help="record P as the adapter's default --fill (choose it on dev "
                    "records: eval/fill.py); the adapter must ship a span proposer")
+    p.add_argument("--proposer-decides", metavar="ATTRS", help="record these comma-joined attributes as the ones whose "
+                   "tags the adapter's span proposer decides by default (chosen on dev records: eval/fill.py)")
     p.add_argument("--licence", "--license", dest="licence", help="licence of the shipped data, for the metadata")
     add_root(p)
     p.set_defaults(func=cmd_adapters_pack)
@@ -99,8 +102,10 @@ def cmd_adapters_show(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_pack(args: argparse.Namespace) -> int:
-    if not args.candidates and not args.demos and not args.proposer and args.fill is None:
-        raise CliError("give --candidates VOCAB, --demos LABELLED --retrieve K, --proposer LABELLED and/or --fill P")
+    decides = sorted(decided_attributes(args.proposer_decides))
+    if not args.candidates and not args.demos and not args.proposer and args.fill is None and not decides:
+        raise CliError("give --candidates VOCAB, --demos LABELLED --retrieve K, --proposer LABELLED, --fill P and/or "
+                       "--proposer-decides ATTRS")
     if bool(args.demos) != bool(args.retrieve):
         raise CliError("--demos and --retrieve K go together: the pool and how many of it each prompt shows")
     if args.fill is not None and not 0.0 < args.fill <= 1.0:
@@ -120,11 +125,15 @@ def cmd_adapters_pack(args: argparse.Namespace) -> int:
                                 licence=args.licence, proposer=proposer)
     else:
         meta = pack_adapter(path, candidates=args.candidates, pool=args.demos, k=args.retrieve, licence=args.licence)
-    if args.fill is not None:
+    for flag, key, value, said in (("--fill", "fill", args.fill, f"--fill {args.fill} by default"),
+                                   ("--proposer-decides", "decides", decides or None,
+                                    f"its proposer deciding {', '.join(decides)} by default")):
+        if value is None:
+            continue
         if not (meta.get("proposer") or read_metadata(path).get("proposer")):
-            raise CliError(f"--fill: {path} ships no span proposer to fill from; pack one with --proposer LABELLED")
-        set_metadata_entry(path, ("proposer", "fill"), args.fill)
-        shipped.append(f"--fill {args.fill} by default")
+            raise CliError(f"{flag}: {path} ships no span proposer; pack one with --proposer LABELLED")
+        set_metadata_entry(path, ("proposer", key), value)
+        shipped.append(said)
     if args.candidates:
         shipped.append(f"{meta['vocabulary']['candidates']['size']} candidate tags")
     if args.demos:

@@ -136,8 +136,12 @@ def add_generation(p: argparse.ArgumentParser) -> None:
                       help="add to the model's answer the span proposer's spans of marginal probability at least P (in "
                       "(0, 1]) whose value no tag of the answer holds or is held by; such tags are also listed as "
                       "\"filled\" (default: the P the adapter records in its llmtags.json, proposer.fill)")
+    p.add_argument("--proposer-decides", metavar="ATTRS",
+                   help="comma-joined attributes whose tags are the span proposer's spans, not the model's (where its "
+                   "CRF is the better tagger: eval/fill.py chooses them on dev records); listed as \"filled\" too "
+                   "(default: the attributes the adapter records in its llmtags.json, proposer.decides)")
     fill.add_argument("--no-fill", action="store_true", help="keep the model's answers as written, even where the "
-                      "adapter records a --fill P")
+                      "adapter records a --fill P or attributes its proposer decides")
 
 
 def add_vocab(p: argparse.ArgumentParser) -> None:

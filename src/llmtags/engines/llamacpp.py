@@ -61,6 +61,17 @@ def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
         return False
 
 
+def model_params(default_params: Callable[[], Any]) -> Any:
+    """llama.cpp's default model parameters (from `default_params`, llama_model_default_params), safe on this host."""
+    params = default_params()
+    if cpu_has_amx():
+        # llama.cpp's AMX matmul (an "extra buffer type", built in wherever the compiler sees AMX) crashes
+        # on such hosts (SIGSEGV in ggml_backend_amx_mul_mat, seen 2026-12-02 on a 2-core Xeon VM); its
+        # plain CPU kernels give the same tokens.
+        params.use_extra_bufts = False
+    return params
+
+
 def available_threads() -> int:
     """$LLMTAGS_THREADS (set per Ray worker), else the CPUs this process may run on."""
     if os.environ.get("LLMTAGS_THREADS", "").isdigit():
@@ -126,13 +137,7 @@ class LlamaCppEngine(PromptEncoder):
         self.stop_on_repeat = True
         self.stop_token_ids = stop_token_ids(tokenizer)
         self._newline_ids = newline_token_ids(tokenizer)
-        model_params = llama_cpp.llama_model_default_params()
-        if cpu_has_amx():
-            # llama.cpp's AMX matmul (an "extra buffer type", built in wherever the compiler sees AMX) crashes
-            # on such hosts (SIGSEGV in ggml_backend_amx_mul_mat, seen 2026-12-02 on a 2-core Xeon VM); its
-            # plain CPU kernels give the same tokens.
-            model_params.use_extra_bufts = False
-        self._model = _internals.LlamaModel(path_model=str(gguf_path), params=model_params, verbose=False)
+        self._model = _internals.LlamaModel(path_model=str(gguf_path), params=model_params(llama_cpp.llama_model_default_params), verbose=False)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch
