@@ -1,39 +1,69 @@
-"""Fusion (`--fill P`) and the cascade (`--cascade C`) together: the F1 of each pair, from one plain run.
+"""Fusion (`--fill P`, `--proposer-decides ATTRS`) and the cascade (`--cascade C`): the F1 of each, from
+one plain run per split.
 
     .venv/bin/python eval/fill.py --set zh-taobao-ner --adapter zh-taobao
-    .venv/bin/python eval/fill.py --set en-wdc-pave --adapter en-products --demos ../shared/datasets/en-wdc-pave/train.jsonl
+    .venv/bin/python eval/fill.py --set en-oa-mine,en-ae-110k --adapter en-products
+    .venv/bin/python eval/fill.py --set en-wdc-pave --adapter en-products --demos SAMPLE --data DIR
 
-One real `llmtags generate --adapter ADAPTER --no-fill` run per split (a split the set lacks is skipped) (first --limit records, kept under --work and
-resumed) gives the model's answers. Both options only change what happens around generation, so each
-(P, C) cell is computed from that run with the tagger's own functions: `--fill P` adds the proposals of
-marginal >= P that no tag of the answer covers (`proposer.unanswered`), and `--cascade C` replaces the
-answer by the proposer's spans where its confidence is >= C. Choose on dev, report on test; speed is
-measured by real runs (eval/cascade.py).
+One real `llmtags generate --adapter ADAPTER --no-fill` run per set and split (the first --limit records,
+kept under --work and resumed; a split the set lacks is skipped) gives the model's answers. The options
+only change what happens around generation, so each setting is computed from that run with the
+tagger's own functions: `--fill P` adds the proposals of marginal >= P that no tag of the answer covers,
+`--proposer-decides` gives the CRF's spans the listed attributes (`proposer.fuse`), and `--cascade C`
+replaces the answer by the proposer's spans where its confidence is >= C. Speed is measured by real
+runs (eval/cascade.py).
 
-The fusion to ship is chosen on the first split (dev) and reported on the others (test): for each P
-(and off), the attributes `--proposer-decides` gives to the CRF are picked greedily, most supported
-first, where the switch raises that split's micro F1 (attributes with at least --min-support gold tags);
-the best (P, attributes) is applied unchanged to the later splits. Writes eval/fill_SET.json and .md.
+The fusion to ship is chosen on the first split (dev, all the sets' records together: one adapter, one
+default) and reported on every split of every set: for each P (and off), the attributes to give to the
+CRF are picked greedily, most supported first, where the switch raises micro F1 on the first split
+(attributes with at least --min-support gold tags there); the best (P, attributes) is applied unchanged
+to the later splits. Writes eval/fill_SET.json and .md.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from common import (REPO, generated, meta_lines, predictions_file, run_meta, run_parser, run_settings, settings_label,
                     split_paths, write_result)
 
 from llmtags.hygiene import clean_tags
-from llmtags.metrics import paired_bootstrap, score
+from llmtags.metrics import match_record_extractgpt, paired_bootstrap, score, score_counts
 from llmtags.options import Settings, TaggingOptions
 from llmtags.plan import plan_run
 from llmtags.proposer import fuse
-from llmtags.records import load_labelled
-from llmtags.tagger import prompt_parts
+from llmtags.records import Record, load_labelled
+from llmtags.tagger import PromptParts, prompt_parts
 
 
-def fused(answer: list[str], parts: Any, fill: float | None, cascade: float | None,
+@dataclass
+class SplitRun:
+    """The plain run over one split of one set: its records, the model's answers, the prompt parts (with
+    the proposer's spans) and the run's products/s."""
+
+    set: str
+    split: str
+    records: list[Record]
+    answers: list[list[str]]
+    parts: list[PromptParts]
+    rate: float | None
+
+    @property
+    def gold(self) -> list[Any]:
+        return [r.tags for r in self.records]
+
+    @property
+    def crf(self) -> list[list[str]]:
+        return [[p.tag for p in part.proposals] for part in self.parts]
+
+    def fused(self, fill: float | None, cascade: float | None = None,
+              decides: frozenset[str] = frozenset()) -> list[list[str]]:
+        return [fused(a, p, fill, cascade, decides) for a, p in zip(self.answers, self.parts)]
+
+
+def fused(answer: list[str], parts: PromptParts, fill: float | None, cascade: float | None,
           decides: frozenset[str] = frozenset()) -> list[str]:
     """What `generate --fill fill --cascade cascade --proposer-decides decides` writes for one record whose
     plain answer is `answer` (no --vocab: tags are not normalised)."""
@@ -44,29 +74,8 @@ def fused(answer: list[str], parts: Any, fill: float | None, cascade: float | No
     return kept + clean_tags([p.tag for p in taken], schema)[0]
 
 
-def f1_of(gold: list[Any], answers: list[list[str]], parts: list[Any], fill: float | None,
-          decides: frozenset[str]) -> float:
-    return score(gold, [fused(a, p, fill, None, decides) for a, p in zip(answers, parts)]).micro.f1
-
-
-def choose_decides(gold: list[Any], answers: list[list[str]], parts: list[Any], fill: float | None,
-                   min_support: int) -> tuple[frozenset[str], float]:
-    """The attributes whose tags the CRF's spans should decide at `fill`, greedily (most supported first,
-    kept where the switch raises micro F1 on these records), and the F1 they reach."""
-    support = score(gold, answers).per_attribute
-    order = sorted((a for a, row in support.items() if row.support >= min_support), key=lambda a: -support[a].support)
-    chosen: frozenset[str] = frozenset()
-    best = f1_of(gold, answers, parts, fill, chosen)
-    for attribute in order:
-        trial = f1_of(gold, answers, parts, fill, chosen | {attribute})
-        if trial > best:
-            chosen, best = chosen | {attribute}, trial
-    return chosen, best
-
-
-def split_run(args: Any, split: str) -> tuple[list[Any], list[list[str]], list[Any], float | None] | None:
-    """(gold, the plain run's answers, the prompt parts, its products/s) on the first --limit records of `split`."""
-    paths = split_paths(args.data, args.set, split)
+def split_run(args: Any, set_name: str, split: str) -> SplitRun | None:
+    paths = split_paths(args.data, set_name, split)
     if paths is None:
         return None
     records = [r for r in load_labelled(paths[0]) if r.tags is not None][: args.limit]
@@ -75,94 +84,135 @@ def split_run(args: Any, split: str) -> tuple[list[Any], list[list[str]], list[A
     if plan.options.proposer is None:
         sys.exit(f"adapter {args.adapter} brings no span proposer: --fill and --cascade need one")
     parts = [prompt_parts(r, plan.options) for r in records]
-    work = args.work or REPO.parent / "runs" / "eval" / args.set
+    work = args.work or REPO.parent / "runs" / "eval" / set_name
     found, rate = generated(paths[0], predictions_file(work, split, f"cascade-None-{settings_label(base)}", args.adapter),
                             args.adapter, base, args.limit)
-    return [r.tags for r in records], [found.get(r.id, ([], []))[0] for r in records], parts, rate
+    return SplitRun(set_name, split, records, [found.get(r.id, ([], []))[0] for r in records], parts, rate)
 
 
-def grid(split: str, run: tuple, fills: list[float | None], cascades: list[float | None], n_boot: int) -> dict[str, Any]:
-    gold, answers, parts, rate = run
-    cells = []
+def joined(runs: list[SplitRun]) -> SplitRun:
+    """Several sets' runs of one split as one."""
+    return SplitRun("+".join(r.set for r in runs), runs[0].split, [x for r in runs for x in r.records],
+                    [x for r in runs for x in r.answers], [x for r in runs for x in r.parts], None)
+
+
+def grid(run: SplitRun, fills: list[float | None], cascades: list[float | None], n_boot: int) -> dict[str, Any]:
+    gold, cells = run.gold, []
     for fill in fills:
         for cascade in cascades:
-            preds = [fused(a, p, fill, cascade) for a, p in zip(answers, parts)]
+            preds = run.fused(fill, cascade)
             micro = score(gold, preds).micro
             cell = {"fill": fill, "cascade": cascade, "precision": micro.precision, "recall": micro.recall,
                     "f1": micro.f1,
-                    "skipped": sum(p.cascaded(TaggingOptions(cascade=cascade)) for p in parts) / len(parts)}
+                    "skipped": sum(p.cascaded(TaggingOptions(cascade=cascade)) for p in run.parts) / len(run.parts)}
             if fill is not None or cascade is not None:
-                cell["vs_plain"] = paired_bootstrap(gold, answers, preds, n=n_boot).to_json()
+                cell["vs_plain"] = paired_bootstrap(gold, run.answers, preds, n=n_boot).to_json()
             cells.append(cell)
-    crf = score(gold, [[p.tag for p in part.proposals] for part in parts]).micro
-    print(f"{split}: plain F1 {cells[0]['f1']:.3f}, best {max(c['f1'] for c in cells):.3f}", file=sys.stderr)
-    return {"split": split, "records": len(gold), "plain_products_per_s": rate, "crf_f1": crf.f1, "cells": cells}
+    print(f"{run.set} {run.split}: plain F1 {cells[0]['f1']:.3f}, best {max(c['f1'] for c in cells):.3f}",
+          file=sys.stderr)
+    return {"set": run.set, "split": run.split, "records": len(gold), "plain_products_per_s": run.rate,
+            "crf_f1": score(gold, run.crf).micro.f1, "cells": cells}
 
 
-def chosen_fusion(runs: dict[str, tuple], fills: list[float | None], min_support: int, n_boot: int) -> dict[str, Any]:
-    """The (fill, decides) with the best F1 on the first split, and what it scores on each split."""
-    first = next(iter(runs))
-    gold, answers, parts, _ = runs[first]
-    fill, decides, _ = max(((f, *choose_decides(gold, answers, parts, f, min_support)) for f in fills),
-                           key=lambda found: found[2])
-    scored = []
-    for split, (gold, answers, parts, _) in runs.items():
-        preds = [fused(a, p, fill, None, decides) for a, p in zip(answers, parts)]
-        crf = [[p.tag for p in part.proposals] for part in parts]
-        micro = score(gold, preds).micro
-        scored.append({"split": split, "precision": micro.precision, "recall": micro.recall, "f1": micro.f1,
-                       "vs_plain": paired_bootstrap(gold, answers, preds, n=n_boot).to_json(),
-                       "vs_crf": paired_bootstrap(gold, crf, preds, n=n_boot).to_json()})
-    return {"chosen_on": first, "fill": fill, "decides": sorted(decides), "min_support": min_support,
-            "splits": scored}
+def choose_decides(run: SplitRun, fill: float | None, min_support: int) -> tuple[frozenset[str], float]:
+    """The attributes whose tags the CRF's spans should decide at `fill`, greedily (most supported first,
+    kept where the switch raises micro F1 on `run`), and the F1 they reach."""
+    support = score(run.gold, run.answers).per_attribute
+    order = sorted((a for a, row in support.items() if row.support >= min_support), key=lambda a: -support[a].support)
+    chosen: frozenset[str] = frozenset()
+    best = score(run.gold, run.fused(fill, None, chosen)).micro.f1
+    for attribute in order:
+        trial = score(run.gold, run.fused(fill, None, chosen | {attribute})).micro.f1
+        if trial > best:
+            chosen, best = chosen | {attribute}, trial
+    return chosen, best
+
+
+def scored(run: SplitRun, fill: float | None, decides: frozenset[str], n_boot: int) -> dict[str, Any]:
+    """The chosen fusion on one run: P/R/F1, against the plain answers and the CRF alone, per attribute."""
+    gold, preds, crf = run.gold, run.fused(fill, None, decides), run.crf
+    micro = score(gold, preds).micro
+    row: dict[str, Any] = {"set": run.set, "split": run.split, "precision": micro.precision, "recall": micro.recall,
+                           "f1": micro.f1, "plain_f1": score(gold, run.answers).micro.f1,
+                           "crf_f1": score(gold, crf).micro.f1,
+                           "vs_plain": paired_bootstrap(gold, run.answers, preds, n=n_boot).to_json(),
+                           "vs_crf": paired_bootstrap(gold, crf, preds, n=n_boot).to_json()}
+    if all(r.targets for r in run.records):  # the ExtractGPT protocol, for the sets that define targets
+        row["extractgpt_f1"] = {name: score_counts([match_record_extractgpt(g, p, r.targets) for g, p, r
+                                                    in zip(gold, tags, run.records)], True).micro.f1
+                                for name, tags in (("plain", run.answers), ("chosen", preds), ("crf", crf))}
+    mine, theirs = score(gold, preds).per_attribute, score(gold, crf).per_attribute
+    row["per_attribute"] = {name: {"support": r.support, "f1": r.f1, "crf_f1": theirs[name].f1 if name in theirs else 0.0}
+                            for name, r in sorted(mine.items(), key=lambda item: -item[1].support) if r.support}
+    return row
+
+
+def chosen_fusion(runs: list[SplitRun], fills: list[float | None], min_support: int, n_boot: int) -> dict[str, Any]:
+    """The (fill, decides) with the best F1 on the first split (all sets together), scored on every run."""
+    first = joined([r for r in runs if r.split == runs[0].split])
+    fill, decides, _ = max(((f, *choose_decides(first, f, min_support)) for f in fills), key=lambda found: found[2])
+    return {"chosen_on": first.split, "fill": fill, "decides": sorted(decides), "min_support": min_support,
+            "runs": [scored(run, fill, decides, n_boot) for run in runs]}
 
 
 def run(args: Any) -> dict[str, Any]:
     fills = [None, *(float(t) for t in args.fills.split(","))]
     cascades = [None, *(float(t) for t in args.cascades.split(","))]
-    runs = {split: found for split in args.splits.split(",") if (found := split_run(args, split))}
+    runs = [found for set_name in args.set.split(",") for split in args.splits.split(",")
+            if (found := split_run(args, set_name, split))]
     return {"set": args.set, "adapter": args.adapter, "demos": str(args.demos or ""),
             "settings": {k: v for k, v in run_settings(args).items() if k != "demos"}, "fills": fills, "cascades": cascades,
-            "splits": [grid(split, found, fills, cascades, args.n_boot) for split, found in runs.items()],
+            "splits": [grid(r, fills, cascades, args.n_boot) for r in runs],
             "chosen": chosen_fusion(runs, fills, args.min_support, args.n_boot), "meta": run_meta()}
+
+
+def interval(d: dict[str, Any]) -> str:
+    return f"{d['delta_f1']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
 
 
 def markdown(result: dict[str, Any]) -> str:
     sample = f", sample {result['demos']}" if result["demos"] else ""
     sample += "".join(f", {k}={v}" for k, v in result["settings"].items())
-    lines = [f"# Fusion (--fill) and the cascade on {result['set']} ({result['adapter']} adapter{sample})", "",
+    lines = [f"# Fusion and the cascade on {result['set']} ({result['adapter']} adapter{sample})", "",
              *meta_lines(result["meta"]),
              "- each cell: strict typed micro F1 of `generate --fill P --cascade C`, computed from one plain run's "
              "answers with the tagger's own functions (the options act around generation only); in brackets the "
              "ΔF1 against the plain run by paired bootstrap, 95% interval; skipped: records the cascade takes", ""]
     for split in result["splits"]:
         rate = f"{split['plain_products_per_s']:.2f}" if split["plain_products_per_s"] else "–"
-        lines += [f"## {split['split']}: the first {split['records']} records (plain run {rate} products/s; "
-                  f"CRF alone F1 {split['crf_f1']:.3f})", "",
+        lines += [f"## {split['set']} {split['split']}: the first {split['records']} records (plain run {rate} "
+                  f"products/s; CRF alone F1 {split['crf_f1']:.3f})", "",
                   "| --fill P \\ --cascade C | " + " | ".join("off" if c is None else str(c) for c in result["cascades"])
                   + " |", "|---|" + "---:|" * len(result["cascades"])]
         for fill in result["fills"]:
-            row = [c for c in split["cells"] if c["fill"] == fill]
-            text = []
-            for c in row:
-                d = c.get("vs_plain")
-                delta = f" ({d['delta_f1']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}])" if d else ""
-                text.append(f"{c['f1']:.3f}{delta}" + (f", {c['skipped']:.0%} skipped" if c["cascade"] else ""))
+            text = [f"{c['f1']:.3f}" + (f" ({interval(c['vs_plain'])})" if "vs_plain" in c else "")
+                    + (f", {c['skipped']:.0%} skipped" if c["cascade"] else "")
+                    for c in split["cells"] if c["fill"] == fill]
             lines.append(f"| {'off' if fill is None else fill} | " + " | ".join(text) + " |")
         lines.append("")
     chosen = result["chosen"]
     decides = ", ".join(f"`{a}`" for a in chosen["decides"]) or "none"
+    fair = all(r["split"] == chosen["chosen_on"] for r in chosen["runs"])
     lines += [f"## The fusion chosen on {chosen['chosen_on']}: --fill {chosen['fill'] or 'off'}, "
               f"--proposer-decides {decides}", "",
               f"Attributes with at least {chosen['min_support']} gold tags there were tried. ΔF1 by paired bootstrap, "
-              "95% interval" + (" (the split it was chosen on is not a fair test)" if len(chosen["splits"]) == 1 else ""),
-              "", "| split | P | R | F1 | vs plain | vs CRF alone |", "|---|---:|---:|---:|---|---|"]
-    for row in chosen["splits"]:
-        vs = [f"{d['delta_f1']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" for d in (row["vs_plain"], row["vs_crf"])]
-        lines.append(f"| {row['split']} | {row['precision']:.3f} | {row['recall']:.3f} | **{row['f1']:.3f}** | "
-                     f"{vs[0]} | {vs[1]} |")
-    lines.append("")
-    return "\n".join(lines)
+              "95% interval" + (" (only the split it was chosen on: not a fair test)" if fair else "") + ".", "",
+              "| set | split | P | R | F1 | plain | CRF alone | vs plain | vs CRF alone | ExtractGPT: chosen / plain / CRF |",
+              "|---|---|---:|---:|---:|---:|---:|---|---|---|"]
+    for row in chosen["runs"]:
+        e = row.get("extractgpt_f1")
+        protocol = f"{e['chosen']:.3f} / {e['plain']:.3f} / {e['crf']:.3f}" if e else "–"
+        lines.append(f"| {row['set']} | {row['split']} | {row['precision']:.3f} | {row['recall']:.3f} | "
+                     f"**{row['f1']:.3f}** | {row['plain_f1']:.3f} | {row['crf_f1']:.3f} | {interval(row['vs_plain'])} | "
+                     f"{interval(row['vs_crf'])} | {protocol} |")
+    for row in chosen["runs"]:
+        if row["split"] == chosen["chosen_on"] and not fair:
+            continue
+        lines += ["", f"Per attribute, {row['set']} {row['split']}: the chosen fusion against the CRF alone (strict F1):",
+                  "", "| attribute | support | chosen | CRF alone | Δ |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {r['support']} | {r['f1']:.3f} | {r['crf_f1']:.3f} | {r['f1'] - r['crf_f1']:+.3f} |"
+                  for name, r in row["per_attribute"].items()]
+    return "\n".join(lines + [""])
 
 
 def main() -> None:
@@ -174,7 +224,8 @@ def main() -> None:
                         "to be tried for --proposer-decides")
     args = parser.parse_args()
     result = run(args)
-    write_result(args.out or REPO / "eval" / f"fill_{args.set.replace('-', '_')}", result, markdown(result))
+    write_result(args.out or REPO / "eval" / f"fill_{args.set.replace('-', '_').replace(',', '_')}", result,
+                 markdown(result))
 
 
 if __name__ == "__main__":
