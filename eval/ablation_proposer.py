@@ -31,7 +31,8 @@ from llmtags.proposer import SpanProposer
 from llmtags.records import Record, load_labelled
 from llmtags.report import EvalReport
 
-# name -> changes to `llmtags generate --adapter`'s settings (the adapter's own are the defaults)
+# name -> changes to `llmtags generate --adapter`'s settings (the adapter's own are the defaults), each with
+# --no-fill: what the proposer adds to the prompt, not to the answer (fusion: eval/fill.py)
 VARIANTS = {
     "adapter, nothing proposed": {"no_candidates": True, "no_proposer": True},
     "adapter + dictionary candidates": {"no_proposer": True},
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         sys.exit(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
     for name, changes in ((n, VARIANTS[n]) for n in chosen):
-        changes = {**changes, **({"proposer": str(args.proposer)} if args.proposer and "no_proposer" not in changes
+        changes = {"no_fill": True, **changes, **({"proposer": str(args.proposer)} if args.proposer and "no_proposer" not in changes
                                  else {})}
         file = predictions_file(work, args.split, f"proposer-{name}", args.adapter)
         found, rate = generated(data_path, file, args.adapter, changes, args.limit)

@@ -55,7 +55,7 @@ def run(args: Any) -> dict[str, Any]:
         sys.exit(0)
     data_path = paths[0]
     records = [r for r in load_labelled(data_path) if r.tags is not None][: args.limit]
-    base = run_settings(args)
+    base = {**run_settings(args), "no_fill": True}  # the answers as written (fusion: eval/fill.py, same runs)
     plan = plan_run(Settings(adapter=args.adapter, **base))
     if plan.options.proposer is None:
         sys.exit(f"adapter {args.adapter} brings no span proposer: the cascade needs one")

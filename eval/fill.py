@@ -79,6 +79,8 @@ def split_run(args: Any, set_name: str, split: str) -> SplitRun | None:
     if paths is None:
         return None
     records = [r for r in load_labelled(paths[0]) if r.tags is not None][: args.limit]
+    if not records:
+        return None
     base = {**run_settings(args), "no_fill": True}  # the answers as the model wrote them: fusion is computed here
     plan = plan_run(Settings(adapter=args.adapter, **base))
     if plan.options.proposer is None:
@@ -147,9 +149,10 @@ def scored(run: SplitRun, fill: float | None, decides: frozenset[str], n_boot: i
     return row
 
 
-def chosen_fusion(runs: list[SplitRun], fills: list[float | None], min_support: int, n_boot: int) -> dict[str, Any]:
-    """The (fill, decides) with the best F1 on the first split (all sets together), scored on every run."""
-    first = joined([r for r in runs if r.split == runs[0].split])
+def chosen_fusion(runs: list[SplitRun], choose_on: str, fills: list[float | None], min_support: int,
+                  n_boot: int) -> dict[str, Any]:
+    """The (fill, decides) with the best F1 on split `choose_on` (all sets together), scored on every run."""
+    first = joined([r for r in runs if r.split == choose_on])
     fill, decides, _ = max(((f, *choose_decides(first, f, min_support)) for f in fills), key=lambda found: found[2])
     return {"chosen_on": first.split, "fill": fill, "decides": sorted(decides), "min_support": min_support,
             "runs": [scored(run, fill, decides, n_boot) for run in runs]}
@@ -158,12 +161,19 @@ def chosen_fusion(runs: list[SplitRun], fills: list[float | None], min_support: 
 def run(args: Any) -> dict[str, Any]:
     fills = [None, *(float(t) for t in args.fills.split(","))]
     cascades = [None, *(float(t) for t in args.cascades.split(","))]
-    runs = [found for set_name in args.set.split(",") for split in args.splits.split(",")
+    splits = args.splits.split(",")
+    refused = {"min_confidence", "vocab", "constrain"} & set(run_settings(args))
+    if refused:  # they change the answers before fusion: the cells would not be what generate writes
+        sys.exit(f"--option {', '.join(sorted(refused))}: not with eval/fill.py, whose cells are the plain answers fused")
+    runs = [found for set_name in args.set.split(",") for split in splits
             if (found := split_run(args, set_name, split))]
+    lacking = sorted(set(args.set.split(",")) - {r.set for r in runs if r.split == splits[0]})
+    if lacking:
+        sys.exit(f"{', '.join(lacking)}: no {splits[0]} split (or no labelled records in it) to choose the fusion on")
     return {"set": args.set, "adapter": args.adapter, "demos": str(args.demos or ""),
             "settings": {k: v for k, v in run_settings(args).items() if k != "demos"}, "fills": fills, "cascades": cascades,
             "splits": [grid(r, fills, cascades, args.n_boot) for r in runs],
-            "chosen": chosen_fusion(runs, fills, args.min_support, args.n_boot), "meta": run_meta()}
+            "chosen": chosen_fusion(runs, splits[0], fills, args.min_support, args.n_boot), "meta": run_meta()}
 
 
 def interval(d: dict[str, Any]) -> str:

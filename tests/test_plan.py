@@ -166,7 +166,7 @@ def test_an_adapters_recorded_proposer_decides_is_the_default_on_its_own_catalog
     assert plan.options.proposer_decides == {"产品词", "品牌"} and plan.settings.proposer_decides == "产品词,品牌"
     assert "--proposer-decides" in capsys.readouterr().err
     assert plan_run(settings.replace(no_fill=True)).options.proposer_decides == set()
-    assert plan_run(settings.replace(proposer_decides="型号")).options.proposer_decides == {"型号"}
+    assert plan_run(settings.replace(proposer_decides="品牌")).options.proposer_decides == {"品牌"}
     registry.set_metadata_entry(tmp_path / "adapters" / "zh-decides", ("proposer", "decides"), "产品词")
     with pytest.raises(registry.AdapterError, match="proposer.decides"):
         plan_run(settings)

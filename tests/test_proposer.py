@@ -192,6 +192,7 @@ def test_adapters_pack_trains_and_ships_a_proposer(tmp_path):
     (bare / "llmtags.json").write_text(json.dumps({"format": 1}), encoding="utf-8")
     assert main(["adapters", "pack", str(bare), "--fill", "0.7"]) != 0  # no proposer to fill from
     assert main(["adapters", "pack", str(bare), "--proposer-decides", "品牌"]) != 0
+    assert main(["adapters", "pack", str(adapter), "--proposer-decides", "颜色"]) != 0  # not one its proposer tags
 
 
 def meta_of(adapter):
@@ -412,6 +413,10 @@ def test_unanswered_keeps_the_likely_proposals_no_tag_of_the_answer_covers():
     assert [p.tag for p in unanswered(found, answer, 0.3)] == ["Brand:Nike", "Color:black"]
     assert [p.tag for p in unanswered(found, [], 0.85)] == ["Brand:Nike", "Model:Air Zoom"]
     assert unanswered(found, answer, 0.99) == []
+    # Values compare as whole words: `S` is not inside "running shoes", nor `Air` a match for `Airmax`.
+    assert [p.tag for p in unanswered(found, ["Size:S", "Model:Airmax"], 0.5)] == [
+        "Brand:Nike", "Model:Air Zoom", "Product:running shoes"]
+    assert [p.tag for p in unanswered([Proposal("品牌:小米", "品牌", "小米", 0, 2, 0.9)], ["产品词:小米手机"], 0.5)] == []
 
 
 def test_decide_gives_the_proposers_attributes_to_its_spans():
@@ -433,9 +438,12 @@ def test_proposer_decides_needs_a_proposer_and_is_off_with_no_fill(zh_proposer):
 
     model = str(zh_proposer.path)
     assert tagging_options(Settings(proposer=model, proposer_decides="品牌, 产品词,")).proposer_decides == {"品牌", "产品词"}
-    assert tagging_options(Settings(proposer=model, proposer_decides="品牌", no_fill=True)).proposer_decides == set()
+    with pytest.raises(OptionsError, match="--no-fill"):
+        tagging_options(Settings(proposer=model, proposer_decides="品牌", no_fill=True))
     with pytest.raises(OptionsError, match="--proposer-decides needs a span proposer"):
         tagging_options(Settings(proposer_decides="品牌"))
+    with pytest.raises(OptionsError, match="never learnt 颜色"):  # its tags would be dropped for nothing
+        tagging_options(Settings(proposer=model, proposer_decides="品牌,颜色"))
     with pytest.raises(OptionsError, match="--constrain closed"):
         tagging_options(Settings(proposer=model, proposer_decides="品牌", constrain="closed"))
 
@@ -498,14 +506,33 @@ def test_proposer_decides_replaces_the_models_tags_of_those_attributes(zh_propos
 
     records = [Record(f"r{i}", r.text) for i, r in enumerate(synthetic(8, seed=9))]
     engine = FirstSpanEngine(load_tokenizer_only(str(qwen_tokenizer_dir)))  # it answers `其他:<first span>`
-    decides = frozenset({"其他", "品牌"})
+    decides = frozenset({"品牌", "产品词"})
     results = list(tag_records(records, engine, TaggingOptions(template="tuned", proposer=zh_proposer,
                                                                proposer_decides=decides)))
     for result in results:
-        expected = [p for p in zh_proposer.propose(result.record) if p.attribute in decides]
-        assert result.tags == result.filled == [p.tag for p in expected]
-        assert result.confidences == [p.p for p in expected]
-    assert any(r.tags for r in results)
+        proposals = zh_proposer.propose(result.record)
+        expected = [p for p in proposals if p.attribute in decides]
+        # The model's 其他 stands (not decided); the decided attributes are the CRF's spans, with their marginals.
+        assert result.tags == [f"其他:{proposals[0].value}", *(p.tag for p in expected)]
+        assert result.filled == [p.tag for p in expected] and result.confidences[1:] == [p.p for p in expected]
+        assert not result.replaced
+    assert any(r.filled for r in results)
+
+
+def test_a_decided_tag_the_model_wrote_too_has_the_proposers_confidence_and_replaced_tags_are_listed():
+    from llmtags.engines.base import Generation
+    from llmtags.proposer import Proposal
+    from llmtags.tagger import to_result
+
+    record = Record("r", "小米手机 新款")
+    found = [Proposal("品牌:小米", "品牌", "小米", 0, 2, 0.8), Proposal("产品词:手机", "产品词", "手机", 2, 4, 0.7)]
+    options = TaggingOptions(template="tuned", proposer_decides=frozenset({"品牌", "产品词"}))
+    text = "品牌:小米\n产品词:新款手机\n其他:新款"
+    generation = Generation(text, 5, 9, token_logprobs=[-0.01] * 3, token_ends=[5, 13, len(text)], end_logprob=-0.01)
+    result = to_result(record, generation, options, proposals=found)
+    assert result.tags == ["其他:新款", "品牌:小米", "产品词:手机"]
+    assert result.replaced == ["品牌:小米", "产品词:新款手机"] and result.to_json()["replaced"] == result.replaced
+    assert result.confidences[1:] == [0.8, 0.7]  # the CRF's marginals, not the model's 0.99
 
 
 def test_an_answer_that_used_every_new_token_is_counted_as_cut():

@@ -22,6 +22,7 @@ from typing import Any
 from .budget import DEMO_VIEWS
 from .candidates import candidate_finder, load_candidate_vocabulary
 from .engines.base import MAX_NEW_TOKENS
+from .metrics import canonical
 from .prompts import Demo, PromptTemplate, demos_from, template_choice
 from .proposer import SpanProposer
 from .records import load_labelled
@@ -176,6 +177,10 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
         if proposer is None and not settings.adapter_map:
             raise OptionsError(f"{flag} needs a span proposer: an --adapter that ships one, --demos SAMPLE with such an "
                                "adapter, or --proposer MODEL (and not --no-proposer)")
+    if decides and settings.no_fill:
+        raise OptionsError("--proposer-decides and --no-fill do not go together: --no-fill keeps the answers as written")
+    if decides and proposer is not None:
+        check_decided(decides, proposer, "--proposer-decides (or the adapter's llmtags.json proposer.decides)")
     constrain_vocab = None
     if settings.constrain == "closed":
         path = settings.constrain_vocab or settings.vocab
@@ -193,6 +198,15 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
 def decided_attributes(joined: str | None) -> frozenset[str]:
     """`--proposer-decides A,B`: the attribute names, without blanks."""
     return frozenset(name.strip() for name in (joined or "").split(",") if name.strip())
+
+
+def check_decided(decides: frozenset[str], proposer: Any, source: str) -> None:
+    """Every attribute given to the proposer to decide is one it tags: for another, the model's tags would
+    be dropped and nothing put in their place."""
+    unknown = sorted(name for name in decides if canonical(name) not in proposer.attributes)
+    if unknown:
+        raise OptionsError(f"{source}: the span proposer never learnt {', '.join(unknown)}; it tags "
+                           f"{', '.join(sorted(proposer.attributes))}")
 
 
 def check_shows_demos(template: str | PromptTemplate) -> None:

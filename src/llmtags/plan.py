@@ -24,8 +24,8 @@ from .adapters.pack import POOL_FILE, PROPOSER_FILE, VOCABULARY_FILE
 from .adapters.registry import METADATA_FILE, AdapterError, read_metadata, resolve_adapter, weights_sha256
 from .candidates import candidate_finder, candidate_sources
 from .models import base_model_spec, cache_root, sha256_file
-from .options import (OptionsError, Settings, TaggingOptions, check_shows_demos, decided_attributes, normaliser_for,
-                      tagging_options)
+from .options import (OptionsError, Settings, TaggingOptions, check_decided, check_shows_demos, decided_attributes,
+                      normaliser_for, tagging_options)
 from .prompts import PromptTemplate, template_choice
 from .proposer import FEATURES_VERSION, ProposerSettings, SpanProposer, sample_proposer
 from .records import load_labelled
@@ -227,6 +227,8 @@ def _with_defaults(options: TaggingOptions, found: AdapterDefaults, settings: Se
         changes["fill"] = found.fill
     if found.proposer_decides:
         changes["proposer_decides"] = decided_attributes(found.proposer_decides)
+        check_decided(changes["proposer_decides"], changes.get("proposer", options.proposer),
+                      f"proposer.decides in the llmtags.json beside {found.proposer}")
     demos = found.demos or settings.demos
     retrieve = found.retrieve if found.retrieve is not None else settings.retrieve
     if demos and retrieve:

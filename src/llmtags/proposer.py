@@ -421,9 +421,17 @@ def unanswered(proposals: Sequence[Proposal], tags: Sequence[str], min_p: float)
         if proposal.p < min_p:
             continue
         key = value_key(proposal.value)
-        if key and not any(w and (w in key or key in w) for w in written):
+        if key and not any(w and (holds(key, w) or holds(w, key)) for w in written):
             left.append(proposal)
     return left
+
+
+def holds(outer: str, inner: str) -> bool:
+    """`inner` is part of `outer` (both `value_key`s): as whole words, so that `S` is not found in `shoes`
+    nor `1` in `16GB`; a value with CJK characters, written without spaces, may sit anywhere."""
+    if any(is_cjk(ch) for ch in inner):
+        return inner in outer
+    return f" {inner} " in f" {outer} "
 
 
 def decide(tags: Sequence[str], proposals: Sequence[Proposal],

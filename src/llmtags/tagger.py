@@ -42,6 +42,7 @@ class TagResult:
     by: str = "model"  # "proposer": the cascade let the span proposer alone tag it (no generation)
     cut: bool = False  # the answer used all of max_new_tokens: tags after the cut were lost
     filled: list[str] = field(default_factory=list)  # tags taken from the proposer (also in `tags`)
+    replaced: list[str] = field(default_factory=list)  # the model's tags --proposer-decides replaced
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.record.id, "text_hash": self.record.text_hash, "tags": self.tags,
@@ -52,6 +53,8 @@ class TagResult:
             out["by"] = self.by
         if self.filled:
             out["filled"] = self.filled
+        if self.replaced:
+            out["replaced"] = self.replaced
         if self.below_confidence:
             out["below_confidence"] = self.below_confidence
         if self.dropped:
@@ -235,12 +238,15 @@ def to_result(record: Record, generation: Any, options: TaggingOptions, normalis
     parsed = parse_tag_spans(generation.text)
     by_raw = confidences_by_tag(parsed, generation)
     kept, dropped = clean_tags([p.tag for p in parsed], schema)
-    kept, added = fuse(kept, proposals, options.fill, options.proposer_decides)
+    answer = kept
+    kept, added = fuse(answer, proposals, options.fill, options.proposer_decides)
     filled, _ = clean_tags([p.tag for p in added], schema)
-    by_raw = {**{p.tag: p.p for p in added}, **by_raw}
+    # A tag the proposer supplied has its marginal as its confidence, even where the model wrote it too.
+    by_raw = {**by_raw, **{p.tag: p.p for p in added}}
     result = TagResult(record, kept + filled, generation.text, generation.prompt_tokens,
                        generation.new_tokens, truncated=len(record.text) > options.max_text_chars, dropped=dropped,
-                       cut=generation.new_tokens >= options.max_new_tokens, filled=filled)
+                       cut=generation.new_tokens >= options.max_new_tokens, filled=filled,
+                       replaced=[tag for tag in answer if tag not in kept])
     return _finish(result, by_raw, options, normaliser)
 
 
@@ -267,7 +273,8 @@ def _finish(result: TagResult, confidence_of: dict[str, float | None], options: 
     confidences = [confidence_of.get(source) for source in sources]
     filled = set(result.filled)
     if options.min_confidence is not None:
-        # A threshold on the model's confidences: a filled tag's is the CRF's marginal, already past --fill.
+        # A threshold on the model's confidences: a filled tag's is the CRF's marginal, which passed --fill's
+        # threshold instead (or, for --proposer-decides, none: those attributes are the CRF's to decide).
         keep = [c is None or c >= options.min_confidence or s in filled for c, s in zip(confidences, sources)]
         result.below_confidence = [t for t, k in zip(result.tags, keep) if not k]
         result.tags = [t for t, k in zip(result.tags, keep) if k]

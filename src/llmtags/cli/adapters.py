@@ -19,8 +19,8 @@ from ..adapters.registry import (
     show_adapter,
 )
 from ..candidates import candidate_sources
-from ..options import decided_attributes
-from ..proposer import CrossFitted, ProposerSettings
+from ..options import OptionsError, check_decided, decided_attributes
+from ..proposer import CrossFitted, ProposerSettings, SpanProposer
 from ..records import load_labelled
 from .common import CliError, add_root
 
@@ -130,8 +130,14 @@ def cmd_adapters_pack(args: argparse.Namespace) -> int:
                                     f"its proposer deciding {', '.join(decides)} by default")):
         if value is None:
             continue
-        if not (meta.get("proposer") or read_metadata(path).get("proposer")):
+        shipped_proposer = meta.get("proposer") or read_metadata(path).get("proposer")
+        if not shipped_proposer:
             raise CliError(f"{flag}: {path} ships no span proposer; pack one with --proposer LABELLED")
+        if key == "decides":
+            try:
+                check_decided(frozenset(decides), SpanProposer(path / shipped_proposer["path"]), flag)
+            except OptionsError as exc:
+                raise CliError(str(exc)) from exc
         set_metadata_entry(path, ("proposer", key), value)
         shipped.append(said)
     if args.candidates:
