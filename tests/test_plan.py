@@ -18,7 +18,7 @@ from llmtags.adapters.pack import POOL_FILE, PROPOSER_FILE, VOCABULARY_FILE, pac
 from llmtags.candidates import candidate_finder
 from llmtags.cli import main
 from llmtags.models import load_tokenizer_only, sha256_file
-from llmtags.options import Settings, TaggingOptions
+from llmtags.options import OptionsError, Settings, TaggingOptions
 from llmtags.plan import plan_run
 from llmtags.prompts import load_template
 from llmtags.proposer import SpanProposer
@@ -169,6 +169,27 @@ def test_an_adapters_recorded_proposer_decides_is_the_default_on_its_own_catalog
     assert plan_run(settings.replace(proposer_decides="品牌")).options.proposer_decides == {"品牌"}
     registry.set_metadata_entry(tmp_path / "adapters" / "zh-decides", ("proposer", "decides"), "产品词")
     with pytest.raises(registry.AdapterError, match="proposer.decides"):
+        plan_run(settings)
+
+
+def test_an_adapters_prompt_budget_is_the_default_and_a_flag_overrides_it(root, tmp_path, capsys):
+    import shutil
+
+    # An adapter trained with --demo-text title --text-budget 400 is prompted that way by generate too.
+    shutil.copytree(root / "zh-tuned", tmp_path / "adapters" / "zh-budget")
+    registry.set_metadata_entry(tmp_path / "adapters" / "zh-budget", ("hyperparameters", "demo_text"), "title")
+    registry.set_metadata_entry(tmp_path / "adapters" / "zh-budget", ("hyperparameters", "text_budget"), 400)
+    settings = Settings(adapter="zh-budget", adapters_root=str(tmp_path / "adapters"))
+    plan = plan_run(settings)
+    assert (plan.options.demo_text, plan.options.text_budget) == ("title", 400)
+    assert (plan.settings.demo_text, plan.settings.text_budget) == ("title", 400)  # recorded, for --resume
+    assert "--text-budget" in capsys.readouterr().err
+    whole = plan_run(settings.replace(demo_text="full", text_budget=0)).options  # --text-budget 0: whole texts
+    assert (whole.demo_text, whole.text_budget) == ("full", None)
+    plain = plan_run(Settings(adapter="zh-tuned", adapters_root=str(root))).options  # trained without a budget
+    assert (plain.demo_text, plain.text_budget) == ("full", None)
+    registry.set_metadata_entry(tmp_path / "adapters" / "zh-budget", ("hyperparameters", "text_budget"), 10)
+    with pytest.raises(OptionsError, match="hyperparameters.text_budget"):
         plan_run(settings)
 
 

@@ -25,7 +25,9 @@ def _split(items):
         ("<b>Diesel</b>&nbsp;Men&#39;s", "Diesel Men's"),
         ("宾派手表&hellip", "宾派手表..."),  # truncated entity at the end of a scraped title; NFKC expands the ellipsis
         ("a&lt;b&gt;c", "a<b>c"),  # escaped markup stays visible text
-        ("  line\n\tbreak\x00\x07 ctrl  ", "line break ctrl"),
+        ("  line\n\tbreak\x00\x07 ctrl  ", "line\nbreak ctrl"),  # the first line break parts title and description
+        ("Title \r\n\n desc\n more \n", "Title\ndesc more"),
+        ("\n\n  only a title \n", "only a title"),
         ("AT&T 5G", "AT&T 5G"),
     ],
 )
@@ -87,7 +89,7 @@ def test_custom_fields_and_csv_with_embedded_newlines(tmp_path):
     path = tmp_path / "in.csv"
     path.write_text('sku,title,cat\n1,"Diesel\nsneaker",Shoes\n2,,Shoes\n3,理肤泉,美妆\n', encoding="utf-8")
     records, errors = _split(list(read_records(path, fields=Fields(id="sku", text="title", category="cat"))))
-    assert [(r.id, r.text, r.category) for r in records] == [("1", "Diesel sneaker", "Shoes"), ("3", "理肤泉", "美妆")]
+    assert [(r.id, r.text, r.category) for r in records] == [("1", "Diesel\nsneaker", "Shoes"), ("3", "理肤泉", "美妆")]
     assert errors[0].field == "title" and errors[0].number == 2
 
 

@@ -14,6 +14,7 @@ import torch
 
 from llmtags.records import Record, load_labelled
 from llmtags.options import TaggingOptions
+from llmtags.prompts import load_template
 from llmtags.tagger import build_prompt, tag_records
 from llmtags.train.config import TrainConfig, TrainError, parse_layers, resolve_layers
 from llmtags.train.examples import build_examples
@@ -77,6 +78,26 @@ def test_config_from_toml_and_overrides(tmp_path):
     assert resolve_layers(8, 2) is None and resolve_layers("all", 24) is None
     with pytest.raises(TrainError):
         resolve_layers([30], 24)
+    for bad in ({"demo_text": "spans"}, {"text_budget": 10}):
+        with pytest.raises(TrainError, match=next(iter(bad))):
+            TrainConfig(**bad).validate()
+
+
+def test_training_prompts_keep_the_prompt_budget_generate_uses(tiny_engine):
+    """--demo-text title --text-budget N in training: the prompts are those generate makes with the same flags."""
+    from llmtags.retrieve import DemoPool
+
+    description = "Bright and warm. " * 30 + "Colour: Black. " + "Fits every room. " * 30
+    records = [Record(f"r{i}", f"Acme desk lamp {i}\n{description}", tags=["Brand:Acme", "Color:Black"])
+               for i in range(3)]
+    pool = DemoPool(records)
+    examples = build_examples(records[:1], tiny_engine.tokenizer, "tuned", pool=pool, retrieve=1,
+                              demo_text="title", text_budget=200)
+    options = TaggingOptions(template=load_template("tuned"), pool=pool, retrieve=1, demo_text="title",
+                             text_budget=200)
+    assert examples[0]["prompt"] == build_prompt(records[0], tiny_engine.tokenizer, options, training=True)
+    whole = build_examples(records[:1], tiny_engine.tokenizer, "tuned", pool=pool, retrieve=1)
+    assert len(examples[0]["prompt"]) < len(whole[0]["prompt"]) - 500
 
 
 def test_examples_are_the_inference_prompt_and_the_prompt_is_masked(tiny_model_dir, tmp_path):

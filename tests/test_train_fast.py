@@ -30,6 +30,7 @@ from llmtags.train.fast import (
     length_grouped_batches,
     lowest_adapted_layer,
     steps_per_epoch,
+    over_length,
     truncate_examples,
     warmup_steps,
 )
@@ -299,6 +300,11 @@ def test_batches_steps_and_truncation_follow_the_trainer():
     cut = truncate_examples([{"input_ids": [1, 2, 3, 4], "completion_mask": [0, 0, 1, 1]},
                              {"input_ids": [1, 2, 3, 4], "completion_mask": [0, 0, 0, 1]}], 3)
     assert cut == [{"input_ids": [1, 2, 3], "completion_mask": [0, 0, 1]}]
+    # What the run warns about at its start: one cut, one left out, one that fits.
+    examples = [{"input_ids": [1, 2, 3, 4], "completion_mask": [0, 0, 1, 1]},
+                {"input_ids": [1, 2, 3, 4], "completion_mask": [0, 0, 0, 1]},
+                {"input_ids": [1, 2], "completion_mask": [0, 1]}]
+    assert over_length(examples, 3) == (1, 1) and over_length(examples, 4) == (0, 0)
 
 
 def test_refuses_trainable_weights_below_the_cached_layers(tiny_model_dir):

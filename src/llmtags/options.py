@@ -89,8 +89,11 @@ class Settings:
     template: str = "auto"
     demos: str | None = None  # a labelled file of demonstrations
     shots: int = 4  # without retrieve: the first `shots` demonstrations, the same for every record
-    demo_text: str = "full"  # retrieved neighbours shown "full" or by their "title" (budget.py)
-    text_budget: int | None = None  # characters: a longer text is shown as its title and windows (budget.py)
+    # The prompt budget (budget.py): retrieved neighbours shown "full" or by their "title", and a text longer
+    # than text_budget characters shown as its title and windows (0: whole). None: what the adapter was
+    # trained with, else "full" and whole.
+    demo_text: str | None = None
+    text_budget: int | None = None
     retrieve: int | None = None  # K: each record is shown its K most similar demonstrations (None: unset)
     candidates: str | None = None  # a vocabulary or labelled file(s), comma-joined
     no_candidates: bool = False
@@ -157,10 +160,7 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
     if settings.candidates and not settings.no_candidates:
         candidates = candidate_finder(settings.candidates)
     proposer = SpanProposer(settings.proposer) if settings.proposer and not settings.no_proposer else None
-    if settings.demo_text not in DEMO_VIEWS:
-        raise OptionsError(f"--demo-text: expected one of {', '.join(DEMO_VIEWS)}, got {settings.demo_text!r}")
-    if settings.text_budget is not None and settings.text_budget < 40:
-        raise OptionsError(f"--text-budget: {settings.text_budget} characters is too few to keep a title; give 40 or more")
+    check_budget(settings.demo_text or "full", settings.text_budget, "--demo-text", "--text-budget")
     decides = decided_attributes(settings.proposer_decides)
     for flag, value, meaning in (("--cascade", settings.cascade, "the proposer's confidence above which it tags a "
                                   "record alone"),
@@ -192,7 +192,16 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
                           constrain_vocab=constrain_vocab, min_confidence=min_confidence(settings, calibration),
                           cascade=settings.cascade, fill=None if settings.no_fill else settings.fill,
                           proposer_decides=frozenset() if settings.no_fill else decides,
-                          demo_text=settings.demo_text, text_budget=settings.text_budget)
+                          demo_text=settings.demo_text or "full", text_budget=settings.text_budget or None)
+
+
+def check_budget(demo_text: str, text_budget: int | None, demo_name: str, budget_name: str) -> None:
+    """The prompt budget's two settings (budget.py), as given to generate or train (0: no budget)."""
+    if demo_text not in DEMO_VIEWS:
+        raise OptionsError(f"{demo_name}: expected one of {', '.join(DEMO_VIEWS)}, got {demo_text!r}")
+    if text_budget is not None and text_budget != 0 and text_budget < 40:
+        raise OptionsError(f"{budget_name}: {text_budget} characters is too few to keep a title; give 40 or more "
+                           "(or 0: whole texts)")
 
 
 def decided_attributes(joined: str | None) -> frozenset[str]:

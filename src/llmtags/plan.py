@@ -24,8 +24,8 @@ from .adapters.pack import POOL_FILE, PROPOSER_FILE, VOCABULARY_FILE
 from .adapters.registry import METADATA_FILE, AdapterError, read_metadata, resolve_adapter, weights_sha256
 from .candidates import candidate_finder, candidate_sources
 from .models import base_model_spec, cache_root, sha256_file
-from .options import (OptionsError, Settings, TaggingOptions, check_decided, check_shows_demos, decided_attributes,
-                      normaliser_for, tagging_options)
+from .options import (OptionsError, Settings, TaggingOptions, check_budget, check_decided, check_shows_demos,
+                      decided_attributes, normaliser_for, tagging_options)
 from .prompts import PromptTemplate, template_choice
 from .proposer import FEATURES_VERSION, ProposerSettings, SpanProposer, sample_proposer
 from .records import load_labelled
@@ -97,6 +97,9 @@ class AdapterDefaults:
     proposer: str | None = None
     fill: float | None = None  # the --fill P chosen on the adapter's dev records (llmtags.json: proposer.fill)
     proposer_decides: str | None = None  # comma-joined, chosen there too (proposer.decides)
+    # The prompt budget its training prompts had (hyperparameters.demo_text / text_budget; budget.py).
+    demo_text: str | None = None
+    text_budget: int | None = None
 
     def changes(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -199,8 +202,14 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
         if recorded is not None and not all(isinstance(a, str) and a.strip() for a in recorded):
             raise OptionsError(f"adapter {name}: llmtags.json proposer.decides is {recorded}, not a list of names")
         decides = ",".join(recorded) if recorded else None
-    found = AdapterDefaults(template, source, demos, retrieve, proposer, fill, decides)
-    if found.candidates or found.demos or found.proposer:
+    # Prompts as the adapter's training prompts were: neighbours by title, long texts windowed.
+    demo_text = adapter.field("hyperparameters.demo_text", str) if settings.demo_text is None else None
+    text_budget = adapter.field("hyperparameters.text_budget", int) if settings.text_budget is None else None
+    check_budget(demo_text or "full", text_budget, f"adapter {name}: llmtags.json hyperparameters.demo_text",
+                 f"adapter {name}: llmtags.json hyperparameters.text_budget")
+    found = AdapterDefaults(template, source, demos, retrieve, proposer, fill, decides,
+                            None if demo_text == "full" else demo_text, text_budget or None)
+    if found.candidates or found.demos or found.proposer or found.demo_text or found.text_budget:
         print(f"llmtags: adapter {name}: " + "; ".join(
             [f"span proposer {found.proposer}"] * bool(found.proposer)
             + [f"its spans of marginal >= {found.fill} that answers leave out added (--fill; --no-fill: not)"]
@@ -208,7 +217,10 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
             + [f"its spans decide {found.proposer_decides} (--proposer-decides; --no-fill: not)"]
             * bool(found.proposer_decides)
             + [f"candidates from {found.candidates}"] * bool(found.candidates)
-            + [f"{found.retrieve or settings.retrieve} demonstrations retrieved from {found.demos}"] * bool(found.demos)),
+            + [f"{found.retrieve or settings.retrieve} demonstrations retrieved from {found.demos}"] * bool(found.demos)
+            + [f"neighbours shown by their {found.demo_text} (--demo-text)"] * bool(found.demo_text)
+            + [f"texts over {found.text_budget} characters shown as title + windows (--text-budget; 0: whole)"]
+            * bool(found.text_budget)),
             file=sys.stderr)
     return found
 
@@ -225,6 +237,10 @@ def _with_defaults(options: TaggingOptions, found: AdapterDefaults, settings: Se
         changes["proposer"] = SpanProposer(found.proposer)
     if found.fill is not None:
         changes["fill"] = found.fill
+    if found.demo_text:
+        changes["demo_text"] = found.demo_text
+    if found.text_budget:
+        changes["text_budget"] = found.text_budget
     if found.proposer_decides:
         changes["proposer_decides"] = decided_attributes(found.proposer_decides)
         check_decided(changes["proposer_decides"], changes.get("proposer", options.proposer),
@@ -289,6 +305,9 @@ class RunPlan:
                 decides = sorted(self.options_by_adapter[name].proposer_decides)
                 if decides:
                     hashes[f"adapter {name} proposer decides"] = decides
+                budget = self.options_by_adapter[name]
+                if budget.demo_text != "full" or budget.text_budget:
+                    hashes[f"adapter {name} prompt budget"] = [budget.demo_text, budget.text_budget]
             for file, digest in adapter.shipped_sha256.items():
                 hashes[f"adapter {name} {file} sha256"] = digest
         return hashes

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 import unicodedata
@@ -316,9 +317,10 @@ class CrossFitted:
 
     @classmethod
     def train(cls, records: Sequence[Record], k: int = 5, settings: ProposerSettings = ProposerSettings(),
-              workdir: str | Path | None = None) -> CrossFitted:
+              workdir: str | Path | None = None, progress: bool = False) -> CrossFitted:
         """The CRF of all `records` (`full`) and its k fold models, in `workdir`. Models of the same records
-        and settings that an earlier run left there (a resumed training) are reused, not trained again."""
+        and settings that an earlier run left there (a resumed training) are reused, not trained again.
+        `progress`: a bar over the models being trained."""
         if k < 2:
             raise ValueError(f"cross-fitting needs k >= 2 folds, not {k}")
         started = time.perf_counter()
@@ -343,7 +345,8 @@ class CrossFitted:
         paths = [directory / "all.crfsuite", *(directory / f"fold-{fold}.crfsuite" for fold in range(k))]
         subsets = [labelled, *outside]
         todo = [i for i, (path, subset) in enumerate(zip(paths, subsets)) if subset and not (reuse and path.is_file())]
-        seconds = train_in_parallel([paths[i] for i in todo], [subsets[i] for i in todo], settings)
+        seconds = train_in_parallel([paths[i] for i in todo], [subsets[i] for i in todo], settings,
+                                    progress=progress)
         full_seconds = seconds[0] if todo and todo[0] == 0 else 0.0
         full = SpanProposer(paths[0], settings)
         folds = [SpanProposer(path, settings) if rest else None for path, rest in zip(paths[1:], outside)]
@@ -389,25 +392,37 @@ def _train_one(path: Path, records: list[Record], settings: ProposerSettings) ->
 
 
 def train_in_parallel(paths: Sequence[Path], subsets: Sequence[list[Record]], settings: ProposerSettings,
-                      workers: int | None = None) -> list[float]:
+                      workers: int | None = None, progress: bool = False) -> list[float]:
     """Train one CRF per (path, records) pair, as many at once as there are cores (crfsuite trains on one
     core); returns each one's training seconds. Workers are spawned, not forked: the caller may be a
-    training process whose torch thread pools must not be copied."""
+    training process whose torch thread pools must not be copied. `progress`: a bar over the models
+    (minutes on a catalogue with descriptions)."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
+
+    from tqdm import tqdm
 
     if not paths:
         return []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = min(len(paths), workers or cores)
-    if workers > 1 and not multiprocessing.current_process().daemon:  # a daemonic process may not have children
-        try:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                return list(pool.map(_train_one, paths, subsets, [settings] * len(paths)))
-        except (BrokenProcessPool, RuntimeError, OSError):
-            pass  # e.g. a script without a __main__ guard, which spawn cannot start: train one after another
-    return [_train_one(path, subset, settings) for path, subset in zip(paths, subsets)]
+    desc = f"span proposer: {len(paths)} CRFs, {workers} at a time"
+    with tqdm(total=len(paths), unit="CRF", desc=desc, disable=not progress, file=sys.stderr) as bar:
+        if workers > 1 and not multiprocessing.current_process().daemon:  # a daemonic process may not have children
+            try:
+                with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    futures = [pool.submit(_train_one, path, subset, settings) for path, subset in zip(paths, subsets)]
+                    for _ in as_completed(futures):
+                        bar.update(1)
+                    return [future.result() for future in futures]
+            except (BrokenProcessPool, RuntimeError, OSError):
+                pass  # e.g. a script without a __main__ guard, which spawn cannot start: train one after another
+        seconds = []
+        for path, subset in zip(paths, subsets):
+            seconds.append(_train_one(path, subset, settings))
+            bar.update(1)
+        return seconds
 
 
 def unanswered(proposals: Sequence[Proposal], tags: Sequence[str], min_p: float) -> list[Proposal]:

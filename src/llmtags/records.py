@@ -109,7 +109,9 @@ def _clean_char(ch: str) -> str:
 
 
 def clean_text(text: str) -> str:
-    """NFKC, HTML tags and entities removed, control characters dropped, whitespace collapsed.
+    """NFKC, HTML tags and entities removed, control characters dropped, whitespace collapsed, except the
+    first line break: it parts a title from its description (budget.title_of), as records of a title and a
+    description are written ("title\ndescription").
 
     NFKC maps full-width letters and digits to ASCII, which the model and the vocabulary both expect.
     Entities are decoded after tags are stripped, so an escaped "&lt;b&gt;" stays visible as text.
@@ -118,7 +120,8 @@ def clean_text(text: str) -> str:
     text = _ENTITY_RE.sub(_unescape_entity, text)
     text = unicodedata.normalize("NFKC", text)
     text = "".join(ch if ch.isprintable() else _clean_char(ch) for ch in text)
-    return _SPACE_RE.sub(" ", text).strip()
+    lines = [_SPACE_RE.sub(" ", part).strip() for part in text.strip().split("\n", 1)]
+    return "\n".join(line for line in lines if line)
 
 
 # --- conversion of one raw row into a Record ------------------------------------------------------

@@ -107,10 +107,11 @@ def add_prompt(p: argparse.ArgumentParser, template: bool = True) -> None:
                    help="show no proposer spans, even where the adapter ships a proposer")
     p.add_argument("--demo-text", choices=["full", "title"], default=DEFAULTS.demo_text,
                    help="retrieved neighbours shown whole or by their title (first line) only, with all their tags "
-                   f"(default {DEFAULTS.demo_text})")
+                   "(default: as the adapter was trained, else full)")
     p.add_argument("--text-budget", type=int, metavar="CHARS", default=DEFAULTS.text_budget,
                    help="show a text longer than CHARS as its title plus the windows around the proposer's spans and the "
-                   "candidates found in it (default: whole, up to 2,000 characters)")
+                   "candidates found in it; 0: whole texts (default: as the adapter was trained, else whole, up to "
+                   "2,000 characters)")
 
 
 def add_generation(p: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from ..budget import DEMO_VIEWS
 from ..engines.base import MAX_NEW_TOKENS
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -37,6 +38,11 @@ class TrainConfig:
     demos: str | None = None
     retrieve: int = 0
     rename: float = 0.0  # share of examples whose attributes are renamed (train/rename.py)
+    # The prompt budget (budget.py), as generate's --demo-text / --text-budget: neighbours shown "full" or by
+    # their "title", texts over text_budget characters shown as title + windows. The adapter records both,
+    # and generate --adapter prompts the same way.
+    demo_text: str = "full"
+    text_budget: int | None = None
     # The span proposer (proposer.py): a CRF trained on the training records, whose spans every prompt
     # shows; training examples show those of a CRF trained on the other `proposer_folds` - 1 folds. The
     # adapter ships the CRF trained on all of them, and generate --adapter uses it. auto: when the
@@ -134,6 +140,9 @@ class TrainConfig:
             (self.retrieve >= 0, "retrieve must not be negative"),
             (not self.retrieve or bool(self.demos), "retrieve needs demos: the labelled records to retrieve from"),
             (0 <= self.rename < 1, "rename must be in [0, 1)"),
+            (self.demo_text in DEMO_VIEWS, f"demo_text must be one of {', '.join(DEMO_VIEWS)}"),
+            (self.text_budget is None or self.text_budget >= 40, "text_budget: give 40 characters or more (enough "
+             "for a title), or leave it unset for whole texts"),
             (self.proposer_folds >= 2, "proposer_folds must be at least 2"),
             (self.proposer_iterations > 0, "proposer_iterations must be positive"),
             # Renamed answers need the names in the prompt: demonstrations (and the schema they bring).

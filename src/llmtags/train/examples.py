@@ -23,6 +23,7 @@ def end_of_turn(tokenizer: Any) -> str:
 def build_examples(
     records: Sequence[Record], tokenizer: Any, template: str | PromptTemplate = "auto", candidates: Any = None,
     pool: DemoPool | None = None, retrieve: int = 0, rename: float = 0.0, seed: int = 0, proposer: Any = None,
+    demo_text: str = "full", text_budget: int | None = None,
 ) -> list[dict[str, str]]:
     """trl prompt/completion pairs: the inference prompt, and the template's answer + end of turn.
 
@@ -32,11 +33,12 @@ def build_examples(
     demonstrations (never itself: `DemoPool` skips a record of the same text). A share `rename` of the
     examples get their attributes renamed consistently in demonstrations, schema, candidates and answer
     (train/rename.py). With `proposer` (a `proposer.CrossFitted`), each example shows the spans of the CRF
-    trained without its record. Unlabelled records (tags None) are skipped; a record with an empty tag list
+    trained without its record. `demo_text` and `text_budget`: the prompt budget (budget.py), as
+    generate's. Unlabelled records (tags None) are skipped; a record with an empty tag list
     teaches the model to answer nothing.
     """
     options = TaggingOptions(template=template_choice(template), candidates=candidates, pool=pool, retrieve=retrieve,
-                             proposer=proposer)
+                             proposer=proposer, demo_text=demo_text, text_budget=text_budget)
     eot = end_of_turn(tokenizer)
     rng = random.Random(seed)
     examples = []

@@ -93,6 +93,14 @@ def truncate_examples(examples: Sequence[dict[str, Sequence[int]]], max_length: 
     return out
 
 
+def over_length(examples: Sequence[dict[str, Sequence[int]]], max_length: int) -> tuple[int, int]:
+    """(cut, dropped): examples longer than `max_length` that keep part of their answer, and those whose
+    prompt alone fills `max_length` (`truncate_examples` leaves them out: nothing of the answer is left)."""
+    long = [e for e in examples if len(e["input_ids"]) > max_length]
+    dropped = sum(not any(e["completion_mask"][:max_length]) for e in long)
+    return len(long) - dropped, dropped
+
+
 def batches_per_epoch(num_examples: int, batch_size: int) -> int:
     return math.ceil(num_examples / batch_size)
 

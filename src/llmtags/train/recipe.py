@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -63,7 +64,7 @@ from ..retrieve import load_pool
 from .callbacks import callback_classes
 from .config import TrainConfig, TrainError, resolve_layers
 from .examples import build_examples, end_of_turn, tokenize_examples
-from .fast import FastLoraTrainer
+from .fast import FastLoraTrainer, over_length
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"
@@ -80,7 +81,8 @@ class TrainResult:
     best: dict[str, Any] | None
     seconds: float
     examples: int
-    truncated: int  # examples longer than max_length, cut at the end
+    truncated: int  # examples longer than max_length, cut at the end (answer partly kept)
+    dropped: int  # examples whose prompt alone fills max_length: left out of training
     model: Any = field(default=None, repr=False)  # the trained PeftModel (last step), for callers and tests
     tokenizer: Any = field(default=None, repr=False)
 
@@ -95,6 +97,8 @@ class TrainResult:
             lines.append(f"best dev micro F1 {self.best['f1']:.3f} at step {self.best['step']} (kept)")
         if self.truncated:
             lines.append(f"{self.truncated} examples were longer than max_length and cut at the end")
+        if self.dropped:
+            lines.append(f"{self.dropped} examples were left out: their prompts alone fill max_length")
         return lines
 
 
@@ -159,6 +163,7 @@ class TrainingRun:
     num_layers: int
     examples: int
     truncated: int
+    dropped: int
     progress: Any
     evaluation: Any
     fast: bool = False  # the fast CPU trainer, not trl's
@@ -237,12 +242,18 @@ def _prepare_run(
     pool = load_pool(config.demos) if config.retrieve else None
     if not any(r.tags is not None for r in train_records):
         raise TrainError("no labelled training records (records need a 'tags' field)")
-    proposer = train_proposer(train_records, config, out) if wants_proposer(config, template) else None
+    proposer = train_proposer(train_records, config, out, progress) if wants_proposer(config, template) else None
     examples = tokenize_examples(build_examples(train_records, tokenizer, template, candidates, pool, config.retrieve,
-                                                config.rename, config.seed, proposer), tokenizer)
+                                                config.rename, config.seed, proposer, config.demo_text,
+                                                config.text_budget), tokenizer)
     if not examples:
         raise TrainError("no labelled training records (records need a 'tags' field)")
-    truncated = sum(len(e["input_ids"]) > config.max_length for e in examples)
+    truncated, dropped = over_length(examples, config.max_length)
+    if dropped:
+        # Said at once, not only in the summary: the run would learn only from the shorter products.
+        print(f"llmtags: warning: {dropped} of {len(examples)} examples have prompts of {config.max_length} tokens "
+              "or more (--max-length) and are left out of training; shorten prompts (--text-budget CHARS, "
+              "--demo-text title, a smaller --retrieve) or raise --max-length", file=sys.stderr)
     dev = [r for r in dev_records if r.tags is not None][: config.eval_limit]
 
     # The fast trainer keeps fp32 weights and runs bf16 under autocast (train/fast.py).
@@ -257,7 +268,8 @@ def _prepare_run(
     layers = resolve_layers(config.layers, num_layers)
     options = TaggingOptions(template=template, max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size,
                              candidates=candidates, pool=pool, retrieve=config.retrieve,
-                             proposer=proposer.full if proposer else None)
+                             proposer=proposer.full if proposer else None, demo_text=config.demo_text,
+                             text_budget=config.text_budget)
     progress_cb, eval_cb = _callbacks(config, dev, tokenizer, options, out, progress, resume)
     if fast:
         trainer = _fast_trainer(model, examples, config, layers, out, progress_cb, progress,
@@ -272,7 +284,7 @@ def _prepare_run(
         if callback is not None:
             trainer.add_callback(callback)
     return TrainingRun(trainer, config, out, resolved, tokenizer, template, device, qlora, dtype, layers, num_layers,
-                       len(examples), truncated, progress_cb, eval_cb, fast, proposer, stop_cb)
+                       len(examples), truncated, dropped, progress_cb, eval_cb, fast, proposer, stop_cb)
 
 
 def wants_proposer(config: TrainConfig, template: str | PromptTemplate) -> bool:
@@ -283,11 +295,11 @@ def wants_proposer(config: TrainConfig, template: str | PromptTemplate) -> bool:
     return bool(config.span_proposer)
 
 
-def train_proposer(records: Sequence[Record], config: TrainConfig, out: Path) -> CrossFitted:
+def train_proposer(records: Sequence[Record], config: TrainConfig, out: Path, progress: bool = False) -> CrossFitted:
     """The span proposer of `records` and its `proposer_folds` cross-fitted folds, kept with the checkpoints
     so that a resumed run reuses them."""
     return CrossFitted.train(records, k=config.proposer_folds, workdir=out / CHECKPOINTS / "proposer",
-                             settings=ProposerSettings(max_iterations=config.proposer_iterations))
+                             settings=ProposerSettings(max_iterations=config.proposer_iterations), progress=progress)
 
 
 def use_fast_path(config: TrainConfig, device: str, qlora: bool) -> bool:
@@ -501,6 +513,7 @@ def train(
         seconds=time.perf_counter() - started,
         examples=run.examples,
         truncated=run.truncated,
+        dropped=run.dropped,
         model=run.trainer.model,
         tokenizer=run.tokenizer,
     )
