@@ -21,6 +21,10 @@ from llmtags.parse import MAX_TAG_CHARS, MAX_TAGS, clean_tag, parse_tags
         ("Brand:\nColor:Red", ["Color:Red"]),  # empty value dropped
         ("Brand:Diesel\nbrand:diesel\nBrand:Diesel", ["Brand:Diesel"]),  # duplicates once
         ("Size:10.5 in", ["Size:10.5 in"]),
+        # A measure keeps its inch and foot marks; quotes around a value still go.
+        ('Height:36"\nWidth:1 11/16"\nLength:5\'\nBrand:"Avery"', ['Height:36"', 'Width:1 11/16"', "Length:5'", "Brand:Avery"]),
+        ('"Height:36""', ['Height:36"']),
+        ("Brand:Nike'", ["Brand:Nike"]),
         ("", []),
         ("  \n \n", []),
     ],

@@ -19,6 +19,9 @@ MAX_TAG_CHARS = 100
 
 _NUMBERING = re.compile(r"^\s*(?:[-*•·>]+|\(?\d{1,3}[.)、:：]|\(?[a-zA-Z][.)](?=\s))\s*")
 _QUOTES = "\"'`“”‘’「」『』"
+_QUOTE_PAIRS = {'"': '"', "'": "'", "`": "`", "“": "”", "‘": "’", "「": "」", "『": "』"}
+# After a digit, a closing quote is the inch or foot mark of a measure (Height:36", Length:5'), not quoting.
+_UNIT_MARKS = "\"'”’"
 _BRACKETS = {"[": "]", "【": "】", "(": ")", "（": "）", "{": "}"}
 
 
@@ -53,17 +56,29 @@ def _from_json(text: str) -> list[str] | None:
     return tags
 
 
+def _unquote(text: str) -> str:
+    """`text` without the quotes around it: matching pairs, then any left at its start, and those at its
+    end except a measure's inch or foot mark (`36"`, `1 11/16"`, `5'`)."""
+    text = text.strip()
+    while len(text) > 1 and _QUOTE_PAIRS.get(text[0]) == text[-1]:
+        text = text[1:-1].strip()
+    text = text.lstrip(_QUOTES).strip()
+    while text and text[-1] in _QUOTES and not (text[-1] in _UNIT_MARKS and len(text) > 1 and text[-2].isdigit()):
+        text = text[:-1].rstrip()
+    return text
+
+
 def clean_tag(raw: str) -> str:
     """Strip numbering, bullets, quotes and spaces; normalise the separator to ':'."""
     tag = _NUMBERING.sub("", raw.strip().lstrip("#"))
-    tag = tag.strip().strip(_QUOTES).strip()
+    tag = _unquote(tag)
     # A bracket pair around the whole tag is decoration; a bracket inside a value ("9 M (US)") is not.
     while len(tag) > 1 and _BRACKETS.get(tag[0]) == tag[-1]:
         tag = tag[1:-1].strip()
     match = KEY_VALUE_RE.match(tag)
     if match:
-        attribute = match.group(1).strip().strip(_QUOTES).strip()
-        value = match.group(2).strip().strip(_QUOTES).strip()
+        attribute = _unquote(match.group(1))
+        value = _unquote(match.group(2))
         if not value:
             return ""
         tag = f"{attribute}:{value}" if attribute else value
