@@ -84,7 +84,7 @@ EXPECTED: dict[str, dict[int, tuple]] = {
         53: error(None),  # torn last line
     },
     "adversarial.csv": {
-        1: ok("1", "Diesel sneaker, black"),
+        1: ok("1", "Diesel\nsneaker, black"),  # the first line break stays: it parts title and description
         2: ok("2", 'She said "wow" — 理肤泉'),
         3: error("text"),
         4: error(None),  # one cell too many
