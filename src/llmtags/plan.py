@@ -300,14 +300,14 @@ class RunPlan:
                 hashes[f"{key} sha256"] = digests[0] if len(digests) == 1 else digests
         for name, adapter in self.adapters.items():
             hashes[f"adapter {name} sha256"] = adapter.weights_sha256
-            if name in self.options_by_adapter:  # a map: each adapter's own fusion decides its tags too
-                hashes[f"adapter {name} fill"] = self.options_by_adapter[name].fill
-                decides = sorted(self.options_by_adapter[name].proposer_decides)
+            if name in self.options_by_adapter:  # a map: each adapter's own fusion and budget decide its tags too
+                options = self.options_by_adapter[name]
+                hashes[f"adapter {name} fill"] = options.fill
+                decides = sorted(options.proposer_decides)
                 if decides:
                     hashes[f"adapter {name} proposer decides"] = decides
-                budget = self.options_by_adapter[name]
-                if budget.demo_text != "full" or budget.text_budget:
-                    hashes[f"adapter {name} prompt budget"] = [budget.demo_text, budget.text_budget]
+                if options.demo_text != "full" or options.text_budget:
+                    hashes[f"adapter {name} prompt budget"] = [options.demo_text, options.text_budget]
             for file, digest in adapter.shipped_sha256.items():
                 hashes[f"adapter {name} {file} sha256"] = digest
         return hashes
