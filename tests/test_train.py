@@ -81,6 +81,9 @@ def test_config_from_toml_and_overrides(tmp_path):
     for bad in ({"demo_text": "spans"}, {"text_budget": 10}):
         with pytest.raises(TrainError, match=next(iter(bad))):
             TrainConfig(**bad).validate()
+    whole = TrainConfig(text_budget=0)  # as generate's --text-budget 0: whole texts, recorded as unset
+    whole.validate()
+    assert whole.text_budget is None
 
 
 def test_training_prompts_keep_the_prompt_budget_generate_uses(tiny_engine):
@@ -219,6 +222,10 @@ def test_resume_continues_from_the_last_checkpoint_and_keeps_the_best_adapter(ti
     # the checkpoint, was dropped when step 3 was trained again. The final adapter is the best one.
     assert [e["step"] for e in result.evals] == [1, 2, 3, 4]
     assert all(0.0 <= e["f1"] <= 1.0 and e["records"] == 2 for e in result.evals)
+    # Each evaluation records the seconds of training so far, carried across the resume: a learning curve
+    # against CPU time.
+    seconds = [e["train_seconds"] for e in result.evals]
+    assert all(s > 0 for s in seconds) and seconds == sorted(seconds)
     meta = json.loads((out / "llmtags.json").read_text())
     assert meta["metrics"]["dev"]["f1"] == result.best["f1"] and meta["metrics"]["test"] is None
     assert (out / "adapter_model.safetensors").read_bytes() == (out / "best" / "adapter_model.safetensors").read_bytes()

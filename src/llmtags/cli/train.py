@@ -60,7 +60,7 @@ _HYPERPARAMETER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--demo-text", {"choices": ["full", "title"], "help": "retrieved neighbours shown whole or by their title "
                      "(default full); the adapter records it and generate prompts the same way"}),
     ("--text-budget", {"type": int, "metavar": "CHARS", "help": "show a text longer than CHARS as its title plus the "
-                       "windows around its proposals and candidates (default: whole); recorded as --demo-text is"}),
+                       "windows around its proposals and candidates (default, or 0: whole texts); recorded as --demo-text is"}),
     ("--rename", {"type": float, "metavar": "P", "help": "share of examples whose attribute names are renamed "
                   "consistently in demonstrations, schema and answer, so the adapter follows a catalogue's names "
                   "(default 0)"}),

@@ -70,6 +70,10 @@ class _GenerationEval:
         self.best: dict[str, Any] | None = None
         self.engine: Any = None
         self.last_step = -1
+        # Seconds spent training (steps, not evaluations) before the current stretch of the run began, and
+        # when it began: each evaluation records their sum, so a learning curve reads against CPU time.
+        self.trained_before = 0.0
+        self.stretch_start = time.perf_counter()
         if resume and (best_dir / "best.json").is_file() and (best_dir / WEIGHTS_FILE).is_file():
             saved = json.loads((best_dir / "best.json").read_text())
             self.best, self.history = saved["best"], saved.get("history", [])
@@ -82,6 +86,8 @@ class _GenerationEval:
         self.history = [h for h in self.history if h["step"] <= state.global_step]
         if self.best is not None and self.best["step"] > state.global_step:
             self.best = None
+        self.trained_before = self.history[-1].get("train_seconds", 0.0) if self.history else 0.0
+        self.stretch_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every and state.global_step % self.every == 0:
@@ -93,6 +99,7 @@ class _GenerationEval:
 
     def evaluate(self, model: Any, state: Any) -> dict[str, Any]:
         self.last_step = state.global_step
+        train_seconds = self.trained_before + time.perf_counter() - self.stretch_start
         was_training = model.training
         padding_side = self.tokenizer.padding_side
         model.eval()
@@ -118,8 +125,10 @@ class _GenerationEval:
             "f1": scores.micro.f1,
             "records": len(self.records),
             "seconds": round(time.perf_counter() - start, 2),
+            "train_seconds": round(train_seconds, 1),
         }
         self.history.append(entry)
+        self.trained_before, self.stretch_start = train_seconds, time.perf_counter()
         # Ties go to the later adapter: same dev F1, more training.
         if self.best is None or entry["f1"] >= self.best["f1"]:
             self.best = entry

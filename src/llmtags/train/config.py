@@ -13,8 +13,8 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from ..budget import DEMO_VIEWS
 from ..engines.base import MAX_NEW_TOKENS
+from ..options import OptionsError, check_budget
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -140,9 +140,6 @@ class TrainConfig:
             (self.retrieve >= 0, "retrieve must not be negative"),
             (not self.retrieve or bool(self.demos), "retrieve needs demos: the labelled records to retrieve from"),
             (0 <= self.rename < 1, "rename must be in [0, 1)"),
-            (self.demo_text in DEMO_VIEWS, f"demo_text must be one of {', '.join(DEMO_VIEWS)}"),
-            (self.text_budget is None or self.text_budget >= 40, "text_budget: give 40 characters or more (enough "
-             "for a title), or leave it unset for whole texts"),
             (self.proposer_folds >= 2, "proposer_folds must be at least 2"),
             (self.proposer_iterations > 0, "proposer_iterations must be positive"),
             # Renamed answers need the names in the prompt: demonstrations (and the schema they bring).
@@ -152,6 +149,13 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise TrainError(message)
+        # The prompt budget follows generate's rules (0: whole texts, recorded as unset), so an adapter's
+        # recorded budget is one generate accepts.
+        try:
+            check_budget(self.demo_text, self.text_budget, "demo_text", "text_budget")
+        except OptionsError as exc:
+            raise TrainError(str(exc)) from None
+        self.text_budget = self.text_budget or None
 
     @property
     def checkpoint_every(self) -> int:
