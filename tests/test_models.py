@@ -97,3 +97,40 @@ def test_nothing_but_safetensors_is_loaded(tmp_path, tiny_model_dir):
     weights.unlink()
     with pytest.raises(ModelError):
         models.load_model(resolve_base_model(str(pickled)), device="cpu")
+
+
+def test_bf16_is_called_slow_only_on_x86_cpus_without_native_bf16():
+    cpu_lacks_bf16 = models.cpu_lacks_bf16
+    amd_avx2 = "processor\t: 0\nflags\t\t: fpu sse sse2 fma avx avx2\n"
+    sapphire = "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    cooper = "flags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    arm = "Features\t: fp asimd bf16\n"
+    assert cpu_lacks_bf16(amd_avx2)
+    assert not cpu_lacks_bf16(sapphire) and not cpu_lacks_bf16(cooper)
+    assert not cpu_lacks_bf16(arm) and not cpu_lacks_bf16("")  # nothing known: no claim
+
+
+def test_the_bf16_warning_names_the_flag_to_use(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(models, "cpu_lacks_bf16", lambda cpuinfo=None: True)
+    assert "--dtype float32" in models.bf16_warning(torch.bfloat16, "cpu")
+    assert models.bf16_warning(torch.float32, "cpu") is None
+    assert models.bf16_warning(torch.bfloat16, "cuda") is None
+    monkeypatch.setattr(models, "cpu_lacks_bf16", lambda cpuinfo=None: False)
+    assert models.bf16_warning(torch.bfloat16, "cpu") is None
+
+
+def test_a_tokenizer_saved_on_its_own_loads_without_weights(qwen_tokenizer_dir, tmp_path):
+    # embedded_tokenizer_dir saves only the tokenizer until the weights are first converted: a directory
+    # without config.json must still give its tokenizer (it did not, on a fresh cache).
+    import shutil
+
+    alone = tmp_path / "tokenizer"
+    alone.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (qwen_tokenizer_dir / name).is_file():
+            shutil.copy(qwen_tokenizer_dir / name, alone / name)
+    tokenizer = models.load_tokenizer_only(str(alone))
+    assert tokenizer.chat_template and tokenizer.padding_side == "left"
+    assert tokenizer.decode(tokenizer("品牌:耐克")["input_ids"]) == "品牌:耐克"

@@ -267,11 +267,37 @@ def pick_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def cpu_lacks_bf16(cpuinfo: str | None = None) -> bool:
+    """True where the CPU's flags (Linux /proc/cpuinfo, or `cpuinfo` given) show an x86 CPU without
+    AVX512-BF16 or AMX-BF16. There PyTorch's bf16 matmuls take a slow path: 1 GFLOPS against 147 for
+    float32 on a 2-core AMD EPYC with AVX2 (2026-12-06), so bf16 autocast makes training ~100x slower.
+    False where nothing can be read (another OS, another architecture): no claim is made."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                  if line.startswith("flags") and ":" in line), None)
+    return flags is not None and "avx2" in flags and not {"avx512_bf16", "amx_bf16"} & set(flags)
+
+
+def bf16_warning(dtype: Any, device: str) -> str | None:
+    """The warning to give for computing in `dtype` on `device`, or None: bf16 on a CPU without native bf16."""
+    import torch
+
+    if dtype is torch.bfloat16 and device == "cpu" and cpu_lacks_bf16():
+        return ("bfloat16 on this CPU (no AVX512-BF16 or AMX) runs matrix products about 100 times slower than "
+                "float32: use --dtype float32 (or auto)")
+    return None
+
+
 def pick_dtype(dtype: str, device: str) -> Any:
     import torch
 
     if dtype == "auto":
-        # bf16 matmuls are slower than fp32 on CPUs without AMX/AVX-512-BF16, like this project's CI.
+        # bf16 matmuls are slower than fp32 on CPUs without AMX/AVX-512-BF16, like this project's CI
+        # (cpu_lacks_bf16); a GPU computes in bf16.
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
             "float16": torch.float16, "fp16": torch.float16}[dtype]
@@ -332,4 +358,8 @@ def load_tokenizer_only(spec: str | None = None) -> Any:
     spec = base_model_spec(spec)
     if spec in EMBEDDED:
         return load_tokenizer(ResolvedModel(spec, str(embedded_tokenizer_dir(spec)), f"sha256:{EMBEDDED[spec].sha256}"))
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file():
+        # A tokenizer saved on its own (as embedded_tokenizer_dir does before the weights are ever converted).
+        return load_tokenizer(ResolvedModel(spec, str(path), f"dir:{path.resolve()}"))
     return load_tokenizer(resolve_base_model(spec))

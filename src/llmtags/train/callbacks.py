@@ -125,7 +125,7 @@ class _GenerationEval:
             "f1": scores.micro.f1,
             "records": len(self.records),
             "seconds": round(time.perf_counter() - start, 2),
-            "train_seconds": round(train_seconds, 1),
+            "train_seconds": round(train_seconds, 3),
         }
         self.history.append(entry)
         self.trained_before, self.stretch_start = train_seconds, time.perf_counter()

@@ -48,6 +48,7 @@ from ..adapters.registry import (
 )
 from ..candidates import candidate_finder
 from ..models import (
+    bf16_warning,
     cache_root,
     load_model,
     load_tokenizer,
@@ -235,6 +236,9 @@ def _prepare_run(
     qlora = device.startswith("cuda") if config.qlora == "auto" else bool(config.qlora)
     fast = use_fast_path(config, device, qlora)  # before the model loads: a refused combination fails at once
     dtype = pick_dtype(config.dtype, device)
+    slow = bf16_warning(dtype, device)
+    if slow:  # said at the start: the frozen-layer cache alone would take hours
+        print(f"llmtags: warning: --dtype {config.dtype}: {slow}", file=sys.stderr)
     resolved = resolve_base_model(config.base_model)
     tokenizer = load_tokenizer(resolved)
     template = template_choice(config.template)
