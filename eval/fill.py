@@ -17,18 +17,24 @@ The fusion to ship is chosen on the first split (dev, all the sets' records toge
 default) and reported on every split of every set: for each P (and off), the attributes to give to the
 CRF are picked greedily, most supported first, where the switch raises micro F1 on the first split
 (attributes with at least --min-support gold tags there); the best (P, attributes) is applied unchanged
-to the later splits. Writes eval/fill_SET.json and .md.
+to the later splits. Writes eval/fill_SET.json and .md. With --record-to-adapter, the chosen fusion becomes
+the adapter's default (as `llmtags adapters pack ADAPTER --fill P --proposer-decides ATTRS` records it, with
+"off" and "none" recorded too) and its scores on the last split go to the adapter's llmtags.json,
+metrics.test, one entry per set.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from common import (REPO, generated, meta_lines, predictions_file, run_meta, run_parser, run_settings, settings_label,
                     split_paths, write_result)
 
+from llmtags.adapters.pack import record_fusion
+from llmtags.adapters.registry import AdapterError, read_metadata, resolve_adapter, set_metadata_entry
 from llmtags.hygiene import clean_tags
 from llmtags.metrics import match_record_extractgpt, paired_bootstrap, score, score_counts
 from llmtags.options import Settings, TaggingOptions
@@ -225,6 +231,41 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines + [""])
 
 
+def record_to_adapter(result: dict[str, Any], splits: list[str], source: str) -> None:
+    """Make the chosen fusion the adapter's default (both parts: a fill or none, the attributes or none) and
+    store its scores on the last of `splits` (the held-out test records) in its llmtags.json, metrics.test,
+    one entry per set beside those other sets recorded there."""
+    adapter, chosen = result["adapter"], result["chosen"]
+    path = resolve_adapter(adapter)
+    try:
+        record_fusion(path, chosen["fill"], chosen["decides"])
+    except AdapterError as exc:
+        sys.exit(f"--record-to-adapter: {exc}")
+    print(f"{adapter}: --fill {chosen['fill'] or 'off'}, --proposer-decides {', '.join(chosen['decides']) or 'none'} "
+          "by default", file=sys.stderr)
+    last = splits[-1]
+    rows = [row for row in chosen["runs"] if row["split"] == last and last != chosen["chosen_on"]]
+    if not rows:
+        print(f"no {last} records apart from the {chosen['chosen_on']} records the fusion was chosen on: "
+              "metrics.test left as it is", file=sys.stderr)
+        return
+    runs = {(s["set"], s["split"]): s for s in result["splits"]}
+    tests = (read_metadata(path).get("metrics") or {}).get("test") or {}
+    if "f1" in tests:  # `llmtags eval --record-to-adapter` wrote one set's scores flat: keep them under its set
+        data = Path(str(tests.get("set") or "eval"))
+        tests = {data.parent.name if data.stem in ("dev", "test", "train") and data.parent.name else data.stem: tests}
+    for row in rows:
+        run_of = runs[(row["set"], last)]
+        tests[row["set"]] = {
+            "records": run_of["records"], "plain_products_per_s": run_of["plain_products_per_s"],
+            "precision": row["precision"], "recall": row["recall"], "f1": row["f1"],
+            "f1_vs_crf_ci95": row["vs_crf"]["ci95"],
+            **({"extractgpt_f1": row["extractgpt_f1"]["chosen"]} if row.get("extractgpt_f1") else {}),
+            "plain_f1": row["plain_f1"], "crf_peer_f1": row["crf_f1"], "fill": chosen["fill"],
+            "proposer_decides": chosen["decides"], "source": source}
+    set_metadata_entry(path, ("metrics", "test"), tests)
+
+
 def main() -> None:
     parser = run_parser(__doc__)
     parser.add_argument("--splits", default="dev,test")
@@ -232,10 +273,19 @@ def main() -> None:
     parser.add_argument("--cascades", default="0.5,0.3,0.1")
     parser.add_argument("--min-support", type=int, default=10, help="gold tags an attribute needs on the first split "
                         "to be tried for --proposer-decides")
+    parser.add_argument("--record-to-adapter", action="store_true", help="make the chosen fusion the adapter's "
+                        "default and record its scores on the last split in the adapter's llmtags.json")
     args = parser.parse_args()
+    if args.record_to_adapter and (args.demos or args.option):
+        # A fusion chosen on another catalogue's sample, or with other settings, is not this adapter's default.
+        sys.exit("--record-to-adapter: not with --demos or --option (the adapter's own catalogue and settings only)")
     result = run(args)
-    write_result(args.out or REPO / "eval" / f"fill_{args.set.replace('-', '_').replace(',', '_')}", result,
-                 markdown(result))
+    out = args.out or REPO / "eval" / f"fill_{args.set.replace('-', '_').replace(',', '_')}"
+    write_result(out, result, markdown(result))
+    if args.record_to_adapter:
+        written = Path(out).with_suffix(".json").resolve()
+        record_to_adapter(result, args.splits.split(","),
+                          str(written.relative_to(REPO) if written.is_relative_to(REPO) else written))
 
 
 if __name__ == "__main__":

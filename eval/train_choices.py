@@ -4,15 +4,15 @@ CPU time its steps took.
     .venv/bin/python eval/train_choices.py --set zh-taobao-ner [--choices shipped,lr4e-4,rank64,top16]
 
 Each choice is one real `llmtags train` run from the base model (no warm start, so the choices start
-equal), on the same first --limit train records, with the shipped adapters' recipe (the `tuned`
-template, dictionary candidates, cross-fitted span proposals, batches of 8, bf16 autocast) and one
-change. Every --eval-every steps the run tags the first --eval-limit dev records (plain answers, no
-fusion) and records its micro F1 and the seconds its steps have taken so far (`train_seconds`:
-evaluations, the fold CRFs and the frozen-layer cache excluded; the last two are reported apart, as the
-run's wall time less its steps and evaluations). Runs are kept under --work: a finished one is read
-back, an interrupted one resumed. A choice that adapts more layers costs more a step, so it is given
-fewer steps (`steps` below, in proportion to the layers it trains) to keep the budgets level; the table
-shows what each actually spent. Writes eval/train_choices_SET.json and .md.
+equal), on the same first --limit train records, with the shipped adapters' recipe (the `tuned` template,
+dictionary candidates, cross-fitted span proposals, batches of 8, bf16 autocast where the CPU computes
+bf16 natively, else float32: --dtype) and one change. Every --eval-every steps the run tags the first
+--eval-limit dev records (plain answers, no fusion) and records its micro F1 and the seconds its steps
+have taken so far (`train_seconds`: evaluations, the fold CRFs and the frozen-layer cache excluded; the
+last two are reported apart, as the run's wall time less its steps and evaluations). Runs are kept under
+--work: a finished one is read back, an interrupted one resumed. A choice that adapts more layers costs
+more a step, so it is given fewer steps (`steps` below, in proportion to the layers it trains) to keep the
+budgets level; the table shows what each actually spent. Writes eval/train_choices_SET.json and .md.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from common import DATASETS, REPO, meta_lines, run_meta, write_result
+
+from llmtags.models import cpu_lacks_bf16
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def train_command(args: Any, choice: Choice, out: Path, resume: bool) -> list[st
     return [str(Path(sys.executable).parent / "llmtags"), "train", str(data / "train.jsonl"),
             "--dev", str(data / "dev.jsonl"), "--out", str(out), "--template", "tuned",
             "--candidates", str(data / "train.jsonl"), "--limit", str(args.limit), "--max-steps", str(steps),
-            "--batch-size", "8", "--grad-accum", "1", "--max-length", str(args.max_length), "--dtype", "bfloat16",
+            "--batch-size", "8", "--grad-accum", "1", "--max-length", str(args.max_length), "--dtype", args.dtype,
             "--eval-every", str(args.eval_every), "--eval-limit", str(args.eval_limit),
             "--save-every", str(args.eval_every), "--save-total-limit", "1", *choice.flags,
             *(["--resume"] if resume else ["--overwrite"])]
@@ -129,6 +131,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=30)
     parser.add_argument("--eval-limit", type=int, default=60)
     parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"],
+                        default="float32" if cpu_lacks_bf16() else "bfloat16", help="bf16 autocast, as the shipped adapters were trained, where the CPU has native bf16; "
+                        "else float32 (bf16 takes a slow path there)")
     parser.add_argument("--work", type=Path, default=REPO.parent / "runs" / "choices")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--note", help="a remark on the runs for the Markdown (e.g. what else shared the cores)")

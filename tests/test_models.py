@@ -102,10 +102,11 @@ def test_nothing_but_safetensors_is_loaded(tmp_path, tiny_model_dir):
 def test_bf16_is_called_slow_only_on_x86_cpus_without_native_bf16():
     cpu_lacks_bf16 = models.cpu_lacks_bf16
     amd_avx2 = "processor\t: 0\nflags\t\t: fpu sse sse2 fma avx avx2\n"
-    sapphire = "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
-    cooper = "flags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    sapphire = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    cooper = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
     arm = "Features\t: fp asimd bf16\n"
-    assert cpu_lacks_bf16(amd_avx2)
+    skylake = "flags\t\t: fpu sse2 avx2 avx512f avx512bw\n"  # AVX-512 without its bf16 instructions
+    assert cpu_lacks_bf16(amd_avx2) and cpu_lacks_bf16(skylake)
     assert not cpu_lacks_bf16(sapphire) and not cpu_lacks_bf16(cooper)
     assert not cpu_lacks_bf16(arm) and not cpu_lacks_bf16("")  # nothing known: no claim
 

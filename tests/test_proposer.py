@@ -10,6 +10,8 @@ import random
 
 import pytest
 
+from llmtags.adapters.pack import record_fusion
+from llmtags.adapters.registry import AdapterError
 from llmtags.options import Settings, TaggingOptions, tagging_options
 from llmtags.proposer import (
     CrossFitted,
@@ -193,6 +195,17 @@ def test_adapters_pack_trains_and_ships_a_proposer(tmp_path):
     assert main(["adapters", "pack", str(bare), "--fill", "0.7"]) != 0  # no proposer to fill from
     assert main(["adapters", "pack", str(bare), "--proposer-decides", "品牌"]) != 0
     assert main(["adapters", "pack", str(adapter), "--proposer-decides", "颜色"]) != 0  # not one its proposer tags
+    # A refused list leaves the adapter as it was: nothing is written before both parts are checked.
+    assert main(["adapters", "pack", str(adapter), "--fill", "0.9", "--proposer-decides", "颜色"]) != 0
+    assert meta_of(adapter)["proposer"]["fill"] == 0.7 and meta_of(adapter)["proposer"]["decides"] == ["产品词", "品牌"]
+    # eval/fill.py records the fusion chosen on dev whole: "no fill" and "no attributes" clear what was there.
+    record_fusion(adapter, None, ["品牌"])
+    assert "fill" not in meta_of(adapter)["proposer"] and meta_of(adapter)["proposer"]["decides"] == ["品牌"]
+    record_fusion(adapter, 0.5, [])
+    assert meta_of(adapter)["proposer"]["fill"] == 0.5 and "decides" not in meta_of(adapter)["proposer"]
+    assert adapter_defaults(resolved_adapter(str(adapter)), Settings(adapter=str(adapter))).proposer_decides is None
+    with pytest.raises(AdapterError, match="ships no span proposer"):
+        record_fusion(bare, 0.5, [])
 
 
 def meta_of(adapter):

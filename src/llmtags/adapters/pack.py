@@ -16,11 +16,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..candidates import candidate_sources, load_candidate_vocabulary
 from ..models import sha256_file
+from ..options import OptionsError, check_decided
+from ..proposer import SpanProposer
 from ..records import load_labelled
 from .registry import AdapterError, read_metadata, write_metadata
 
@@ -81,5 +84,33 @@ def pack_adapter(adapter_dir: str | Path, *, candidates: str | None = None, pool
         os.replace(tmp, adapter_dir / PROPOSER_FILE)
         meta["proposer"] = {**{k: v for k, v in proposer.items() if k != "model"}, "path": PROPOSER_FILE,
                             "sha256": sha256_file(adapter_dir / PROPOSER_FILE)}
+    write_metadata(adapter_dir, meta)
+    return meta
+
+
+def record_fusion(adapter_dir: str | Path, fill: float | None, decides: Sequence[str]) -> dict[str, Any]:
+    """Record the adapter's default fusion, both parts at once: `fill` (the --fill P its runs use; None: no
+    fill) and the attributes its span proposer decides (--proposer-decides; empty: none). Both are checked
+    before anything is written, so a refused value leaves the adapter as it was. Returns the metadata."""
+    adapter_dir = Path(adapter_dir)
+    meta = read_metadata(adapter_dir)
+    shipped = meta.get("proposer")
+    if not shipped:
+        if fill is None and not decides:
+            return meta
+        raise AdapterError(f"{adapter_dir} ships no span proposer to fill from or decide with; pack one with "
+                           "--proposer LABELLED")
+    if fill is not None and not 0.0 < fill <= 1.0:
+        raise AdapterError(f"--fill: {fill} is not in (0, 1]")
+    if decides:
+        try:
+            check_decided(frozenset(decides), SpanProposer(adapter_dir / shipped["path"]), "--proposer-decides")
+        except OptionsError as exc:
+            raise AdapterError(str(exc)) from exc
+    for key, value in (("fill", fill), ("decides", sorted(decides) or None)):
+        if value is None:
+            shipped.pop(key, None)
+        else:
+            shipped[key] = value
     write_metadata(adapter_dir, meta)
     return meta

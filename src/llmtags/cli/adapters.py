@@ -9,18 +9,18 @@ import tempfile
 from typing import Any
 
 from ..adapters.merge import merge_adapter
-from ..adapters.pack import pack_adapter
+from ..adapters.pack import pack_adapter, record_fusion
 from ..adapters.registry import (
+    AdapterError,
     adapters_root,
     list_adapters,
     read_metadata,
     resolve_adapter,
-    set_metadata_entry,
     show_adapter,
 )
 from ..candidates import candidate_sources
-from ..options import OptionsError, check_decided, decided_attributes
-from ..proposer import CrossFitted, ProposerSettings, SpanProposer
+from ..options import decided_attributes
+from ..proposer import CrossFitted, ProposerSettings
 from ..records import load_labelled
 from .common import CliError, add_root
 
@@ -125,21 +125,16 @@ def cmd_adapters_pack(args: argparse.Namespace) -> int:
                                 licence=args.licence, proposer=proposer)
     else:
         meta = pack_adapter(path, candidates=args.candidates, pool=args.demos, k=args.retrieve, licence=args.licence)
-    for flag, key, value, said in (("--fill", "fill", args.fill, f"--fill {args.fill} by default"),
-                                   ("--proposer-decides", "decides", decides or None,
-                                    f"its proposer deciding {', '.join(decides)} by default")):
-        if value is None:
-            continue
-        shipped_proposer = meta.get("proposer") or read_metadata(path).get("proposer")
-        if not shipped_proposer:
-            raise CliError(f"{flag}: {path} ships no span proposer; pack one with --proposer LABELLED")
-        if key == "decides":
-            try:
-                check_decided(frozenset(decides), SpanProposer(path / shipped_proposer["path"]), flag)
-            except OptionsError as exc:
-                raise CliError(str(exc)) from exc
-        set_metadata_entry(path, ("proposer", key), value)
-        shipped.append(said)
+    if args.fill is not None or decides:
+        # What is not given stays as recorded; both are checked before either is written.
+        recorded = read_metadata(path).get("proposer") or {}
+        try:
+            record_fusion(path, args.fill if args.fill is not None else recorded.get("fill"),
+                          decides or recorded.get("decides") or [])
+        except AdapterError as exc:
+            raise CliError(str(exc)) from exc
+        shipped += [f"--fill {args.fill} by default"] * (args.fill is not None)
+        shipped += [f"its proposer deciding {', '.join(decides)} by default"] * bool(decides)
     if args.candidates:
         shipped.append(f"{meta['vocabulary']['candidates']['size']} candidate tags")
     if args.demos:

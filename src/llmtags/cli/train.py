@@ -37,7 +37,8 @@ _HYPERPARAMETER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--save-every", {"type": int, "help": "steps between checkpoints (default: --eval-every)"}),
     ("--save-total-limit", {"type": int, "help": "checkpoints kept (default 2)"}),
     ("--log-every", {"type": int}),
-    ("--dtype", {"choices": ["auto", "float32", "bfloat16"], "help": "auto: fp32 on CPU, bf16 on CUDA; bf16 on a CPU pays only with AVX512-BF16 or AMX (without them ~100x slower: train warns)"}),
+    ("--dtype", {"choices": ["auto", "float32", "bfloat16"], "help": "auto: fp32 on CPU, bf16 on CUDA; bf16 on "
+                 "a CPU pays only with AVX512-BF16 or AMX (without them it is far slower: train warns)"}),
     ("--qlora", {"choices": ["auto", "true", "false"], "help": "4-bit base model (auto: on CUDA only)"}),
     ("--fast", {"choices": ["auto", "true", "false"], "help": "the fast CPU trainer: frozen layers computed once, "
                 "logits only where there is loss (auto: on CPU without QLoRA; false: trl's SFTTrainer)"}),
@@ -60,7 +61,8 @@ _HYPERPARAMETER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--demo-text", {"choices": ["full", "title"], "help": "retrieved neighbours shown whole or by their title "
                      "(default full); the adapter records it and generate prompts the same way"}),
     ("--text-budget", {"type": int, "metavar": "CHARS", "help": "show a text longer than CHARS as its title plus the "
-                       "windows around its proposals and candidates (default, or 0: whole texts); recorded as --demo-text is"}),
+                       "windows around its proposals and candidates (default, or 0: whole texts); recorded as "
+                       "--demo-text is"}),
     ("--rename", {"type": float, "metavar": "P", "help": "share of examples whose attribute names are renamed "
                   "consistently in demonstrations, schema and answer, so the adapter follows a catalogue's names "
                   "(default 0)"}),

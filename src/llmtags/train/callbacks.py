@@ -128,7 +128,6 @@ class _GenerationEval:
             "train_seconds": round(train_seconds, 3),
         }
         self.history.append(entry)
-        self.trained_before, self.stretch_start = train_seconds, time.perf_counter()
         # Ties go to the later adapter: same dev F1, more training.
         if self.best is None or entry["f1"] >= self.best["f1"]:
             self.best = entry
@@ -141,6 +140,7 @@ class _GenerationEval:
         self.progress.write(f"step {entry['step']}: dev micro F1 {entry['f1']:.3f} "
                             f"(P {entry['precision']:.3f}, R {entry['recall']:.3f}) on {len(self.records)} "
                             f"records; best {self.best['f1']:.3f} at step {self.best['step']}")
+        self.trained_before, self.stretch_start = train_seconds, time.perf_counter()  # saving is not training
         return entry
 
 
