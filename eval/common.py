@@ -32,14 +32,14 @@ def machine() -> str:
 def cpu_kind() -> str:
     """The CPU's model name and whether it computes bf16 natively, from /proc/cpuinfo where there is one:
     speeds differ by host (zh-taobao tagged 0.60, 0.83 and 1.06 products/s on three 2-core machines)."""
-    from llmtags.models import cpu_lacks_bf16
+    from llmtags.models import cpu_flags, cpu_lacks_bf16
 
     try:
         info = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         return ""
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    flags = cpu_flags(info) or []
     bf16 = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else \
         "no native bf16" if cpu_lacks_bf16(info) else ""
     return "".join(f", {part}" for part in (name, bf16) if part)

@@ -267,19 +267,25 @@ def pick_device(device: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def cpu_lacks_bf16(cpuinfo: str | None = None) -> bool:
-    """True where the CPU's flags (Linux /proc/cpuinfo, or `cpuinfo` given) show an x86 CPU without
-    AVX512-BF16 or AMX-BF16. There PyTorch's bf16 matmuls take a slow path: 1 GFLOPS against 147 for
-    float32 on a 2-core AMD EPYC with AVX2 (2026-12-06), so bf16 autocast made training far slower.
-    False where nothing can be read (another OS, another architecture): no claim is made."""
+def cpu_flags(cpuinfo: str | None = None) -> list[str] | None:
+    """The CPU's feature flags from the first "flags" line of Linux's /proc/cpuinfo (or of `cpuinfo` given);
+    None where there is none (another OS; ARM, whose /proc/cpuinfo says "Features")."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
         except OSError:
-            return False
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
-                  if line.startswith("flags") and ":" in line), None)
-    # Every x86-64 CPU lists sse2; ARM's /proc/cpuinfo has "Features" and no "flags" line.
+            return None
+    return next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                 if line.startswith("flags") and ":" in line), None)
+
+
+def cpu_lacks_bf16(cpuinfo: str | None = None) -> bool:
+    """True where the CPU's flags (`cpu_flags`) show an x86 CPU without AVX512-BF16 or AMX-BF16. There
+    PyTorch's bf16 matmuls take a slow path: 1 GFLOPS against 147 for float32 on a 2-core AMD EPYC with
+    AVX2 (2026-12-06), so bf16 autocast made training far slower. False where nothing can be read
+    (another OS, another architecture): no claim is made."""
+    flags = cpu_flags(cpuinfo)
+    # Every x86-64 CPU lists sse2.
     return flags is not None and "sse2" in flags and not {"avx512_bf16", "amx_bf16"} & set(flags)
 
 
