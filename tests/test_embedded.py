@@ -46,7 +46,9 @@ MUST_NOT_ATTRIBUTES = {
 }
 MUST_NOT_TAGS = {"zh-002": {"型号:手机"}, "zh-003": {"产品词:Air", "产品词:Zoom", "产品词:Pegasus"}}
 MUST_TAGS = {"zh-003": {"品牌:耐克", "产品词:跑步鞋"}, "en-008": {"Brand:LEGO"}, "en-004": {"Brand:KitchenAid"},
-             "zh-001": {"品牌:理肤泉"}, "en-001": {"Brand:Diesel"}}
+             "zh-001": {"品牌:理肤泉"}, "en-001": {"Brand:Diesel"},
+             # Model numbers of categories en-products' data lacks: its CRF, silent there, must not drop them.
+             "en-002": {"Model Number:S24 Ultra"}, "en-003": {"Model Number:501"}}
 
 
 def test_every_example_product_gets_sensible_tags(tmp_path, monkeypatch):

@@ -382,15 +382,20 @@ def test_a_second_signal_stops_training_at_once_and_the_handlers_come_back():
 
     said = []
     stop = _StopOnSignal(types.SimpleNamespace(write=said.append))
-    before = signal.getsignal(signal.SIGINT)
-    stop.on_train_begin(None, None, None)
-    os.kill(os.getpid(), signal.SIGINT)
-    control = types.SimpleNamespace(should_training_stop=False, should_save=False)
-    stop.on_step_end(None, None, control)
-    assert stop.requested and control.should_training_stop and control.should_save and len(said) == 1
-    with pytest.raises(KeyboardInterrupt):
+    # Python's own handler first: a shell starts a background job with SIGINT ignored, and the second
+    # signal goes to the handler that was there before.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        stop.on_train_begin(None, None, None)
         os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) == before
+        control = types.SimpleNamespace(should_training_stop=False, should_save=False)
+        stop.on_step_end(None, None, control)
+        assert stop.requested and control.should_training_stop and control.should_save and len(said) == 1
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 @pytest.mark.parametrize("name", ["cascade", "fill"])
@@ -444,6 +449,10 @@ def test_decide_gives_the_proposers_attributes_to_its_spans():
     assert kept == ["Gender:Men"] and [p.tag for p in taken] == ["Brand:Nike", "Product:running shoes"]
     assert decide(answer, found, ()) == (answer, [])
     assert decide(answer, [], {"Brand"}) == (["Gender:Men", "product:Running Shoes"], [])
+    # keep_unproposed: a decided attribute without a span here keeps the model's tags.
+    assert decide(answer, found[:1], {"Brand", "product"}, keep_unproposed=True) == (
+        ["Gender:Men", "product:Running Shoes"], found[:1])
+    assert decide(answer, [], {"Brand"}, keep_unproposed=True) == (answer, [])
 
 
 def test_proposer_decides_needs_a_proposer_and_is_off_with_no_fill(zh_proposer):

@@ -94,6 +94,34 @@ def test_a_record_without_schema_gets_its_categorys_or_its_neighbours_or_the_poo
     assert DemoPool(POOL).schema_for(Record("q", "无关")) == ["产品词", "品牌", "型号", "其他"]
 
 
+def test_a_pool_knows_a_record_by_its_category_or_its_own_schema():
+    pool = DemoPool(EN_POOL)
+    assert pool.knows(Record("q", "x", category="tea")) and pool.knows(Record("q", "x", category="Phones", schema=["Brand"]))
+    assert not pool.knows(Record("q", "Samsung Galaxy S24", category="Phones"))
+    assert not pool.knows(Record("q", "Samsung Galaxy S24"))  # nothing says what it is
+    assert DemoPool(POOL).knows(Record("q", "无关"))  # a pool without categories is one catalogue
+
+
+def test_a_product_of_unknown_category_keeps_its_tags_of_decided_attributes_the_proposer_is_silent_on(tmp_path):
+    from llmtags.engines.base import Generation
+    from llmtags.proposer import Proposal
+    from llmtags.tagger import prompt_parts
+
+    found = [Proposal("Brand:Samsung", "Brand", "Samsung", 0, 7, 0.9)]
+    options = TaggingOptions(template="tuned", pool=DemoPool(EN_POOL), retrieve=1,
+                             proposer_decides=frozenset({"Brand", "Model Number"}))
+    phone = Record("q", "Samsung Galaxy S24 Ultra 512GB", category="Phones")
+    sneaker = Record("s", "Nike Air Max S24 Ultra", category="Shoes")
+    assert not prompt_parts(phone, options).known and prompt_parts(sneaker, options).known
+    answer = Generation("Brand:Galaxy\nModel Number:S24 Ultra", 5, 9)
+    # The phone: the CRF's Brand replaces the model's, but its silence on Model Number decides nothing.
+    unknown = to_result(phone, answer, options, proposals=found, known=False)
+    assert unknown.tags == ["Model Number:S24 Ultra", "Brand:Samsung"] and unknown.replaced == ["Brand:Galaxy"]
+    # A product of a known category: the proposer decides both, as chosen on that catalogue's dev records.
+    known = to_result(sneaker, answer, options, proposals=found)
+    assert known.tags == ["Brand:Samsung"] and known.replaced == ["Brand:Galaxy", "Model Number:S24 Ultra"]
+
+
 def test_a_pool_is_built_once_per_content_and_needs_labels():
     assert shared_pool(POOL) is shared_pool(list(POOL))
     with pytest.raises(ValueError, match="no labelled record"):

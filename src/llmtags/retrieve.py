@@ -147,6 +147,14 @@ class DemoPool:
         whole or by its title (`view`, budget.demo_text)."""
         return [demo_of(r, view=view) for r in reversed(self.ranked(record, k))]
 
+    def knows(self, record: Record) -> bool:
+        """Whether `record` is of a kind this pool's catalogue holds: it comes with a schema of its own
+        (a catalogue defined it), or the pool is one catalogue without categories, or the pool has its
+        category. A record without either is a product of unknown category (`schema_for` gives it the core)."""
+        if record.schema or self._pool_schema is not None:
+            return True
+        return bool(record.category) and record.category.casefold() in self._category_schema
+
     def schema_for(self, record: Record, lend_similarity: float = LEND_SIMILARITY) -> list[str] | None:
         """The attribute names a record without a schema is prompted with: its category's in the pool;
         in a pool without categories, the pool's; else the pool's catalogue-wide core followed by the

@@ -123,6 +123,9 @@ class PromptParts:
     # The proposer's probability that its labelling of the whole text is right (None: no proposer, or
     # training); the cascade skips the model where it reaches `TaggingOptions.cascade`.
     confidence: float | None = None
+    # False for a product whose category the demo pool does not know (`DemoPool.knows`): the proposer,
+    # trained on that catalogue, did not see its like either, so its silence decides nothing (`proposer.decide`).
+    known: bool = True
 
     def cascaded(self, options: TaggingOptions) -> bool:
         """Whether the proposer alone tags this record (`--cascade P`)."""
@@ -138,7 +141,8 @@ def prompt_parts(record: Record, options: TaggingOptions, training: bool = False
         # windows around them.
         found = [(p.start, p.end) for p in proposals] + [(c.start, c.end) for c in candidates]
         ready = replace(ready, text=windowed(ready.text, found, options.text_budget))
-    return PromptParts(ready, prompt_demos(record, options), [c.tag for c in candidates], proposals, confidence)
+    known = options.pool is None or options.retrieve <= 0 or options.pool.knows(record)
+    return PromptParts(ready, prompt_demos(record, options), [c.tag for c in candidates], proposals, confidence, known)
 
 
 def render_parts(parts: PromptParts, tokenizer: Any, options: TaggingOptions) -> str:
@@ -213,7 +217,7 @@ def tag_chunks(
         ) if todo else []
         for i, generation in zip(todo, generations):
             results[i] = to_result(chunk[i], generation, options, normaliser, schema=parts[i].record.schema,
-                                   proposals=parts[i].proposals)
+                                   proposals=parts[i].proposals, known=parts[i].known)
         yield results  # type: ignore[misc]  # every slot is filled
 
 
@@ -229,17 +233,18 @@ def tag_records(
 
 
 def to_result(record: Record, generation: Any, options: TaggingOptions, normaliser: Any = None,
-              schema: Sequence[str] | None = None, proposals: Sequence[Proposal] = ()) -> TagResult:
+              schema: Sequence[str] | None = None, proposals: Sequence[Proposal] = (), known: bool = True) -> TagResult:
     """Parse, clean (`hygiene.clean_tags`: against `schema`, else the record's), normalise and ground one
     generation. The `proposals` join the answer, with their marginals as confidences (`proposer.fuse`): for
     the attributes of `options.proposer_decides` they replace its tags, and with `options.fill` those it
-    left out at that marginal are added."""
+    left out at that marginal are added. For a product of unknown category (not `known`), a decided
+    attribute the proposer has no span of keeps the model's tags."""
     schema = schema if schema is not None else record.schema
     parsed = parse_tag_spans(generation.text)
     by_raw = confidences_by_tag(parsed, generation)
     kept, dropped = clean_tags([p.tag for p in parsed], schema)
     answer = kept
-    kept, added = fuse(answer, proposals, options.fill, options.proposer_decides)
+    kept, added = fuse(answer, proposals, options.fill, options.proposer_decides, keep_unproposed=not known)
     filled, _ = clean_tags([p.tag for p in added], schema)
     # A tag the proposer supplied has its marginal as its confidence, even where the model wrote it too.
     by_raw = {**by_raw, **{p.tag: p.p for p in added}}
