@@ -102,7 +102,7 @@ def test_a_pool_knows_a_record_by_its_category_or_its_own_schema():
     assert DemoPool(POOL).knows(Record("q", "无关"))  # a pool without categories is one catalogue
 
 
-def test_a_product_of_unknown_category_keeps_its_tags_of_decided_attributes_the_proposer_is_silent_on(tmp_path):
+def test_a_product_of_unknown_category_keeps_its_tags_of_decided_attributes_the_proposer_is_silent_on():
     from llmtags.engines.base import Generation
     from llmtags.proposer import Proposal
     from llmtags.tagger import prompt_parts

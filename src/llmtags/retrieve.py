@@ -147,25 +147,30 @@ class DemoPool:
         whole or by its title (`view`, budget.demo_text)."""
         return [demo_of(r, view=view) for r in reversed(self.ranked(record, k))]
 
-    def knows(self, record: Record) -> bool:
-        """Whether `record` is of a kind this pool's catalogue holds: it comes with a schema of its own
-        (a catalogue defined it), or the pool is one catalogue without categories, or the pool has its
-        category. A record without either is a product of unknown category (`schema_for` gives it the core)."""
-        if record.schema or self._pool_schema is not None:
-            return True
-        return bool(record.category) and record.category.casefold() in self._category_schema
-
-    def schema_for(self, record: Record, lend_similarity: float = LEND_SIMILARITY) -> list[str] | None:
-        """The attribute names a record without a schema is prompted with: its category's in the pool;
-        in a pool without categories, the pool's; else the pool's catalogue-wide core followed by the
-        attributes of those of its `SCHEMA_NEIGHBOURS` nearest neighbours at least `lend_similarity`
-        similar to it (their categories' schemas where they have them)."""
+    def _known_schema(self, record: Record) -> list[str] | None:
+        """The schema this pool's catalogue gives `record`: its own, else the pool's (a pool without
+        categories is one catalogue), else its category's; None for a product of unknown category."""
         if record.schema:
             return list(record.schema)
         if self._pool_schema is not None:
             return list(self._pool_schema)
         if record.category and record.category.casefold() in self._category_schema:
             return list(self._category_schema[record.category.casefold()])
+        return None
+
+    def knows(self, record: Record) -> bool:
+        """Whether `record` is of a kind this pool's catalogue holds (`_known_schema`); one that is not is a
+        product of unknown category, which `schema_for` gives the core."""
+        return self._known_schema(record) is not None
+
+    def schema_for(self, record: Record, lend_similarity: float = LEND_SIMILARITY) -> list[str] | None:
+        """The attribute names a record without a schema is prompted with: its category's in the pool;
+        in a pool without categories, the pool's; else the pool's catalogue-wide core followed by the
+        attributes of those of its `SCHEMA_NEIGHBOURS` nearest neighbours at least `lend_similarity`
+        similar to it (their categories' schemas where they have them)."""
+        known = self._known_schema(record)
+        if known is not None:
+            return known
         lists = [self.core_schema]
         for neighbour, alike in self.neighbours(record, SCHEMA_NEIGHBOURS):
             if alike >= lend_similarity:

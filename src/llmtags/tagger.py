@@ -68,11 +68,16 @@ class TagResult:
 
 
 
+def retrieving(options: TaggingOptions) -> bool:
+    """Whether prompts show retrieved neighbours (and take a missing schema from the pool)."""
+    return options.pool is not None and options.retrieve > 0
+
+
 def prompt_record(record: Record, options: TaggingOptions) -> Record:
     """`record` as prompts and constraints see it: with retrieval on and no schema of its own, the schema
     its demo pool gives it (retrieve.schema_for, from the whole text); its text cut to
     `options.max_text_chars`."""
-    if not record.schema and options.pool is not None and options.retrieve > 0:
+    if not record.schema and retrieving(options):
         record = replace(record, schema=options.pool.schema_for(record))
     if len(record.text) > options.max_text_chars:
         record = replace(record, text=record.text[: options.max_text_chars])
@@ -82,7 +87,7 @@ def prompt_record(record: Record, options: TaggingOptions) -> Record:
 def prompt_demos(record: Record, options: TaggingOptions) -> Sequence[Demo]:
     """The demonstrations `record` is shown: its nearest pool records with retrieval, else the fixed ones.
     Give the whole record, not the cut one, so the pool never offers the record its own answer."""
-    if options.pool is not None and options.retrieve > 0:
+    if retrieving(options):
         return options.pool.demos_for(record, options.retrieve, options.demo_text)
     return options.demos
 
@@ -141,7 +146,7 @@ def prompt_parts(record: Record, options: TaggingOptions, training: bool = False
         # windows around them.
         found = [(p.start, p.end) for p in proposals] + [(c.start, c.end) for c in candidates]
         ready = replace(ready, text=windowed(ready.text, found, options.text_budget))
-    known = options.pool is None or options.retrieve <= 0 or options.pool.knows(record)
+    known = not retrieving(options) or options.pool.knows(record)
     return PromptParts(ready, prompt_demos(record, options), [c.tag for c in candidates], proposals, confidence, known)
 
 

@@ -36,6 +36,7 @@ from ..models import (
     ModelError,
     ResolvedModel,
     cache_root,
+    cpu_flags,
     load_tokenizer,
     resolve_gguf_base,
     sha256_file,
@@ -53,12 +54,12 @@ PREFIX_MIN_TOKENS = 8  # below this, copying a prefix saves less than it costs
 
 
 def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether the CPU advertises Intel AMX tiles (Linux; elsewhere False)."""
+    """Whether the CPU advertises Intel AMX tiles (Linux; elsewhere False), by the flags `cpu_flags` reads."""
     try:
-        with open(cpuinfo, encoding="ascii", errors="replace") as f:
-            return any(line.startswith("flags") and "amx_tile" in line.split() for line in f)
+        text = Path(cpuinfo).read_text(encoding="ascii", errors="replace")
     except OSError:
         return False
+    return "amx_tile" in (cpu_flags(text) or ())
 
 
 def model_params(default_params: Callable[[], Any]) -> Any:
