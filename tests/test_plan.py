@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from llmtags.adapters import registry
-from llmtags.adapters.pack import POOL_FILE, PROPOSER_FILE, VOCABULARY_FILE, pack_adapter
+from llmtags.adapters.pack import POOL_FILE, PROPOSER_FEATURES_FILE, PROPOSER_FILE, VOCABULARY_FILE, pack_adapter
 from llmtags.candidates import candidate_finder
 from llmtags.cli import main
 from llmtags.models import load_tokenizer_only, sha256_file
@@ -281,6 +281,14 @@ def test_an_absent_or_altered_proposer_file_is_dropped_with_a_warning(root, tmp_
     copy = tmp_path / "adapters" / "zh-tuned"
     shutil.copytree(root / "zh-tuned", copy)
     settings = Settings(adapter="zh-tuned", adapters_root=str(tmp_path / "adapters"))
+    # Version 2's features file (the gazetteer) is checked as the model is: the pair must be the one packed.
+    assert (copy / PROPOSER_FEATURES_FILE).is_file()
+    features = (copy / PROPOSER_FEATURES_FILE).read_bytes()
+    (copy / PROPOSER_FEATURES_FILE).write_bytes(features.replace(b'"version"', b' "version"'))
+    assert plan_run(settings).options.proposer is None
+    assert f"{PROPOSER_FEATURES_FILE} is not the span proposer file" in capsys.readouterr().err
+    (copy / PROPOSER_FEATURES_FILE).write_bytes(features)
+    assert plan_run(settings).options.proposer is not None
     (copy / PROPOSER_FILE).write_bytes((copy / PROPOSER_FILE).read_bytes() + b"\0")
     assert plan_run(settings).options.proposer is None
     assert "sha256 differs" in capsys.readouterr().err

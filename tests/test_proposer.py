@@ -15,13 +15,17 @@ from llmtags.adapters.registry import AdapterError
 from llmtags.options import Settings, TaggingOptions, tagging_options
 from llmtags.proposer import (
     CrossFitted,
+    Features,
     Proposal,
+    ProposerSettings,
     SpanProposer,
     bio_labels,
+    features_path,
     fold_of,
     proposal_quality,
     spans_of,
     tokenize,
+    training_sequences,
 )
 from llmtags.records import Record
 from llmtags.tagger import prompt_parts
@@ -141,6 +145,50 @@ def test_settings_load_a_proposer_and_no_proposer_turns_it_off(zh_proposer):
     assert tagging_options(Settings()).proposer is None
 
 
+def test_version_2_features_add_trigrams_the_category_and_the_gazetteer():
+    text = "新款耐克跑步鞋"
+    spans = tokenize(text)
+    features = Features(2, {"耐克": "品牌"})
+    rows = features.rows(text, spans, category="Shoes")
+    assert "t0=款|耐|克" in rows[2] and "c=Shoes" in rows[2] and "c|w=Shoes|耐" in rows[2]
+    assert "g=B-品牌" in rows[2] and "g=E-品牌" in rows[3] and "gl=B-品牌-2" in rows[2]
+    assert not any(f.startswith("g") for f in rows[4])
+    assert not any(f.startswith("c") for f in features.rows(text, spans)[2])  # no category, no category features
+    # Version 1 is the feature set before them: proposers trained with it still read as they were trained.
+    assert Features(1).rows(text, spans) == [row[:len(Features(1).rows(text, spans)[i])]
+                                             for i, row in enumerate(Features(2).rows(text, spans))]
+    with pytest.raises(ValueError, match="features version 3"):
+        Features(3)
+
+
+def test_a_training_record_never_sees_its_own_values_in_the_gazetteer():
+    # Each brand appears in one record only: with its own values in the gazetteer, the feature would mark
+    # exactly the gold spans, and the CRF would trust it alone (cross-fitted, as at test time).
+    records = [Record(f"r{i}", f"新款{brand}跑步鞋", tags=[f"品牌:{brand}", "产品词:跑步鞋"])
+               for i, brand in enumerate(BRANDS)]
+    for (rows, labels), record in zip(training_sequences(records, 2), records):
+        brand_rows = [row for row, label in zip(rows, labels) if label.endswith("品牌")]
+        assert brand_rows and not any(f.startswith("g=") and "品牌" in f for row in brand_rows for f in row)
+        # The product word, in every other record too, is in the gazetteer of the other folds.
+        assert any("g=B-产品词" in row for row in rows), record.text
+
+
+def test_a_proposer_records_its_features_beside_its_model(tmp_path):
+    records = synthetic(120)
+    v2 = SpanProposer.train(records, tmp_path / "v2.crfsuite")
+    assert features_path(v2.path) == tmp_path / "v2.features.json"
+    saved = json.loads(features_path(v2.path).read_text(encoding="utf-8"))
+    assert saved["version"] == 2 and saved["gazetteer"]["耐克"] == "品牌"  # every training value at test time
+    assert SpanProposer(v2.path).features.version == 2
+    v1 = SpanProposer.train(records, tmp_path / "v1.crfsuite", ProposerSettings(features=1))
+    assert not features_path(v1.path).exists()
+    loaded = SpanProposer(v1.path)  # a model without a features file: version 1, as proposers before it
+    assert loaded.features.version == 1 and loaded.settings.features == 1
+    assert [p.tag for p in loaded.propose(Record("t", "包邮耐克新款篮球鞋热卖"))] == ["品牌:耐克", "产品词:篮球鞋"]
+    with pytest.raises(ValueError, match="features version 7"):
+        ProposerSettings(features=7)
+
+
 def test_an_adapters_proposer_is_its_default_and_a_flag_turns_it_off(zh_proposer, tmp_path):
     from llmtags.adapters.pack import PROPOSER_FILE, pack_adapter
     from llmtags.plan import adapter_defaults, resolved_adapter
@@ -152,6 +200,7 @@ def test_an_adapters_proposer_is_its_default_and_a_flag_turns_it_off(zh_proposer
     (adapter / "llmtags.json").write_text(json.dumps({"format": 1, "template": {"spec": "tuned"}}), encoding="utf-8")
     meta = pack_adapter(adapter, proposer={"model": zh_proposer.path, "folds": 5})
     assert meta["proposer"]["path"] == PROPOSER_FILE and (adapter / PROPOSER_FILE).is_file()
+    assert (adapter / "proposer.features.json").is_file() and meta["proposer"]["features_sha256"]
     root = str(tmp_path / "adapters")
     demo = resolved_adapter("demo", root)
     found = adapter_defaults(demo, Settings(adapter="demo", adapters_root=root))

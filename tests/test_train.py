@@ -167,7 +167,8 @@ def test_training_lowers_the_loss_saves_an_adapter_and_reloads_it_identically(ti
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     meta = read_metadata(out)
     if trainer == "fast":  # trained on the 6 labelled records, cross-fitted in 5 folds, shipped
-        assert files == ["adapter_config.json", "adapter_model.safetensors", "llmtags.json", "proposer.crfsuite"]
+        assert files == ["adapter_config.json", "adapter_model.safetensors", "llmtags.json", "proposer.crfsuite",
+                         "proposer.features.json"]
         assert meta["proposer"]["texts"] == 6 and meta["proposer"]["folds"] == 5
         assert set(meta["proposer"]["out_of_fold"]) == {"precision", "recall", "f1"}
     else:

@@ -20,20 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from .adapters.maps import AdapterMap, load_adapter_map
-from .adapters.pack import POOL_FILE, PROPOSER_FILE, VOCABULARY_FILE
+from .adapters.pack import POOL_FILE, PROPOSER_FEATURES_FILE, PROPOSER_FILE, VOCABULARY_FILE
 from .adapters.registry import METADATA_FILE, AdapterError, read_metadata, resolve_adapter, weights_sha256
 from .candidates import candidate_finder, candidate_sources
 from .models import base_model_spec, cache_root, sha256_file
 from .options import (OptionsError, Settings, TaggingOptions, check_budget, check_decided, check_shows_demos,
                       decided_attributes, normaliser_for, tagging_options)
 from .prompts import PromptTemplate, template_choice
-from .proposer import FEATURES_VERSION, ProposerSettings, SpanProposer, sample_proposer
+from .proposer import FEATURE_VERSIONS, ProposerSettings, SpanProposer, features_path, sample_proposer
 from .records import load_labelled
 from .retrieve import load_pool
 from .vocab import Normaliser
 
 # What an adapter ships for its prompts (adapters/pack.py): re-packing it changes the tags too.
-SHIPPED_FILES = (POOL_FILE, VOCABULARY_FILE, PROPOSER_FILE)
+SHIPPED_FILES = (POOL_FILE, VOCABULARY_FILE, PROPOSER_FILE, PROPOSER_FEATURES_FILE)
 # Settings that name files whose content decides the tags (comma-joined where several).
 HASHED_SETTINGS = ("candidates", "vocab", "constrain_vocab", "demos", "adapter_map", "template", "proposer")
 
@@ -133,11 +133,15 @@ def _shipped_proposer(adapter: ResolvedAdapter) -> str | None:
         _say(f"warning: adapter {adapter.name} was trained with a span proposer, but {path} is absent: tagging "
              f"without it; give --proposer MODEL, or llmtags adapters pack {adapter.name} --proposer LABELLED")
         return None
-    recorded = adapter.field("proposer.sha256", str)
-    if recorded is not None and adapter.shipped_sha256.get(name, sha256_file(path)) != recorded:
-        _say(f"warning: {path} is not the span proposer adapter {adapter.name} recorded (sha256 differs): tagging "
-             "without it")
-        return None
+    features = features_path(path)
+    for file, field in ((path, "proposer.sha256"), (features, "proposer.features_sha256")):
+        recorded = adapter.field(field, str)
+        if recorded is None:
+            continue
+        if not file.is_file() or adapter.shipped_sha256.get(file.name, sha256_file(file)) != recorded:
+            _say(f"warning: {file} is not the span proposer file adapter {adapter.name} recorded (absent, or its "
+                 "sha256 differs): tagging without the proposer")
+            return None
     return str(path)
 
 
@@ -174,10 +178,10 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
     proposer = None
     if adapter.field("proposer", dict) and not settings.proposer and not settings.no_proposer:
         features = adapter.field("proposer.settings.features", int)
-        if features is not None and features != FEATURES_VERSION:
+        if features is not None and features not in FEATURE_VERSIONS:
             print(f"llmtags: warning: adapter {name}'s span proposer uses features version {features}, this llmtags "
-                  f"computes {FEATURES_VERSION}: tagging without it; train it again with llmtags adapters pack "
-                  f"{name} --proposer LABELLED", file=sys.stderr)
+                  f"computes {', '.join(map(str, FEATURE_VERSIONS))}: tagging without it; train it again with "
+                  f"llmtags adapters pack {name} --proposer LABELLED", file=sys.stderr)
         elif retrieving:  # another catalogue's sample: a CRF of its own, trained as the adapter's was
             records = [record for spec in candidate_sources(settings.demos) for record in load_labelled(spec)]
             recorded = adapter.field("proposer.settings", dict) or {}

@@ -11,7 +11,11 @@ model number ends.
 - `bio_labels`: a labelled record's gold values located in its text (`spans.ValueIndex`, longest first,
   compared as the evaluator compares them) become the token labels. Values not in the text (implicit,
   normalised) are the model's job and label nothing.
-- `SpanProposer.train` / `SpanProposer.load`: one crfsuite model file; `propose(record)` gives the
+- `Features`: what the CRF sees of each token. Version 2 (the default) adds to version 1's token, shape,
+  neighbours, bigrams and affixes: trigrams, the record's category, and a gazetteer of the training values
+  (cross-fitted in training, like the proposals themselves). It is saved beside the model
+  (`proposer.features.json`); a model without that file is version 1 and reads as it was trained.
+- `SpanProposer.train` / `SpanProposer(path)`: one crfsuite model file; `propose(record)` gives the
   Viterbi spans, each with the least marginal probability of its tokens' labels (a lower bound on the
   span's own probability), limited to the record's schema when it has one.
 - `CrossFitted`: training prompts must look like test prompts. A CRF applied to its own training records
@@ -29,19 +33,28 @@ import sys
 import tempfile
 import time
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pycrfsuite
 
+from .baselines import DictionaryTagger
 from .hygiene import name_key
 from .metrics import canonical, gold_forms, score, split_tag
 from .records import Record
 from .spans import ValueIndex, is_cjk, is_word_char, value_key
 
-FEATURES_VERSION = 1  # bump when `token_features` changes: a saved model expects the features it was trained on
+# The feature set new proposers are trained with; a saved model expects the features it was trained on, and
+# its version is read from the file beside it (`features_path`; no such file: version 1).
+# 1: the token, its shape, neighbours ±2, bigrams, affixes, spaces, title/body.
+# 2: 1 + trigrams, the record's category (alone and with the token: one model serves a catalogue's categories)
+#    and the gazetteer, the proposer's training values found in the text. On dev (2026-12-06,
+#    eval/baseline_crf_dev.md) it lifts zh-taobao-ner and en-oa-mine + en-ae-110k by 0.01 to 0.03 F1.
+FEATURES_VERSION = 2
+FEATURE_VERSIONS = (1, 2)
+GAZETTEER_FOLDS = 5  # a training record's gazetteer features come from the values of the other folds' records
 # Bump when `tokenize`, `bio_labels` or `fold_of` change: cached fold models (`CrossFitted`) and sample
 # proposers (`sample_proposer`) made before are then trained again.
 FOLDS_VERSION = 1
@@ -69,7 +82,12 @@ class ProposerSettings:
     # L-BFGS iterations. 80 scores as well as 150 on zh-taobao-ner and en-wdc-pave and better on
     # en-oa-mine + en-ae-110k (stopping early regularises), in half the time (eval/baseline_crf.md).
     max_iterations: int = 80
-    features: int = FEATURES_VERSION
+    features: int = FEATURES_VERSION  # the feature set (FEATURE_VERSIONS) it is trained with
+
+    def __post_init__(self) -> None:
+        if self.features not in FEATURE_VERSIONS:
+            raise ValueError(f"span proposer features version {self.features}: this llmtags computes versions "
+                             f"{', '.join(map(str, FEATURE_VERSIONS))}")
 
 
 # --- tokens and features -----------------------------------------------------------------------------
@@ -104,10 +122,15 @@ def _shape(token: str) -> str:
     return "".join(out)
 
 
+def token_words(text: str, spans: Sequence[tuple[int, int]]) -> list[str]:
+    """The tokens as features name them: NFKC, case folded."""
+    return [unicodedata.normalize("NFKC", text[s:e]).casefold() for s, e in spans]
+
+
 def token_features(text: str, spans: Sequence[tuple[int, int]]) -> list[list[str]]:
     """Binary features of every token: the token and its shape, its neighbours ±2, bigrams, affixes of
     Latin words, whether space surrounds it, and whether it is in the first line (the title)."""
-    words = [unicodedata.normalize("NFKC", text[s:e]).casefold() for s, e in spans]
+    words = token_words(text, spans)
     shapes = [_shape(text[s:e]) for s, e in spans]
     title_end = text.find("\n")
     n = len(spans)
@@ -132,6 +155,92 @@ def token_features(text: str, spans: Sequence[tuple[int, int]]) -> list[list[str
             row.append("body")
         rows.append(row)
     return rows
+
+
+@dataclass
+class Features:
+    """The features of a proposer's version (`FEATURE_VERSIONS`); version 2 adds trigrams, the record's
+    category and the `gazetteer` (value key → attribute: the values of the records it learnt from)."""
+
+    version: int = FEATURES_VERSION
+    gazetteer: Mapping[str, str] = field(default_factory=dict)
+    _index: ValueIndex | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.version not in FEATURE_VERSIONS:
+            raise ValueError(f"span proposer features version {self.version}: this llmtags computes versions "
+                             f"{', '.join(map(str, FEATURE_VERSIONS))}; train the proposer again")
+        self._index = ValueIndex(self.gazetteer) if self.gazetteer else None
+
+    @classmethod
+    def of_records(cls, records: Iterable[Record], version: int = FEATURES_VERSION) -> Features:
+        """The features of a proposer trained on `records`: version 2's gazetteer holds their values."""
+        if version == 1:
+            return cls(1)
+        # The dictionary baseline's value → attribute rule: any-of forms, no punctuation-only values.
+        values = DictionaryTagger.from_records(records).values
+        return cls(version, {key: attribute for key, attribute in values.items() if attribute})
+
+    def rows(self, text: str, spans: Sequence[tuple[int, int]], category: str | None = None) -> list[list[str]]:
+        rows = token_features(text, spans)
+        if self.version == 1:
+            return rows
+        words = token_words(text, spans)
+        n = len(spans)
+
+        def word(i: int) -> str:
+            return words[i] if 0 <= i < n else ("<s>" if i < 0 else "</s>")
+
+        for i, row in enumerate(rows):
+            row += [f"t-={word(i - 2)}|{word(i - 1)}|{word(i)}", f"t0={word(i - 1)}|{word(i)}|{word(i + 1)}",
+                    f"t+={word(i)}|{word(i + 1)}|{word(i + 2)}"]
+            if category:
+                row += [f"c={category}", f"c|w={category}|{words[i]}"]
+        if self._index is not None:
+            # Every gazetteer value on token boundaries marks its tokens with its attribute, their place in
+            # it (Single, Begin, Inside, End) and its length in tokens (up to 5).
+            starts = {s: i for i, (s, _) in enumerate(spans)}
+            ends = {e: i for i, (_, e) in enumerate(spans)}
+            for match in self._index.matches(text):
+                first, last = starts.get(match.start), ends.get(match.end)
+                if first is None or last is None:
+                    continue
+                attribute = self.gazetteer[match.key]
+                length = min(last - first + 1, 5)
+                for i in range(first, last + 1):
+                    place = "S" if first == last else "B" if i == first else "E" if i == last else "I"
+                    rows[i] += [f"g={place}-{attribute}", f"gl={place}-{attribute}-{length}"]
+        return rows
+
+    def save(self, model_path: Path) -> None:
+        """Written beside the model (`features_path`), atomically; version 1 writes nothing (and removes a
+        stale file), so proposers trained before version 2 read as they did."""
+        path = features_path(model_path)
+        if self.version == 1:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": self.version, "gazetteer": dict(self.gazetteer)}, ensure_ascii=False),
+                       encoding="utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, model_path: Path) -> Features:
+        path = features_path(model_path)
+        if not path.is_file():
+            return cls(1)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(int(data["version"]), dict(data.get("gazetteer") or {}))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"cannot read the span proposer's features {path}: {exc}") from exc
+
+
+def features_path(model_path: str | Path) -> Path:
+    """The file of a proposer's feature version and gazetteer, beside its model: `proposer.crfsuite` →
+    `proposer.features.json`."""
+    model_path = Path(model_path)
+    return model_path.with_name(f"{model_path.stem}.features.json")
 
 
 def bio_labels(text: str, tags: Sequence[Any], spans: Sequence[tuple[int, int]]) -> list[str]:
@@ -183,13 +292,24 @@ def spans_of(labels: Sequence[str]) -> list[tuple[str, int, int]]:
 # --- the proposer ------------------------------------------------------------------------------------
 
 
-def training_sequences(records: Iterable[Record]) -> Iterable[tuple[list[list[str]], list[str]]]:
-    for record in records:
-        if not record.tags:
-            continue
+def training_sequences(records: Iterable[Record], version: int = FEATURES_VERSION
+                       ) -> Iterable[tuple[list[list[str]], list[str]]]:
+    """The (features, labels) of each labelled record with text. A record's gazetteer features come from the
+    values of the records outside its fold (`GAZETTEER_FOLDS`): with its own values in the gazetteer, the
+    feature would mark exactly its gold spans, the CRF would trust it alone, and at test time miss every
+    value the gazetteer lacks (zh-taobao-ner dev F1 0.578 against 0.669 cross-fitted)."""
+    labelled = [record for record in records if record.tags and tokenize(record.text)]
+    by_fold = [Features.of_records([r for r in labelled if _gazetteer_fold(r) != fold], version)
+               for fold in range(GAZETTEER_FOLDS)] if version > 1 else [Features(1)] * GAZETTEER_FOLDS
+    for record in labelled:
         spans = tokenize(record.text)
-        if spans:
-            yield token_features(record.text, spans), bio_labels(record.text, record.tags, spans)
+        features = by_fold[_gazetteer_fold(record)]
+        yield features.rows(record.text, spans, record.category), bio_labels(record.text, record.tags, spans)
+
+
+def _gazetteer_fold(record: Record) -> int:
+    # Salted: independent of `CrossFitted`'s folds (`fold_of` of the bare text), so no inner fold is empty.
+    return fold_of(f"gazetteer:{record.text}", GAZETTEER_FOLDS)
 
 
 class SpanProposer:
@@ -197,10 +317,8 @@ class SpanProposer:
 
     def __init__(self, path: str | Path, settings: ProposerSettings | None = None) -> None:
         self.path = Path(path)
-        self.settings = settings or ProposerSettings()
-        if self.settings.features != FEATURES_VERSION:
-            raise ValueError(f"proposer {path} was trained on features version {self.settings.features}; this "
-                             f"llmtags computes version {FEATURES_VERSION}: train it again")
+        self.features = Features.load(self.path)
+        self.settings = settings or ProposerSettings(features=self.features.version)
         self._tagger = pycrfsuite.Tagger()
         try:
             self._tagger.open(str(self.path))
@@ -213,9 +331,10 @@ class SpanProposer:
     def train(cls, records: Iterable[Record], path: str | Path,
               settings: ProposerSettings = ProposerSettings()) -> SpanProposer:
         """Train on the labelled `records` and write the model to `path` (atomically)."""
+        records = list(records)
         trainer = pycrfsuite.Trainer(verbose=False)
         count = 0
-        for features, labels in training_sequences(records):
+        for features, labels in training_sequences(records, settings.features):
             trainer.append(features, labels)
             count += 1
         if not count:
@@ -227,17 +346,21 @@ class SpanProposer:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             trainer.train(str(tmp))
+            # At test time the gazetteer holds every training value.
+            Features.of_records([r for r in records if r.tags], settings.features).save(path)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         return cls(path, settings)
 
-    def propose_text(self, text: str, attributes: Sequence[str] | None = None) -> list[Proposal]:
-        """The Viterbi spans of `text`, in text order, one per tag (the likelier where a tag repeats); with
-        `attributes`, only spans of those attributes."""
-        return self.read_text(text, attributes)[0]
+    def propose_text(self, text: str, attributes: Sequence[str] | None = None,
+                     category: str | None = None) -> list[Proposal]:
+        """The Viterbi spans of `text` (a product of `category`, where known), in text order, one per tag (the
+        likelier where a tag repeats); with `attributes`, only spans of those attributes."""
+        return self.read_text(text, attributes, category)[0]
 
-    def read_text(self, text: str, attributes: Sequence[str] | None = None) -> tuple[list[Proposal], float | None]:
+    def read_text(self, text: str, attributes: Sequence[str] | None = None,
+                  category: str | None = None) -> tuple[list[Proposal], float | None]:
         """`propose_text`, and the CRF's probability that its whole labelling of `text` is right (the
         Viterbi path's probability). The cascade (`--cascade P`) lets the proposer alone tag a record whose
         labelling is at least that likely. None where the CRF cannot vouch for the record: a text without
@@ -245,7 +368,7 @@ class SpanProposer:
         spans = tokenize(text)
         if not spans:
             return [], None
-        self._tagger.set(token_features(text, spans))
+        self._tagger.set(self.features.rows(text, spans, category))
         labels = self._tagger.tag()
         allowed = {canonical(a) for a in attributes} if attributes else None
         known = allowed is None or allowed <= self.attributes
@@ -266,11 +389,11 @@ class SpanProposer:
     def propose(self, record: Record, original: Record | None = None) -> list[Proposal]:
         """The spans of `record` (as prompts see it: its text may be cut). `original` (the record before
         it was cut) matters only to `CrossFitted`, which picks the fold by it."""
-        return self.propose_text(record.text, record.schema)
+        return self.propose_text(record.text, record.schema, record.category)
 
     def read(self, record: Record) -> tuple[list[Proposal], float | None]:
         """`propose` and the confidence of `read_text`, for tagging (not training: no folds here)."""
-        return self.read_text(record.text, record.schema)
+        return self.read_text(record.text, record.schema, record.category)
 
 
 def sample_proposer(records: Sequence[Record], cache_dir: str | Path,

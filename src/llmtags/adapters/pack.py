@@ -5,7 +5,8 @@ them. `pack_adapter` copies both into the adapter directory, so a clone without 
 tags as well as the machine that trained it:
 - `vocabulary.jsonl`: the candidate vocabulary (tag and count; the text of no record);
 - `pool.jsonl`: the demo pool, with only the fields prompts use (id, text, lang, category, schema, tags);
-- `proposer.crfsuite`: the span proposer (proposer.py), a CRF model of feature weights.
+- `proposer.crfsuite`: the span proposer (proposer.py), a CRF model of feature weights, and beside it
+  `proposer.features.json`, its feature set and gazetteer (feature set 2 on; absent: set 1).
 
 `llmtags.json` then names them relative to the adapter directory (`plan.adapter_defaults` resolves
 them there), with their sha256 and the sources they came from.
@@ -23,13 +24,14 @@ from typing import Any
 from ..candidates import candidate_sources, load_candidate_vocabulary
 from ..models import sha256_file
 from ..options import OptionsError, check_decided
-from ..proposer import SpanProposer
+from ..proposer import SpanProposer, features_path
 from ..records import load_labelled
 from .registry import AdapterError, read_metadata, write_metadata
 
 VOCABULARY_FILE = "vocabulary.jsonl"
 POOL_FILE = "pool.jsonl"
 PROPOSER_FILE = "proposer.crfsuite"
+PROPOSER_FEATURES_FILE = features_path(PROPOSER_FILE).name  # its feature version and gazetteer (version 2 on)
 POOL_FIELDS = ("id", "text", "lang", "category", "schema", "tags")
 
 
@@ -53,6 +55,12 @@ def write_pool(source: str, path: Path) -> int:
             lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     _write_atomic(path, lines)
     return len(lines)
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def pack_adapter(adapter_dir: str | Path, *, candidates: str | None = None, pool: str | None = None,
@@ -79,11 +87,18 @@ def pack_adapter(adapter_dir: str | Path, *, candidates: str | None = None, pool
         meta.setdefault("data", {})["shipped_files_licence"] = licence
     if proposer:  # last: the steps above can still fail, and the file must match the metadata
         model = Path(proposer["model"])
-        tmp = adapter_dir / f".{PROPOSER_FILE}.tmp"
-        shutil.copyfile(model, tmp)
-        os.replace(tmp, adapter_dir / PROPOSER_FILE)
+        # The features file first: a model copied beside a stale one would read with the wrong features,
+        # while the pair is checked by the sha256 of both (plan.py) before it is used.
+        features = features_path(model)
+        if features.is_file():
+            _copy_atomic(features, adapter_dir / PROPOSER_FEATURES_FILE)
+        else:  # version 1: no features file
+            (adapter_dir / PROPOSER_FEATURES_FILE).unlink(missing_ok=True)
+        _copy_atomic(model, adapter_dir / PROPOSER_FILE)
         meta["proposer"] = {**{k: v for k, v in proposer.items() if k != "model"}, "path": PROPOSER_FILE,
                             "sha256": sha256_file(adapter_dir / PROPOSER_FILE)}
+        if features.is_file():
+            meta["proposer"]["features_sha256"] = sha256_file(adapter_dir / PROPOSER_FEATURES_FILE)
     write_metadata(adapter_dir, meta)
     return meta
 

@@ -52,6 +52,9 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
                    help="folds of the cross-fitting whose proposal quality the metadata records (default 5)")
     p.add_argument("--proposer-iterations", type=int, default=ProposerSettings.max_iterations, metavar="N",
                    help=f"the proposer's training iterations (default {ProposerSettings.max_iterations})")
+    p.add_argument("--proposer-features", type=int, default=ProposerSettings.features, metavar="V",
+                   help=f"the proposer's feature set (default {ProposerSettings.features}; 1: the set adapters "
+                   "trained before 2026-12-06 saw)")
     p.add_argument("--fill", type=float, metavar="P", help="record P as the adapter's default --fill (choose it on dev "
                    "records: eval/fill.py); the adapter must ship a span proposer")
     p.add_argument("--proposer-decides", metavar="ATTRS", help="record these comma-joined attributes as the ones whose "
@@ -119,7 +122,8 @@ def cmd_adapters_pack(args: argparse.Namespace) -> int:
         records = [record for spec in candidate_sources(args.proposer) for record in load_labelled(spec)]
         with tempfile.TemporaryDirectory(prefix="llmtags-proposer-") as work:
             fitted = CrossFitted.train(records, k=args.proposer_folds, workdir=work,
-                                       settings=ProposerSettings(max_iterations=args.proposer_iterations))
+                                       settings=ProposerSettings(max_iterations=args.proposer_iterations,
+                                                                features=args.proposer_features))
             proposer = {**fitted.shipped(records), "from": args.proposer}
             meta = pack_adapter(path, candidates=args.candidates, pool=args.demos, k=args.retrieve,
                                 licence=args.licence, proposer=proposer)

@@ -58,6 +58,8 @@ _HYPERPARAMETER_FLAGS: list[tuple[str, dict[str, Any]]] = [
                           "it (auto, the default: when the template renders `proposals`, as tuned does)"}),
     ("--proposer-folds", {"type": int, "metavar": "K", "help": "folds of the proposer's cross-fitting (default 5)"}),
     ("--proposer-iterations", {"type": int, "metavar": "N", "help": "the proposer's training iterations (default 80)"}),
+    ("--proposer-features", {"type": int, "metavar": "V", "help": "the proposer's feature set (default 2: trigrams, "
+                             "category, gazetteer; 1: as before 2026-12-06, for a run started with it)"}),
     ("--demo-text", {"choices": ["full", "title"], "help": "retrieved neighbours shown whole or by their title "
                      "(default full); the adapter records it and generate prompts the same way"}),
     ("--text-budget", {"type": int, "metavar": "CHARS", "help": "show a text longer than CHARS as its title plus the "

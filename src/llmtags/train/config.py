@@ -15,6 +15,7 @@ except ImportError:  # Python 3.10
 
 from ..engines.base import MAX_NEW_TOKENS
 from ..options import OptionsError, check_budget
+from ..proposer import FEATURE_VERSIONS, FEATURES_VERSION
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -50,6 +51,9 @@ class TrainConfig:
     span_proposer: bool | str = "auto"
     proposer_folds: int = 5
     proposer_iterations: int = 80  # the CRF's L-BFGS iterations (proposer.ProposerSettings)
+    # Its feature set (proposer.FEATURE_VERSIONS). A run resumed after a newer llmtags changed the default
+    # gives the version it started with, or its training prompts would change under it.
+    proposer_features: int = FEATURES_VERSION
     rank: int = 16
     alpha: int = 32
     dropout: float = 0.05
@@ -142,6 +146,8 @@ class TrainConfig:
             (0 <= self.rename < 1, "rename must be in [0, 1)"),
             (self.proposer_folds >= 2, "proposer_folds must be at least 2"),
             (self.proposer_iterations > 0, "proposer_iterations must be positive"),
+            (self.proposer_features in FEATURE_VERSIONS,
+             f"proposer_features must be one of {', '.join(map(str, FEATURE_VERSIONS))}"),
             # Renamed answers need the names in the prompt: demonstrations (and the schema they bring).
             (not self.rename or self.retrieve > 0, "rename needs retrieve > 0: the renamed names reach the "
              "model through its demonstrations and schema"),

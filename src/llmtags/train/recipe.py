@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapters.pack import POOL_FILE, PROPOSER_FILE, VOCABULARY_FILE, pack_adapter
+from ..adapters.pack import POOL_FILE, PROPOSER_FEATURES_FILE, PROPOSER_FILE, VOCABULARY_FILE, pack_adapter
 from ..adapters.registry import (
     CONFIG_FILE,
     METADATA_FILE,
@@ -139,7 +139,8 @@ def _prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
             what = "a trained adapter" if (out / METADATA_FILE).exists() else "checkpoints of an unfinished run"
             raise TrainError(f"{out} already holds {what}: pass --resume to continue from its last checkpoint, "
                              "or --overwrite to start afresh")
-        for owned in (CHECKPOINTS, BEST, METADATA_FILE, WEIGHTS_FILE, "adapter_config.json", PROPOSER_FILE):
+        for owned in (CHECKPOINTS, BEST, METADATA_FILE, WEIGHTS_FILE, "adapter_config.json", PROPOSER_FILE,
+                      PROPOSER_FEATURES_FILE):
             target = out / owned
             if target.is_dir():
                 shutil.rmtree(target)
@@ -303,7 +304,8 @@ def train_proposer(records: Sequence[Record], config: TrainConfig, out: Path, pr
     """The span proposer of `records` and its `proposer_folds` cross-fitted folds, kept with the checkpoints
     so that a resumed run reuses them."""
     return CrossFitted.train(records, k=config.proposer_folds, workdir=out / CHECKPOINTS / "proposer",
-                             settings=ProposerSettings(max_iterations=config.proposer_iterations), progress=progress)
+                             settings=ProposerSettings(max_iterations=config.proposer_iterations,
+                                                      features=config.proposer_features), progress=progress)
 
 
 def use_fast_path(config: TrainConfig, device: str, qlora: bool) -> bool:
@@ -542,7 +544,7 @@ def _hyperparameters(run: TrainingRun, config: TrainConfig, state: Any) -> dict[
     hyperparameters = {
         **{k: v for k, v in dataclasses.asdict(config).items()
            if k not in ("base_model", "template", "device", "candidates", "demos", "span_proposer", "proposer_folds",
-                         "proposer_iterations")},
+                         "proposer_iterations", "proposer_features")},
         "layers_to_transform": run.layers,
         "num_hidden_layers": run.num_layers,
         "qlora": run.qlora,
