@@ -85,9 +85,13 @@ class ProposerSettings:
     features: int = FEATURES_VERSION  # the feature set (FEATURE_VERSIONS) it is trained with
 
     def __post_init__(self) -> None:
-        if self.features not in FEATURE_VERSIONS:
-            raise ValueError(f"span proposer features version {self.features}: this llmtags computes versions "
-                             f"{', '.join(map(str, FEATURE_VERSIONS))}")
+        check_features_version(self.features)
+
+
+def check_features_version(version: int) -> None:
+    if version not in FEATURE_VERSIONS:
+        raise ValueError(f"span proposer features version {version}: this llmtags computes versions "
+                         f"{', '.join(map(str, FEATURE_VERSIONS))}; train the proposer again")
 
 
 # --- tokens and features -----------------------------------------------------------------------------
@@ -127,10 +131,10 @@ def token_words(text: str, spans: Sequence[tuple[int, int]]) -> list[str]:
     return [unicodedata.normalize("NFKC", text[s:e]).casefold() for s, e in spans]
 
 
-def token_features(text: str, spans: Sequence[tuple[int, int]]) -> list[list[str]]:
-    """Binary features of every token: the token and its shape, its neighbours ±2, bigrams, affixes of
-    Latin words, whether space surrounds it, and whether it is in the first line (the title)."""
-    words = token_words(text, spans)
+def token_features(text: str, spans: Sequence[tuple[int, int]], words: Sequence[str]) -> list[list[str]]:
+    """Binary features of every token (feature set 1; `words` are its `token_words`): the token and its
+    shape, its neighbours ±2, bigrams, affixes of Latin words, whether space surrounds it, and whether it
+    is in the first line (the title)."""
     shapes = [_shape(text[s:e]) for s, e in spans]
     title_end = text.find("\n")
     n = len(spans)
@@ -167,9 +171,7 @@ class Features:
     _index: ValueIndex | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.version not in FEATURE_VERSIONS:
-            raise ValueError(f"span proposer features version {self.version}: this llmtags computes versions "
-                             f"{', '.join(map(str, FEATURE_VERSIONS))}; train the proposer again")
+        check_features_version(self.version)
         self._index = ValueIndex(self.gazetteer) if self.gazetteer else None
 
     @classmethod
@@ -182,10 +184,10 @@ class Features:
         return cls(version, {key: attribute for key, attribute in values.items() if attribute})
 
     def rows(self, text: str, spans: Sequence[tuple[int, int]], category: str | None = None) -> list[list[str]]:
-        rows = token_features(text, spans)
+        words = token_words(text, spans)
+        rows = token_features(text, spans, words)
         if self.version == 1:
             return rows
-        words = token_words(text, spans)
         n = len(spans)
 
         def word(i: int) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from ..models import sha256_file
 from ..options import OptionsError, check_decided
 from ..proposer import SpanProposer, features_path
 from ..records import load_labelled
-from .registry import AdapterError, read_metadata, write_metadata
+from .registry import AdapterError, copy_atomic, read_metadata, write_metadata
 
 VOCABULARY_FILE = "vocabulary.jsonl"
 POOL_FILE = "pool.jsonl"
@@ -57,12 +56,6 @@ def write_pool(source: str, path: Path) -> int:
     return len(lines)
 
 
-def _copy_atomic(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
-
-
 def pack_adapter(adapter_dir: str | Path, *, candidates: str | None = None, pool: str | None = None,
                  k: int | None = None, licence: str | None = None,
                  proposer: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -91,10 +84,10 @@ def pack_adapter(adapter_dir: str | Path, *, candidates: str | None = None, pool
         # while the pair is checked by the sha256 of both (plan.py) before it is used.
         features = features_path(model)
         if features.is_file():
-            _copy_atomic(features, adapter_dir / PROPOSER_FEATURES_FILE)
+            copy_atomic(features, adapter_dir / PROPOSER_FEATURES_FILE)
         else:  # version 1: no features file
             (adapter_dir / PROPOSER_FEATURES_FILE).unlink(missing_ok=True)
-        _copy_atomic(model, adapter_dir / PROPOSER_FILE)
+        copy_atomic(model, adapter_dir / PROPOSER_FILE)
         meta["proposer"] = {**{k: v for k, v in proposer.items() if k != "model"}, "path": PROPOSER_FILE,
                             "sha256": sha256_file(adapter_dir / PROPOSER_FILE)}
         if features.is_file():

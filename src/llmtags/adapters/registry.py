@@ -322,12 +322,17 @@ def quiet_bitsandbytes() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+def copy_atomic(source: Path, target: Path) -> None:
+    """Copy `source` to `target` through a hidden temporary file: a reader sees the old file or the new one."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
 def copy_adapter_files(src: str | Path, dst: str | Path) -> None:
     """Copy peft's safetensors weights and config (nothing else) from one directory to another."""
     src, dst = Path(src), Path(dst)
     check_files(src)
     dst.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
-        tmp = dst / f".{name}.tmp"
-        shutil.copyfile(src / name, tmp)
-        os.replace(tmp, dst / name)
+        copy_atomic(src / name, dst / name)
