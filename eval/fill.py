@@ -76,7 +76,7 @@ def fused(answer: list[str], parts: PromptParts, fill: float | None, cascade: fl
     schema = parts.record.schema
     if parts.cascaded(TaggingOptions(cascade=cascade)):
         return clean_tags([p.tag for p in parts.proposals], schema)[0]
-    kept, taken = fuse(answer, parts.proposals, fill, decides, keep_unproposed=not parts.known)
+    kept, taken = fuse(answer, parts.proposals, fill, decides, known=parts.known)
     return kept + clean_tags([p.tag for p in taken], schema)[0]
 
 

@@ -498,10 +498,20 @@ def test_decide_gives_the_proposers_attributes_to_its_spans():
     assert kept == ["Gender:Men"] and [p.tag for p in taken] == ["Brand:Nike", "Product:running shoes"]
     assert decide(answer, found, ()) == (answer, [])
     assert decide(answer, [], {"Brand"}) == (["Gender:Men", "product:Running Shoes"], [])
-    # keep_unproposed: a decided attribute without a span here keeps the model's tags.
-    assert decide(answer, found[:1], {"Brand", "product"}, keep_unproposed=True) == (
-        ["Gender:Men", "product:Running Shoes"], found[:1])
-    assert decide(answer, [], {"Brand"}, keep_unproposed=True) == (answer, [])
+
+
+def test_fuse_lets_the_proposer_decide_nothing_on_a_category_its_catalogue_does_not_know():
+    from llmtags.proposer import Proposal, fuse
+
+    # A LEGO set in a clothing catalogue: the CRF reads the set number as a colour, surely or not.
+    found = [Proposal("Color:75257", "Color", "75257", 30, 35, 0.6), Proposal("Brand:LEGO", "Brand", "LEGO", 0, 4, 0.95)]
+    answer = ["Brand:LEGO", "Model Number:75257"]
+    assert fuse(answer, found, None, {"Color", "Model Number"}) == (["Brand:LEGO"], [found[0]])
+    assert fuse(answer, found, None, {"Color", "Model Number"}, known=False) == (answer, [])
+    # Only fill adds its spans there: those of the marginal asked for, on values the answer left out.
+    assert fuse(answer[:1], found, 0.5, {"Color"}, known=False) == (answer[:1], [found[0]])
+    assert fuse(answer[:1], found, 0.7, {"Color"}, known=False) == (answer[:1], [])
+    assert fuse(answer, found, 0.5, {"Color"}, known=False) == (answer, [])
 
 
 def test_proposer_decides_needs_a_proposer_and_is_off_with_no_fill(zh_proposer):

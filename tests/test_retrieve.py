@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,7 @@ def test_a_pool_knows_a_record_by_its_category_or_its_own_schema():
     assert DemoPool(POOL).knows(Record("q", "无关"))  # a pool without categories is one catalogue
 
 
-def test_a_product_of_unknown_category_keeps_its_tags_of_decided_attributes_the_proposer_is_silent_on():
+def test_the_proposer_decides_nothing_and_cascades_nothing_on_a_product_of_unknown_category():
     from llmtags.engines.base import Generation
     from llmtags.proposer import Proposal
     from llmtags.tagger import prompt_parts
@@ -114,12 +115,16 @@ def test_a_product_of_unknown_category_keeps_its_tags_of_decided_attributes_the_
     sneaker = Record("s", "Nike Air Max S24 Ultra", category="Shoes")
     assert not prompt_parts(phone, options).known and prompt_parts(sneaker, options).known
     answer = Generation("Brand:Galaxy\nModel Number:S24 Ultra", 5, 9)
-    # The phone: the CRF's Brand replaces the model's, but its silence on Model Number decides nothing.
+    # The phone: the model's tags stand; the proposer's decisions were chosen on the catalogue's products.
     unknown = to_result(phone, answer, options, proposals=found, known=False)
-    assert unknown.tags == ["Model Number:S24 Ultra", "Brand:Samsung"] and unknown.replaced == ["Brand:Galaxy"]
+    assert unknown.tags == ["Brand:Galaxy", "Model Number:S24 Ultra"] and unknown.replaced == []
     # A product of a known category: the proposer decides both, as chosen on that catalogue's dev records.
     known = to_result(sneaker, answer, options, proposals=found)
     assert known.tags == ["Brand:Samsung"] and known.replaced == ["Brand:Galaxy", "Model Number:S24 Ultra"]
+    # However sure the proposer is of a product of unknown category, the cascade leaves it to the model.
+    sure = TaggingOptions(cascade=0.5)
+    assert not replace(prompt_parts(phone, options), confidence=0.99).cascaded(sure)
+    assert replace(prompt_parts(sneaker, options), confidence=0.99).cascaded(sure)
 
 
 def test_a_pool_is_built_once_per_content_and_needs_labels():

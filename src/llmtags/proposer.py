@@ -574,30 +574,28 @@ def holds(outer: str, inner: str) -> bool:
     return f" {inner} " in f" {outer} "
 
 
-def decide(tags: Sequence[str], proposals: Sequence[Proposal], attributes: Iterable[str],
-           keep_unproposed: bool = False) -> tuple[list[str], list[Proposal]]:
+def decide(tags: Sequence[str], proposals: Sequence[Proposal], attributes: Iterable[str]) -> tuple[list[str], list[Proposal]]:
     """`--proposer-decides`: for `attributes` (chosen on dev records, where the CRF's spans score higher
     than the model's tags), the answer's tags give way to the proposer's spans. Returns (the answer's tags
-    for the other attributes, the proposals that replace the rest). Names compare as the schema compares them.
-
-    With `keep_unproposed` (a product of a category the proposer's catalogue does not know), a decided
-    attribute the proposer has no span of keeps the model's tags: its silence there says only that it never
-    saw such products (a phone's `Model Number:S24 Ultra` would be lost), not that the value is absent."""
+    for the other attributes, the proposals that replace the rest). Names compare as the schema compares them."""
     decided = {name_key(name) for name in attributes}
     if not decided:
         return list(tags), []
-    if keep_unproposed:
-        decided &= {name_key(p.attribute) for p in proposals}
     kept = [tag for tag in tags if name_key(split_tag(tag)[0] or "") not in decided]
     return kept, [p for p in proposals if name_key(p.attribute) in decided]
 
 
 def fuse(tags: Sequence[str], proposals: Sequence[Proposal], fill: float | None,
-         decides: Iterable[str] = (), keep_unproposed: bool = False) -> tuple[list[str], list[Proposal]]:
+         decides: Iterable[str] = (), known: bool = True) -> tuple[list[str], list[Proposal]]:
     """Model fusion: (the answer's tags that stand, the proposals that join them). The attributes the
-    proposer `decides` take its spans instead of the model's tags (`decide`, with `keep_unproposed`); with
-    `fill`, the spans of at least that marginal the answer is silent on are added (`unanswered`)."""
-    kept, taken = decide(tags, proposals, decides, keep_unproposed)
+    proposer `decides` take its spans instead of the model's tags (`decide`); with `fill`, the spans of at
+    least that marginal the answer is silent on are added (`unanswered`).
+
+    For a product of a category the proposer's catalogue does not know (not `known`), it decides nothing:
+    it was chosen as the better judge on that catalogue's products only, and elsewhere it reads other
+    products' patterns into the text (a LEGO set's number as `Color:75257`) or, silent, would drop what the
+    model found (a phone's `Model Number:S24 Ultra`). Only `fill` adds its surest spans there."""
+    kept, taken = decide(tags, proposals, decides if known else ())
     if fill is not None:
         taken += unanswered(proposals, kept + [p.tag for p in taken], fill)
     return kept, taken

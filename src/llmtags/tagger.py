@@ -129,12 +129,14 @@ class PromptParts:
     # training); the cascade skips the model where it reaches `TaggingOptions.cascade`.
     confidence: float | None = None
     # False for a product whose category the demo pool does not know (`DemoPool.knows`): the proposer,
-    # trained on that catalogue, did not see its like either, so its silence decides nothing (`proposer.decide`).
+    # trained on that catalogue, did not see its like either, so it decides nothing there (`proposer.fuse`)
+    # and its confidence does not let it tag the product alone.
     known: bool = True
 
     def cascaded(self, options: TaggingOptions) -> bool:
-        """Whether the proposer alone tags this record (`--cascade P`)."""
-        return options.cascade is not None and self.confidence is not None and self.confidence >= options.cascade
+        """Whether the proposer alone tags this record (`--cascade P`): a product of a known category only."""
+        return (options.cascade is not None and self.known and self.confidence is not None
+                and self.confidence >= options.cascade)
 
 
 def prompt_parts(record: Record, options: TaggingOptions, training: bool = False) -> PromptParts:
@@ -242,14 +244,14 @@ def to_result(record: Record, generation: Any, options: TaggingOptions, normalis
     """Parse, clean (`hygiene.clean_tags`: against `schema`, else the record's), normalise and ground one
     generation. The `proposals` join the answer, with their marginals as confidences (`proposer.fuse`): for
     the attributes of `options.proposer_decides` they replace its tags, and with `options.fill` those it
-    left out at that marginal are added. For a product of unknown category (not `known`), a decided
-    attribute the proposer has no span of keeps the model's tags."""
+    left out at that marginal are added. For a product of unknown category (not `known`), the proposer
+    decides nothing: only `fill` adds its spans."""
     schema = schema if schema is not None else record.schema
     parsed = parse_tag_spans(generation.text)
     by_raw = confidences_by_tag(parsed, generation)
     kept, dropped = clean_tags([p.tag for p in parsed], schema)
     answer = kept
-    kept, added = fuse(answer, proposals, options.fill, options.proposer_decides, keep_unproposed=not known)
+    kept, added = fuse(answer, proposals, options.fill, options.proposer_decides, known=known)
     filled, _ = clean_tags([p.tag for p in added], schema)
     # A tag the proposer supplied has its marginal as its confidence, even where the model wrote it too.
     by_raw = {**by_raw, **{p.tag: p.p for p in added}}
