@@ -111,15 +111,20 @@ def test_bf16_is_called_slow_only_on_x86_cpus_without_native_bf16():
     assert not cpu_lacks_bf16(arm) and not cpu_lacks_bf16("")  # nothing known: no claim
 
 
-def test_the_bf16_warning_names_the_flag_to_use(monkeypatch):
+def test_the_bf16_warning_names_the_flag_to_use(monkeypatch, capsys):
     import torch
 
     monkeypatch.setattr(models, "cpu_lacks_bf16", lambda cpuinfo=None: True)
     assert "--dtype float32" in models.bf16_warning(torch.bfloat16, "cpu")
     assert models.bf16_warning(torch.float32, "cpu") is None
     assert models.bf16_warning(torch.bfloat16, "cuda") is None
+    # What train and the transformers engine call: the dtype, with the warning said once on stderr.
+    assert models.warn_if_slow_dtype("bfloat16", "cpu") is torch.bfloat16
+    assert capsys.readouterr().err.count("llmtags: warning: --dtype bfloat16: bfloat16 on this CPU") == 1
+    assert models.warn_if_slow_dtype("float32", "cpu") is torch.float32 and not capsys.readouterr().err
     monkeypatch.setattr(models, "cpu_lacks_bf16", lambda cpuinfo=None: False)
     assert models.bf16_warning(torch.bfloat16, "cpu") is None
+    assert models.warn_if_slow_dtype("bfloat16", "cpu") is torch.bfloat16 and not capsys.readouterr().err
 
 
 def test_a_tokenizer_saved_on_its_own_loads_without_weights(qwen_tokenizer_dir, tmp_path):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text
 from .models import sha256_file
 from .records import Fields, ReadStats, Record, RecordError, read_records
 from .tagger import chunked
@@ -57,15 +58,6 @@ def part_path(directory: Path, index: int) -> Path:
     return directory / f"part-{index:05d}.jsonl"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     path = directory / MANIFEST
     if path.is_file():
@@ -74,7 +66,7 @@ def _check_manifest(directory: Path, manifest: dict[str, Any]) -> None:
             raise ValueError(f"{directory} holds shards of another run ({found}); remove it or choose another output")
     else:
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, json.dumps(manifest, indent=1))
+        write_text(path, json.dumps(manifest, indent=1), durable=True)
 
 
 def _worker_class(cpus_per_worker: int) -> Any:
@@ -134,7 +126,7 @@ def tag_file_distributed(
         valid.append(item)
     summary.read, summary.errors = stats.read, stats.errors
     if errors:
-        _atomic_write(Path(errors), "".join(bad))
+        write_text(Path(errors), "".join(bad), durable=True)
     else:
         for line in bad:
             print(f"llmtags: skipped {line.strip()}", file=sys.stderr)
@@ -159,15 +151,15 @@ def tag_file_distributed(
             total = sum(len(s) for _, s in todo)
             with tqdm(total=total, unit="product", desc="tagging", disable=not progress, file=sys.stderr) as bar:
                 for index, lines in pool.map_unordered(lambda a, job: a.run.remote(*job), todo):
-                    _atomic_write(part_path(directory, index), "".join(lines))
+                    write_text(part_path(directory, index), "".join(lines), durable=True)
                     summary.tagged += len(lines)
                     bar.update(len(lines))
         finally:
             if started_ray:
                 ray.shutdown()
 
-    _atomic_write(Path(output), "".join(part_path(directory, i).read_text(encoding="utf-8")
-                                        for i in range(summary.shards)))
+    write_text(Path(output), "".join(part_path(directory, i).read_text(encoding="utf-8")
+                                        for i in range(summary.shards)), durable=True)
     summary.seconds = time.perf_counter() - started
     return summary
 

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,6 +298,17 @@ def bf16_warning(dtype: Any, device: str) -> str | None:
         return ("bfloat16 on this CPU (no AVX512-BF16 or AMX) takes a slow path for matrix products (1 GFLOPS "
                 "against 147 for float32, measured on an AVX2 CPU): use --dtype float32 (or auto)")
     return None
+
+
+def warn_if_slow_dtype(requested: str, device: str) -> Any:
+    """The dtype `--dtype requested` gives on `device` (`pick_dtype`), after warning on stderr where it is
+    bf16 on a CPU without native bf16: said at the start, since the frozen-layer cache alone or a
+    catalogue's tagging would then take hours."""
+    dtype = pick_dtype(requested, device)
+    slow = bf16_warning(dtype, device)
+    if slow:
+        print(f"llmtags: warning: --dtype {requested}: {slow}", file=sys.stderr)
+    return dtype
 
 
 def pick_dtype(dtype: str, device: str) -> Any:

@@ -40,6 +40,7 @@ from typing import Any
 
 import pycrfsuite
 
+from .atomic import write_text
 from .baselines import DictionaryTagger
 from .hygiene import name_key
 from .metrics import canonical, gold_forms, score, split_tag
@@ -221,10 +222,7 @@ class Features:
         if self.version == 1:
             path.unlink(missing_ok=True)
             return
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": self.version, "gazetteer": dict(self.gazetteer)}, ensure_ascii=False),
-                       encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, json.dumps({"version": self.version, "gazetteer": dict(self.gazetteer)}, ensure_ascii=False))
 
     @classmethod
     def load(cls, model_path: Path) -> Features:
@@ -475,9 +473,7 @@ class CrossFitted:
         full_seconds = seconds[0] if todo and todo[0] == 0 else 0.0
         full = SpanProposer(paths[0], settings)
         folds = [SpanProposer(path, settings) if rest else None for path, rest in zip(paths[1:], outside)]
-        tmp = key_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(key), encoding="utf-8")
-        os.replace(tmp, key_file)
+        write_text(key_file, json.dumps(key))
         return cls(full, folds, time.perf_counter() - started, full_seconds, texts)
 
     def quality(self, records: Sequence[Record]) -> dict[str, dict[str, float]]:

@@ -22,6 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .adapters.routing import adapter_tagger
+from .atomic import write_text
 from .engines.select import load_engine
 from .options import Settings
 from .plan import RunPlan, plan_run
@@ -137,11 +138,8 @@ def check_run_settings(output: str | Path, settings: dict[str, Any], resume: boo
                 "run with the earlier settings, write to another output, or delete it (and its .parts folder, if any) "
                 "to start over")
         return path
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)  # `-o new/dir/out.jsonl`: the output's folder may not exist yet
-    tmp.write_text(json.dumps(current, ensure_ascii=False, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    # `-o new/dir/out.jsonl`: write_text makes the output's folder
+    return write_text(path, json.dumps(current, ensure_ascii=False, indent=1, sort_keys=True) + "\n")
 
 
 def completed_records(path: str | Path) -> set[tuple[str, str]]:

@@ -15,29 +15,23 @@ them there), with their sha256 and the sources they came from.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..atomic import copy_file, write_text
 from ..candidates import candidate_sources, load_candidate_vocabulary
 from ..models import sha256_file
 from ..options import OptionsError, check_decided
 from ..proposer import SpanProposer, features_path
 from ..records import load_labelled
-from .registry import AdapterError, copy_atomic, read_metadata, write_metadata
+from .registry import AdapterError, read_metadata, write_metadata
 
 VOCABULARY_FILE = "vocabulary.jsonl"
 POOL_FILE = "pool.jsonl"
 PROPOSER_FILE = "proposer.crfsuite"
 PROPOSER_FEATURES_FILE = features_path(PROPOSER_FILE).name  # its feature version and gazetteer (version 2 on)
 POOL_FIELDS = ("id", "text", "lang", "category", "schema", "tags")
-
-
-def _write_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_pool(source: str, path: Path) -> int:
@@ -52,7 +46,7 @@ def write_pool(source: str, path: Path) -> int:
                 row["id"] = f"{row['id']}@{number}"
             ids.add(row["id"])
             lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    _write_atomic(path, lines)
+    write_text(path, "".join(lines))
     return len(lines)
 
 
@@ -84,10 +78,10 @@ def pack_adapter(adapter_dir: str | Path, *, candidates: str | None = None, pool
         # while the pair is checked by the sha256 of both (plan.py) before it is used.
         features = features_path(model)
         if features.is_file():
-            copy_atomic(features, adapter_dir / PROPOSER_FEATURES_FILE)
+            copy_file(features, adapter_dir / PROPOSER_FEATURES_FILE)
         else:  # version 1: no features file
             (adapter_dir / PROPOSER_FEATURES_FILE).unlink(missing_ok=True)
-        copy_atomic(model, adapter_dir / PROPOSER_FILE)
+        copy_file(model, adapter_dir / PROPOSER_FILE)
         meta["proposer"] = {**{k: v for k, v in proposer.items() if k != "model"}, "path": PROPOSER_FILE,
                             "sha256": sha256_file(adapter_dir / PROPOSER_FILE)}
         if features.is_file():

@@ -20,8 +20,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..atomic import copy_file, write_text
 from ..candidates import candidate_sources, load_candidate_vocabulary
 from ..models import ResolvedModel, sha256_file
 from ..prompts import (
@@ -186,14 +185,7 @@ def build_metadata(
 
 def write_metadata(path: str | Path, meta: dict[str, Any]) -> Path:
     """Write `llmtags.json` atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{METADATA_FILE}.", dir=path)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        json.dump(meta, out, ensure_ascii=False, indent=2)
-        out.write("\n")
-    os.replace(tmp, path / METADATA_FILE)
-    return path / METADATA_FILE
+    return write_text(Path(path) / METADATA_FILE, json.dumps(meta, ensure_ascii=False, indent=2) + "\n")
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -322,17 +314,10 @@ def quiet_bitsandbytes() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def copy_atomic(source: Path, target: Path) -> None:
-    """Copy `source` to `target` through a hidden temporary file: a reader sees the old file or the new one."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
-
-
 def copy_adapter_files(src: str | Path, dst: str | Path) -> None:
     """Copy peft's safetensors weights and config (nothing else) from one directory to another."""
     src, dst = Path(src), Path(dst)
     check_files(src)
     dst.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
-        copy_atomic(src / name, dst / name)
+        copy_file(src / name, dst / name)

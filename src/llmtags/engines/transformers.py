@@ -9,7 +9,6 @@ this engine runs torch's generate loop.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -19,12 +18,11 @@ from ..constrain.spec import ConstraintSpec
 from ..constrain.tokens import token_table
 from ..models import (
     ResolvedModel,
-    bf16_warning,
     load_model,
     load_tokenizer,
     pick_device,
-    pick_dtype,
     resolve_base_model,
+    warn_if_slow_dtype,
 )
 from .base import (
     MAX_NEW_TOKENS,
@@ -97,9 +95,7 @@ class TransformersEngine(PromptEncoder):
         resolved = resolve_base_model(base_model)
         tokenizer = load_tokenizer(resolved)
         device = pick_device(device)
-        slow = bf16_warning(pick_dtype(dtype, device), device)
-        if slow:
-            print(f"llmtags: warning: --dtype {dtype}: {slow}", file=sys.stderr)
+        warn_if_slow_dtype(dtype, device)
         model = load_model(resolved, device=device, dtype=dtype, load_in_4bit=load_in_4bit)
         return cls(model, tokenizer, resolved)
 

@@ -48,14 +48,13 @@ from ..adapters.registry import (
 )
 from ..candidates import candidate_finder
 from ..models import (
-    bf16_warning,
     cache_root,
     load_model,
     load_tokenizer,
     pick_device,
-    pick_dtype,
     resolve_base_model,
     sha256_file,
+    warn_if_slow_dtype,
 )
 from ..options import TaggingOptions
 from ..prompts import PromptTemplate, template_choice
@@ -236,10 +235,7 @@ def _prepare_run(
     device = pick_device(config.device)
     qlora = device.startswith("cuda") if config.qlora == "auto" else bool(config.qlora)
     fast = use_fast_path(config, device, qlora)  # before the model loads: a refused combination fails at once
-    dtype = pick_dtype(config.dtype, device)
-    slow = bf16_warning(dtype, device)
-    if slow:  # said at the start: the frozen-layer cache alone would take hours
-        print(f"llmtags: warning: --dtype {config.dtype}: {slow}", file=sys.stderr)
+    dtype = warn_if_slow_dtype(config.dtype, device)
     resolved = resolve_base_model(config.base_model)
     tokenizer = load_tokenizer(resolved)
     template = template_choice(config.template)
