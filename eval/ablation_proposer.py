@@ -14,7 +14,6 @@ Writes eval/ablation_proposer_SET_SPLIT.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

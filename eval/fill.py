@@ -9,15 +9,16 @@ One real `llmtags generate --adapter ADAPTER --no-fill` run per set and split (t
 kept under --work and resumed; a split the set lacks is skipped) gives the model's answers. The options
 only change what happens around generation, so each setting is computed from that run with the
 tagger's own functions: `--fill P` adds the proposals of marginal >= P that no tag of the answer covers,
-`--proposer-decides` gives the CRF's spans the listed attributes (`proposer.fuse`), and `--cascade C`
+`--proposer-decides` gives the CRF's spans the listed attributes (`proposer.fuse`), `--confirm-below C`
+drops the answer's tags of confidence under C that the CRF did not find (`proposer.confirmed`), and `--cascade C`
 replaces the answer by the proposer's spans where its confidence is >= C. Speed is measured by real
 runs (eval/cascade.py).
 
 The fusion to ship is chosen on the first split (dev, all the sets' records together: one adapter, one
-default) and reported on every split of every set: for each P (and off), the attributes to give to the
-CRF are picked greedily, most supported first, where the switch raises micro F1 on the first split
-(attributes with at least --min-support gold tags there); the best (P, attributes) is applied unchanged
-to the later splits. Writes eval/fill_SET.json and .md. With --record-to-adapter, the chosen fusion becomes
+default) and reported on every split of every set: for each P and C of --confirms (each also off), the
+attributes to give to the CRF are picked greedily, most supported first, where the switch raises micro F1
+on the first split (attributes with at least --min-support gold tags there); the best (P, C, attributes)
+is applied unchanged to the later splits. Writes eval/fill_SET.json and .md. With --record-to-adapter, the chosen fusion becomes
 the adapter's default (as `llmtags adapters pack ADAPTER --fill P --proposer-decides ATTRS` records it, with
 "off" and "none" recorded too) and its scores on the last split go to the adapter's llmtags.json,
 metrics.test, one entry per set.
@@ -39,20 +40,21 @@ from llmtags.hygiene import clean_tags
 from llmtags.metrics import match_record_extractgpt, paired_bootstrap, score, score_counts
 from llmtags.options import Settings, TaggingOptions
 from llmtags.plan import plan_run
-from llmtags.proposer import fuse
+from llmtags.proposer import confirmed, fuse
 from llmtags.records import Record, load_labelled
 from llmtags.tagger import PromptParts, prompt_parts
 
 
 @dataclass
 class SplitRun:
-    """The plain run over one split of one set: its records, the model's answers, the prompt parts (with
-    the proposer's spans) and the run's products/s."""
+    """The plain run over one split of one set: its records, the model's answers and their confidences,
+    the prompt parts (with the proposer's spans) and the run's products/s."""
 
     set: str
     split: str
     records: list[Record]
     answers: list[list[str]]
+    confidences: list[list[float | None]]
     parts: list[PromptParts]
     rate: float | None
 
@@ -64,19 +66,22 @@ class SplitRun:
     def crf(self) -> list[list[str]]:
         return [[p.tag for p in part.proposals] for part in self.parts]
 
-    def fused(self, fill: float | None, cascade: float | None = None,
-              decides: frozenset[str] = frozenset()) -> list[list[str]]:
-        return [fused(a, p, fill, cascade, decides) for a, p in zip(self.answers, self.parts)]
+    def fused(self, fill: float | None, cascade: float | None = None, decides: frozenset[str] = frozenset(),
+              confirm_below: float | None = None) -> list[list[str]]:
+        return [fused(a, c, p, fill, cascade, decides, confirm_below)
+                for a, c, p in zip(self.answers, self.confidences, self.parts)]
 
 
-def fused(answer: list[str], parts: PromptParts, fill: float | None, cascade: float | None,
-          decides: frozenset[str] = frozenset()) -> list[str]:
-    """What `generate --fill fill --cascade cascade --proposer-decides decides` writes for one record whose
-    plain answer is `answer` (no --vocab: tags are not normalised)."""
+def fused(answer: list[str], confidences: list[float | None], parts: PromptParts, fill: float | None,
+          cascade: float | None, decides: frozenset[str] = frozenset(), confirm_below: float | None = None) -> list[str]:
+    """What `generate --fill fill --cascade cascade --proposer-decides decides --confirm-below confirm_below`
+    writes for one record whose plain answer is `answer`, with the model's `confidences` (no --vocab: tags
+    are not normalised)."""
     schema = parts.record.schema
     if parts.cascaded(TaggingOptions(cascade=cascade)):
         return clean_tags([p.tag for p in parts.proposals], schema)[0]
-    kept, taken = fuse(answer, parts.proposals, fill, decides, known=parts.known)
+    sure = confirmed(answer, confidences, parts.proposals, confirm_below, parts.known)
+    kept, taken = fuse(sure, parts.proposals, fill, decides, known=parts.known)
     return kept + clean_tags([p.tag for p in taken], schema)[0]
 
 
@@ -95,13 +100,15 @@ def split_run(args: Any, set_name: str, split: str) -> SplitRun | None:
     work = args.work or REPO.parent / "runs" / "eval" / set_name
     found, rate = generated(paths[0], predictions_file(work, split, f"cascade-None-{settings_label(base)}", args.adapter),
                             args.adapter, base, args.limit)
-    return SplitRun(set_name, split, records, [found.get(r.id, ([], []))[0] for r in records], parts, rate)
+    answers = [found.get(r.id, ([], [])) for r in records]
+    return SplitRun(set_name, split, records, [a[0] for a in answers], [a[1] for a in answers], parts, rate)
 
 
 def joined(runs: list[SplitRun]) -> SplitRun:
     """Several sets' runs of one split as one."""
     return SplitRun("+".join(r.set for r in runs), runs[0].split, [x for r in runs for x in r.records],
-                    [x for r in runs for x in r.answers], [x for r in runs for x in r.parts], None)
+                    [x for r in runs for x in r.answers], [x for r in runs for x in r.confidences],
+                    [x for r in runs for x in r.parts], None)
 
 
 def grid(run: SplitRun, fills: list[float | None], cascades: list[float | None], n_boot: int) -> dict[str, Any]:
@@ -122,23 +129,25 @@ def grid(run: SplitRun, fills: list[float | None], cascades: list[float | None],
             "crf_f1": score(gold, run.crf).micro.f1, "cells": cells}
 
 
-def choose_decides(run: SplitRun, fill: float | None, min_support: int) -> tuple[frozenset[str], float]:
-    """The attributes whose tags the CRF's spans should decide at `fill`, greedily (most supported first,
-    kept where the switch raises micro F1 on `run`), and the F1 they reach."""
+def choose_decides(run: SplitRun, fill: float | None, min_support: int,
+                   confirm_below: float | None = None) -> tuple[frozenset[str], float]:
+    """The attributes whose tags the CRF's spans should decide at `fill` (and `confirm_below`), greedily
+    (most supported first, kept where the switch raises micro F1 on `run`), and the F1 they reach."""
     support = score(run.gold, run.answers).per_attribute
     order = sorted((a for a, row in support.items() if row.support >= min_support), key=lambda a: -support[a].support)
     chosen: frozenset[str] = frozenset()
-    best = score(run.gold, run.fused(fill, None, chosen)).micro.f1
+    best = score(run.gold, run.fused(fill, None, chosen, confirm_below)).micro.f1
     for attribute in order:
-        trial = score(run.gold, run.fused(fill, None, chosen | {attribute})).micro.f1
+        trial = score(run.gold, run.fused(fill, None, chosen | {attribute}, confirm_below)).micro.f1
         if trial > best:
             chosen, best = chosen | {attribute}, trial
     return chosen, best
 
 
-def scored(run: SplitRun, fill: float | None, decides: frozenset[str], n_boot: int) -> dict[str, Any]:
+def scored(run: SplitRun, fill: float | None, decides: frozenset[str], confirm_below: float | None,
+           n_boot: int) -> dict[str, Any]:
     """The chosen fusion on one run: P/R/F1, against the plain answers and the CRF alone, per attribute."""
-    gold, preds, crf = run.gold, run.fused(fill, None, decides), run.crf
+    gold, preds, crf = run.gold, run.fused(fill, None, decides, confirm_below), run.crf
     micro = score(gold, preds).micro
     row: dict[str, Any] = {"set": run.set, "split": run.split, "precision": micro.precision, "recall": micro.recall,
                            "f1": micro.f1, "plain_f1": score(gold, run.answers).micro.f1,
@@ -155,17 +164,32 @@ def scored(run: SplitRun, fill: float | None, decides: frozenset[str], n_boot: i
     return row
 
 
-def chosen_fusion(runs: list[SplitRun], choose_on: str, fills: list[float | None], min_support: int,
-                  n_boot: int) -> dict[str, Any]:
-    """The (fill, decides) with the best F1 on split `choose_on` (all sets together), scored on every run."""
+def chosen_fusion(runs: list[SplitRun], choose_on: str, fills: list[float | None], confirms: list[float | None],
+                  min_support: int, n_boot: int) -> dict[str, Any]:
+    """The (fill, confirm_below, decides) with the best F1 on split `choose_on` (all sets together), scored
+    on every run; `tried` keeps each (fill, confirm_below)'s best F1 there."""
     first = joined([r for r in runs if r.split == choose_on])
-    fill, decides, _ = max(((f, *choose_decides(first, f, min_support)) for f in fills), key=lambda found: found[2])
-    return {"chosen_on": first.split, "fill": fill, "decides": sorted(decides), "min_support": min_support,
-            "runs": [scored(run, fill, decides, n_boot) for run in runs]}
+    tried = [(f, c, *choose_decides(first, f, min_support, c)) for f in fills for c in confirms]
+    fill, confirm_below, decides, _ = max(tried, key=lambda found: found[3])
+    return {"chosen_on": first.split, "fill": fill, "confirm_below": confirm_below, "decides": sorted(decides),
+            "min_support": min_support, "tried": [{"fill": f, "confirm_below": c, "decides": sorted(d), "f1": f1}
+                                                  for f, c, d, f1 in tried],
+            "runs": [scored(run, fill, decides, confirm_below, n_boot) for run in runs]}
+
+
+def adapter_default(args: Any, runs: list[SplitRun]) -> dict[str, Any]:
+    """What `generate --adapter ADAPTER` (with --demos and --option) does by default, as the adapter now
+    records it, scored on every run: the figure a user gets without choosing anything."""
+    options = plan_run(Settings(adapter=args.adapter, **run_settings(args))).options
+    return {"fill": options.fill, "confirm_below": options.confirm_below, "decides": sorted(options.proposer_decides),
+            "runs": [{"set": run.set, "split": run.split,
+                      "f1": score(run.gold, run.fused(options.fill, None, options.proposer_decides,
+                                                      options.confirm_below)).micro.f1} for run in runs]}
 
 
 def run(args: Any) -> dict[str, Any]:
     fills = [None, *(float(t) for t in args.fills.split(","))]
+    confirms = [None, *(float(t) for t in args.confirms.split(",") if t)]
     cascades = [None, *(float(t) for t in args.cascades.split(","))]
     splits = args.splits.split(",")
     refused = {"min_confidence", "vocab", "constrain"} & set(run_settings(args))
@@ -179,7 +203,8 @@ def run(args: Any) -> dict[str, Any]:
     return {"set": args.set, "adapter": args.adapter, "demos": str(args.demos or ""),
             "settings": {k: v for k, v in run_settings(args).items() if k != "demos"}, "fills": fills, "cascades": cascades,
             "splits": [grid(r, fills, cascades, args.n_boot) for r in runs],
-            "chosen": chosen_fusion(runs, splits[0], fills, args.min_support, args.n_boot), "meta": run_meta()}
+            "chosen": chosen_fusion(runs, splits[0], fills, confirms, args.min_support, args.n_boot),
+            "adapter_default": adapter_default(args, runs), "meta": run_meta()}
 
 
 def interval(d: dict[str, Any]) -> str:
@@ -206,11 +231,19 @@ def markdown(result: dict[str, Any]) -> str:
                     for c in split["cells"] if c["fill"] == fill]
             lines.append(f"| {'off' if fill is None else fill} | " + " | ".join(text) + " |")
         lines.append("")
+    default = result.get("adapter_default")
+    if default:
+        lines += [f"## The adapter's default before this choice: --fill {default['fill'] or 'off'}, --confirm-below "
+                  f"{default['confirm_below'] or 'off'}, --proposer-decides {len(default['decides'])} attributes", "",
+                  "; ".join(f"{r['set']} {r['split']}: {r['f1']:.3f}" for r in default["runs"]), ""]
     chosen = result["chosen"]
     decides = ", ".join(f"`{a}`" for a in chosen["decides"]) or "none"
     fair = all(r["split"] == chosen["chosen_on"] for r in chosen["runs"])
     lines += [f"## The fusion chosen on {chosen['chosen_on']}: --fill {chosen['fill'] or 'off'}, "
-              f"--proposer-decides {decides}", "",
+              f"--confirm-below {chosen.get('confirm_below') or 'off'}, --proposer-decides {decides}", "",
+              "Tried there, each with its attributes chosen: " + ", ".join(
+                  f"fill {t['fill'] or 'off'} / confirm {t['confirm_below'] or 'off'}: {t['f1']:.3f}"
+                  for t in chosen.get("tried", [])) + ".", "",
               f"Attributes with at least {chosen['min_support']} gold tags there were tried. ΔF1 by paired bootstrap, "
               "95% interval" + (" (only the split it was chosen on: not a fair test)" if fair else "") + ".", "",
               "| set | split | P | R | F1 | plain | CRF alone | vs plain | vs CRF alone | ExtractGPT: chosen / plain / CRF |",
@@ -238,11 +271,11 @@ def record_to_adapter(result: dict[str, Any], splits: list[str], source: str) ->
     adapter, chosen = result["adapter"], result["chosen"]
     path = resolve_adapter(adapter)
     try:
-        record_fusion(path, chosen["fill"], chosen["decides"])
+        record_fusion(path, chosen["fill"], chosen["decides"], chosen["confirm_below"])
     except AdapterError as exc:
         sys.exit(f"--record-to-adapter: {exc}")
-    print(f"{adapter}: --fill {chosen['fill'] or 'off'}, --proposer-decides {', '.join(chosen['decides']) or 'none'} "
-          "by default", file=sys.stderr)
+    print(f"{adapter}: --fill {chosen['fill'] or 'off'}, --proposer-decides {', '.join(chosen['decides']) or 'none'}, "
+          f"--confirm-below {chosen['confirm_below'] or 'off'} by default", file=sys.stderr)
     last = splits[-1]
     rows = [row for row in chosen["runs"] if row["split"] == last and last != chosen["chosen_on"]]
     if not rows:
@@ -262,7 +295,7 @@ def record_to_adapter(result: dict[str, Any], splits: list[str], source: str) ->
             "f1_vs_crf_ci95": row["vs_crf"]["ci95"],
             **({"extractgpt_f1": row["extractgpt_f1"]["chosen"]} if row.get("extractgpt_f1") else {}),
             "plain_f1": row["plain_f1"], "crf_peer_f1": row["crf_f1"], "fill": chosen["fill"],
-            "proposer_decides": chosen["decides"], "source": source}
+            "proposer_decides": chosen["decides"], "confirm_below": chosen["confirm_below"], "source": source}
     set_metadata_entry(path, ("metrics", "test"), tests)
 
 
@@ -271,6 +304,7 @@ def main() -> None:
     parser.add_argument("--splits", default="dev,test")
     parser.add_argument("--fills", default="0.9,0.8,0.7,0.5,0.3")
     parser.add_argument("--cascades", default="0.5,0.3,0.1")
+    parser.add_argument("--confirms", default="0.5,0.4,0.3,0.2", help="the --confirm-below C to try (with off)")
     parser.add_argument("--min-support", type=int, default=10, help="gold tags an attribute needs on the first split "
                         "to be tried for --proposer-decides")
     parser.add_argument("--record-to-adapter", action="store_true", help="make the chosen fusion the adapter's "

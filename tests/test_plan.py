@@ -156,6 +156,23 @@ def test_an_adapters_recorded_fill_is_the_default_and_no_fill_or_a_flag_override
     assert plan_run(Settings(adapter="zh-tuned", adapters_root=str(root))).options.fill is None
 
 
+def test_an_adapters_recorded_confirm_below_is_the_default_and_no_fill_or_a_flag_overrides_it(root, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(root / "zh-tuned", tmp_path / "adapters" / "zh-confirm")
+    registry.set_metadata_entry(tmp_path / "adapters" / "zh-confirm", ("proposer", "confirm_below"), 0.4)
+    settings = Settings(adapter="zh-confirm", adapters_root=str(tmp_path / "adapters"))
+    plan = plan_run(settings)
+    assert plan.options.confirm_below == 0.4 and plan.settings.confirm_below == 0.4
+    assert "--confirm-below" in capsys.readouterr().err
+    assert plan_run(settings.replace(no_fill=True)).options.confirm_below is None
+    assert plan_run(settings.replace(confirm_below=0.2)).options.confirm_below == 0.2
+    assert plan_run(settings.replace(no_proposer=True)).options.confirm_below is None
+    registry.set_metadata_entry(tmp_path / "adapters" / "zh-confirm", ("proposer", "confirm_below"), 2.0)
+    with pytest.raises(OptionsError, match="proposer.confirm_below"):
+        plan_run(settings)
+
+
 def test_an_adapters_recorded_proposer_decides_is_the_default_on_its_own_catalogue(root, tmp_path, capsys):
     import shutil
 

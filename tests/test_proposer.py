@@ -247,9 +247,17 @@ def test_adapters_pack_trains_and_ships_a_proposer(tmp_path):
     # A refused list leaves the adapter as it was: nothing is written before both parts are checked.
     assert main(["adapters", "pack", str(adapter), "--fill", "0.9", "--proposer-decides", "颜色"]) != 0
     assert meta_of(adapter)["proposer"]["fill"] == 0.7 and meta_of(adapter)["proposer"]["decides"] == ["产品词", "品牌"]
+    # --confirm-below alone keeps the recorded fill and attributes; a refused C writes nothing.
+    assert main(["adapters", "pack", str(adapter), "--confirm-below", "0.4"]) == 0
+    assert meta_of(adapter)["proposer"]["confirm_below"] == 0.4 and meta_of(adapter)["proposer"]["fill"] == 0.7
+    assert adapter_defaults(resolved_adapter(str(adapter)), Settings(adapter=str(adapter))).confirm_below == 0.4
+    assert main(["adapters", "pack", str(adapter), "--confirm-below", "1.5"]) != 0
+    assert main(["adapters", "pack", str(bare), "--confirm-below", "0.4"]) != 0  # nothing to confirm with
+    assert meta_of(adapter)["proposer"]["confirm_below"] == 0.4
     # eval/fill.py records the fusion chosen on dev whole: "no fill" and "no attributes" clear what was there.
     record_fusion(adapter, None, ["品牌"])
     assert "fill" not in meta_of(adapter)["proposer"] and meta_of(adapter)["proposer"]["decides"] == ["品牌"]
+    assert "confirm_below" not in meta_of(adapter)["proposer"]
     record_fusion(adapter, 0.5, [])
     assert meta_of(adapter)["proposer"]["fill"] == 0.5 and "decides" not in meta_of(adapter)["proposer"]
     assert adapter_defaults(resolved_adapter(str(adapter)), Settings(adapter=str(adapter))).proposer_decides is None
@@ -447,11 +455,11 @@ def test_a_second_signal_stops_training_at_once_and_the_handlers_come_back():
         signal.signal(signal.SIGINT, outer)
 
 
-@pytest.mark.parametrize("name", ["cascade", "fill"])
+@pytest.mark.parametrize("name", ["cascade", "fill", "confirm_below"])
 def test_the_cascade_and_fill_need_a_proposer_and_a_threshold_in_range(zh_proposer, name):
     from llmtags.options import OptionsError
 
-    flag = f"--{name}"
+    flag = f"--{name.replace('_', '-')}"
     assert getattr(tagging_options(Settings(proposer=str(zh_proposer.path), **{name: 0.9})), name) == 0.9
     with pytest.raises(OptionsError, match=f"{flag} needs a span proposer"):
         tagging_options(Settings(**{name: 0.9}))
@@ -512,6 +520,49 @@ def test_fuse_lets_the_proposer_decide_nothing_on_a_category_its_catalogue_does_
     assert fuse(answer[:1], found, 0.5, {"Color"}, known=False) == (answer[:1], [found[0]])
     assert fuse(answer[:1], found, 0.7, {"Color"}, known=False) == (answer[:1], [])
     assert fuse(answer, found, 0.5, {"Color"}, known=False) == (answer, [])
+
+
+def test_confirmed_drops_only_the_unsure_tags_the_proposer_did_not_find():
+    from llmtags.proposer import Proposal, confirmed
+
+    found = [Proposal("Brand:Nike", "Brand", "Nike", 0, 4, 0.95), Proposal("Color:black", "Color", "black", 40, 45, 0.4)]
+    answer = ["brand:nike", "Model:Air Zoom", "Gender:Men", "Color:Black", "Size:10"]
+    confidences = [0.1, 0.2, 0.9, 0.3, None]
+    # Sure tags stand; unsure ones stand where a proposal is the same tag (compared as the evaluator does);
+    # a tag of unknown confidence (a line the grounding could not score) stands.
+    assert confirmed(answer, confidences, found, 0.5) == ["brand:nike", "Gender:Men", "Color:Black", "Size:10"]
+    assert confirmed(answer, confidences, found, 0.15) == ["brand:nike", "Model:Air Zoom", "Gender:Men", "Color:Black",
+                                                           "Size:10"]
+    assert confirmed(answer, confidences, [], 0.5) == ["Gender:Men", "Size:10"]
+    assert confirmed(answer, confidences, found, None) == answer
+    # A product of a category the proposer's catalogue does not know: its silence there says nothing.
+    assert confirmed(answer, confidences, [], 0.5, known=False) == answer
+
+
+def test_confirm_below_drops_the_models_unsure_tags_the_proposer_did_not_find(zh_proposer):
+    import math
+
+    from llmtags.engines.base import Generation
+    from llmtags.tagger import to_result
+
+    record = Record("r", "耐克跑步鞋 黑色 透气网面")
+    found = zh_proposer.propose(record)
+    assert found, "the test needs a proposal to confirm a tag"
+    lines = {found[0].tag: 0.2, "其他:透气": 0.3, "其他:网面": 0.9}  # tag: the model's confidence in it
+    text, logprobs, ends = "", [], []
+    for tag, p in lines.items():  # one token per line, then a sure newline
+        text += tag
+        logprobs.append(math.log(p)), ends.append(len(text))
+        text += "\n"
+        logprobs.append(0.0), ends.append(len(text))
+    answer = Generation(text.rstrip("\n"), 5, len(logprobs) - 1, logprobs[:-1], ends[:-1], end_logprob=0.0)
+    options = TaggingOptions(template="tuned", proposer=zh_proposer, confirm_below=0.5)
+    result = to_result(record, answer, options, proposals=found)
+    # The proposer's own span stands though the model was unsure of it; the unsure tag it did not find goes.
+    assert result.tags == [found[0].tag, "其他:网面"] and result.unconfirmed == ["其他:透气"]
+    assert result.confidences == [0.2, 0.9] and result.to_json()["unconfirmed"] == ["其他:透气"]
+    assert to_result(record, answer, TaggingOptions(template="tuned", proposer=zh_proposer),
+                     proposals=found).tags == list(lines)
 
 
 def test_proposer_decides_needs_a_proposer_and_is_off_with_no_fill(zh_proposer):

@@ -70,6 +70,9 @@ class TaggingOptions:
     fill: float | None = None
     # Attributes the proposer decides: the model's tags for them give way to its spans (proposer.decide).
     proposer_decides: frozenset[str] = frozenset()
+    # The model's tags it is less sure of than this stand only where the proposer found them too
+    # (proposer.confirmed; None: all stand).
+    confirm_below: float | None = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,9 @@ class Settings:
     cascade: float | None = None  # P in (0, 1]: the proposer alone tags records it is this sure of
     fill: float | None = None  # P in (0, 1]: add the proposer's spans this likely that the answer leaves out
     proposer_decides: str | None = None  # comma-joined attributes whose tags are the proposer's spans
-    no_fill: bool = False  # the answers as written: neither --fill nor --proposer-decides, not even the adapter's
+    confirm_below: float | None = None  # C in (0, 1]: the model's tags under C stand only where the proposer found them
+    # The answers as written: neither --fill, --proposer-decides nor --confirm-below, not even the adapter's.
+    no_fill: bool = False
     # normalisation
     vocab: str | None = None
     policy: str = "open"
@@ -166,6 +171,8 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
                                   "record alone"),
                                  ("--fill", settings.fill, "the marginal probability a proposer's span needs to be "
                                   "added to the model's answer"),
+                                 ("--confirm-below", settings.confirm_below, "the model's confidence under which "
+                                  "a tag stands only where the proposer found it too"),
                                  ("--proposer-decides", decides or None, "")):
         if value is None:
             continue
@@ -177,8 +184,9 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
         if proposer is None and not settings.adapter_map:
             raise OptionsError(f"{flag} needs a span proposer: an --adapter that ships one, --demos SAMPLE with such an "
                                "adapter, or --proposer MODEL (and not --no-proposer)")
-    if decides and settings.no_fill:
-        raise OptionsError("--proposer-decides and --no-fill do not go together: --no-fill keeps the answers as written")
+    for flag, given in (("--proposer-decides", decides), ("--confirm-below", settings.confirm_below is not None)):
+        if given and settings.no_fill:
+            raise OptionsError(f"{flag} and --no-fill do not go together: --no-fill keeps the answers as written")
     if decides and proposer is not None:
         check_decided(decides, proposer, "--proposer-decides (or the adapter's llmtags.json proposer.decides)")
     constrain_vocab = None
@@ -192,6 +200,7 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
                           constrain_vocab=constrain_vocab, min_confidence=min_confidence(settings, calibration),
                           cascade=settings.cascade, fill=None if settings.no_fill else settings.fill,
                           proposer_decides=frozenset() if settings.no_fill else decides,
+                          confirm_below=None if settings.no_fill else settings.confirm_below,
                           demo_text=settings.demo_text or "full", text_budget=settings.text_budget or None)
 
 

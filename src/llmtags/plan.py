@@ -97,6 +97,7 @@ class AdapterDefaults:
     proposer: str | None = None
     fill: float | None = None  # the --fill P chosen on the adapter's dev records (llmtags.json: proposer.fill)
     proposer_decides: str | None = None  # comma-joined, chosen there too (proposer.decides)
+    confirm_below: float | None = None  # the --confirm-below C chosen there too (proposer.confirm_below)
     # The prompt budget its training prompts had (hyperparameters.demo_text / text_budget; budget.py).
     demo_text: str | None = None
     text_budget: int | None = None
@@ -193,13 +194,13 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
                 _say(f"warning: no span proposer from {settings.demos} ({exc}): tagging without one")
         else:
             proposer = _shipped_proposer(adapter)
-    fill, decides = None, None
+    fill, decides, confirm_below = None, None, None
     # The proposer's spans are not limited to a closed vocabulary: with --constrain closed the answer stands.
     fusing = proposer and not settings.no_fill and settings.constrain != "closed"
     if fusing and settings.fill is None:
-        fill = adapter.field("proposer.fill", float)
-        if fill is not None and not 0.0 < fill <= 1.0:
-            raise OptionsError(f"adapter {name}: llmtags.json proposer.fill is {fill}, not in (0, 1]")
+        fill = _recorded_share(adapter, "fill")
+    if fusing and settings.confirm_below is None:
+        confirm_below = _recorded_share(adapter, "confirm_below")
     # Which attributes its CRF tags better was measured on the adapter's own catalogue, not on a sample's.
     if fusing and settings.proposer_decides is None and not retrieving:
         recorded = adapter.field("proposer.decides", list)
@@ -211,7 +212,7 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
     text_budget = adapter.field("hyperparameters.text_budget", int) if settings.text_budget is None else None
     check_budget(demo_text or "full", text_budget, f"adapter {name}: llmtags.json hyperparameters.demo_text",
                  f"adapter {name}: llmtags.json hyperparameters.text_budget")
-    found = AdapterDefaults(template, source, demos, retrieve, proposer, fill, decides,
+    found = AdapterDefaults(template, source, demos, retrieve, proposer, fill, decides, confirm_below,
                             None if demo_text == "full" else demo_text, text_budget or None)
     if found.candidates or found.demos or found.proposer or found.demo_text or found.text_budget:
         print(f"llmtags: adapter {name}: " + "; ".join(
@@ -220,6 +221,8 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
             * (found.fill is not None)
             + [f"its spans decide {found.proposer_decides} (--proposer-decides; --no-fill: not)"]
             * bool(found.proposer_decides)
+            + [f"the model's tags under confidence {found.confirm_below} kept only where its spans have them too "
+               "(--confirm-below; --no-fill: all)"] * (found.confirm_below is not None)
             + [f"candidates from {found.candidates}"] * bool(found.candidates)
             + [f"{found.retrieve or settings.retrieve} demonstrations retrieved from {found.demos}"] * bool(found.demos)
             + [f"neighbours shown by their {found.demo_text} (--demo-text)"] * bool(found.demo_text)
@@ -227,6 +230,14 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
             * bool(found.text_budget)),
             file=sys.stderr)
     return found
+
+
+def _recorded_share(adapter: ResolvedAdapter, key: str) -> float | None:
+    """The adapter's recorded `proposer.KEY` (a threshold in (0, 1]), or None."""
+    value = adapter.field(f"proposer.{key}", float)
+    if value is not None and not 0.0 < value <= 1.0:
+        raise OptionsError(f"adapter {adapter.name}: llmtags.json proposer.{key} is {value}, not in (0, 1]")
+    return value
 
 
 def _with_defaults(options: TaggingOptions, found: AdapterDefaults, settings: Settings) -> TaggingOptions:
@@ -241,6 +252,8 @@ def _with_defaults(options: TaggingOptions, found: AdapterDefaults, settings: Se
         changes["proposer"] = SpanProposer(found.proposer)
     if found.fill is not None:
         changes["fill"] = found.fill
+    if found.confirm_below is not None:
+        changes["confirm_below"] = found.confirm_below
     if found.demo_text:
         changes["demo_text"] = found.demo_text
     if found.text_budget:
@@ -307,6 +320,8 @@ class RunPlan:
             if name in self.options_by_adapter:  # a map: each adapter's own fusion and budget decide its tags too
                 options = self.options_by_adapter[name]
                 hashes[f"adapter {name} fill"] = options.fill
+                if options.confirm_below is not None:
+                    hashes[f"adapter {name} confirm below"] = options.confirm_below
                 decides = sorted(options.proposer_decides)
                 if decides:
                     hashes[f"adapter {name} proposer decides"] = decides
@@ -333,6 +348,7 @@ def plan_run(settings: Settings, templates: Sequence[PromptTemplate] = ()) -> Ru
                     for name, adapter in adapters.items()} if adapter_map is not None else {})
     for flag, value, then in (("--cascade", settings.cascade, "are all generated"),
                               ("--fill", settings.fill, "keep the model's answers as written"),
+                              ("--confirm-below", settings.confirm_below, "keep the model's answers as written"),
                               ("--proposer-decides", settings.proposer_decides, "keep the model's answers as written")):
         if value is None or adapter_map is None:
             continue

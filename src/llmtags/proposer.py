@@ -581,6 +581,22 @@ def decide(tags: Sequence[str], proposals: Sequence[Proposal], attributes: Itera
     return kept, [p for p in proposals if name_key(p.attribute) in decided]
 
 
+def confirmed(tags: Sequence[str], confidences: Sequence[float | None], proposals: Sequence[Proposal],
+              below: float | None, known: bool = True) -> list[str]:
+    """`--confirm-below C`: the answer's `tags`, less those the model wrote with a confidence (parallel to
+    `tags`; None: unknown, kept) under `below` that no proposal confirms (the same tag, compared as the
+    evaluator compares tags). Two taggers that err differently agree mostly where both are right: on dev,
+    the model's unsure tags that the CRF also found are right far more often than those it found alone.
+
+    Not for a product of a category the proposer's catalogue does not know (not `known`): there its
+    silence says nothing (`fuse`), and a phone's unsure `Model Number:S24 Ultra` would be lost."""
+    if below is None or not known:
+        return list(tags)
+    proposed = {canonical(p.tag) for p in proposals}
+    return [tag for tag, confidence in zip(tags, confidences)
+            if confidence is None or confidence >= below or canonical(tag) in proposed]
+
+
 def fuse(tags: Sequence[str], proposals: Sequence[Proposal], fill: float | None,
          decides: Iterable[str] = (), known: bool = True) -> tuple[list[str], list[Proposal]]:
     """Model fusion: (the answer's tags that stand, the proposals that join them). The attributes the

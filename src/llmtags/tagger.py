@@ -20,7 +20,7 @@ from .hygiene import clean_tags
 from .options import TaggingOptions
 from .parse import parse_tag_spans
 from .prompts import Demo, render_prompt, template_for
-from .proposer import Proposal, fuse
+from .proposer import Proposal, confirmed, fuse
 from .records import Record
 
 
@@ -43,6 +43,7 @@ class TagResult:
     cut: bool = False  # the answer used all of max_new_tokens: tags after the cut were lost
     filled: list[str] = field(default_factory=list)  # tags taken from the proposer (also in `tags`)
     replaced: list[str] = field(default_factory=list)  # the model's tags --proposer-decides replaced
+    unconfirmed: list[str] = field(default_factory=list)  # its unsure tags the proposer did not find (--confirm-below)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.record.id, "text_hash": self.record.text_hash, "tags": self.tags,
@@ -55,6 +56,8 @@ class TagResult:
             out["filled"] = self.filled
         if self.replaced:
             out["replaced"] = self.replaced
+        if self.unconfirmed:
+            out["unconfirmed"] = self.unconfirmed
         if self.below_confidence:
             out["below_confidence"] = self.below_confidence
         if self.dropped:
@@ -242,23 +245,25 @@ def tag_records(
 def to_result(record: Record, generation: Any, options: TaggingOptions, normaliser: Any = None,
               schema: Sequence[str] | None = None, proposals: Sequence[Proposal] = (), known: bool = True) -> TagResult:
     """Parse, clean (`hygiene.clean_tags`: against `schema`, else the record's), normalise and ground one
-    generation. The `proposals` join the answer, with their marginals as confidences (`proposer.fuse`): for
-    the attributes of `options.proposer_decides` they replace its tags, and with `options.fill` those it
-    left out at that marginal are added. For a product of unknown category (not `known`), the proposer
-    decides nothing: only `fill` adds its spans."""
+    generation. The `proposals` join the answer, with their marginals as confidences (`proposer.fuse`): the
+    answer's tags under `options.confirm_below` that no proposal confirms are dropped first
+    (`proposer.confirmed`); for the attributes of `options.proposer_decides` proposals replace its tags, and
+    with `options.fill` those it left out at that marginal are added. For a product of unknown category
+    (not `known`), the proposer neither confirms nor decides: only `fill` adds its spans."""
     schema = schema if schema is not None else record.schema
     parsed = parse_tag_spans(generation.text)
     by_raw = confidences_by_tag(parsed, generation)
-    kept, dropped = clean_tags([p.tag for p in parsed], schema)
-    answer = kept
-    kept, added = fuse(answer, proposals, options.fill, options.proposer_decides, known=known)
+    answer, dropped = clean_tags([p.tag for p in parsed], schema)
+    sure = confirmed(answer, [by_raw.get(tag) for tag in answer], proposals, options.confirm_below, known)
+    kept, added = fuse(sure, proposals, options.fill, options.proposer_decides, known=known)
     filled, _ = clean_tags([p.tag for p in added], schema)
     # A tag the proposer supplied has its marginal as its confidence, even where the model wrote it too.
     by_raw = {**by_raw, **{p.tag: p.p for p in added}}
     result = TagResult(record, kept + filled, generation.text, generation.prompt_tokens,
                        generation.new_tokens, truncated=len(record.text) > options.max_text_chars, dropped=dropped,
                        cut=generation.new_tokens >= options.max_new_tokens, filled=filled,
-                       replaced=[tag for tag in answer if tag not in kept])
+                       replaced=[tag for tag in sure if tag not in kept],
+                       unconfirmed=[tag for tag in answer if tag not in sure])
     return _finish(result, by_raw, options, normaliser)
 
 

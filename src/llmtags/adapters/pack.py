@@ -90,26 +90,29 @@ def pack_adapter(adapter_dir: str | Path, *, candidates: str | None = None, pool
     return meta
 
 
-def record_fusion(adapter_dir: str | Path, fill: float | None, decides: Sequence[str]) -> dict[str, Any]:
-    """Record the adapter's default fusion, both parts at once: `fill` (the --fill P its runs use; None: no
-    fill) and the attributes its span proposer decides (--proposer-decides; empty: none). Both are checked
-    before anything is written, so a refused value leaves the adapter as it was. Returns the metadata."""
+def record_fusion(adapter_dir: str | Path, fill: float | None, decides: Sequence[str],
+                  confirm_below: float | None = None) -> dict[str, Any]:
+    """Record the adapter's default fusion, every part at once: `fill` (the --fill P its runs use; None: no
+    fill), the attributes its span proposer decides (--proposer-decides; empty: none) and `confirm_below`
+    (the --confirm-below C; None: none). All are checked before anything is written, so a refused value
+    leaves the adapter as it was. Returns the metadata."""
     adapter_dir = Path(adapter_dir)
     meta = read_metadata(adapter_dir)
     shipped = meta.get("proposer")
     if not shipped:
-        if fill is None and not decides:
+        if fill is None and not decides and confirm_below is None:
             return meta
         raise AdapterError(f"{adapter_dir} ships no span proposer to fill from or decide with; pack one with "
                            "--proposer LABELLED")
-    if fill is not None and not 0.0 < fill <= 1.0:
-        raise AdapterError(f"--fill: {fill} is not in (0, 1]")
+    for flag, share in (("--fill", fill), ("--confirm-below", confirm_below)):
+        if share is not None and not 0.0 < share <= 1.0:
+            raise AdapterError(f"{flag}: {share} is not in (0, 1]")
     if decides:
         try:
             check_decided(frozenset(decides), SpanProposer(adapter_dir / shipped["path"]), "--proposer-decides")
         except OptionsError as exc:
             raise AdapterError(str(exc)) from exc
-    for key, value in (("fill", fill), ("decides", sorted(decides) or None)):
+    for key, value in (("fill", fill), ("decides", sorted(decides) or None), ("confirm_below", confirm_below)):
         if value is None:
             shipped.pop(key, None)
         else:

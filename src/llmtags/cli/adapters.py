@@ -59,6 +59,8 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
                    "records: eval/fill.py); the adapter must ship a span proposer")
     p.add_argument("--proposer-decides", metavar="ATTRS", help="record these comma-joined attributes as the ones whose "
                    "tags the adapter's span proposer decides by default (chosen on dev records: eval/fill.py)")
+    p.add_argument("--confirm-below", type=float, metavar="C", help="record C as the adapter's default --confirm-below "
+                   "(chosen on dev records: eval/fill.py)")
     p.add_argument("--licence", "--license", dest="licence", help="licence of the shipped data, for the metadata")
     add_root(p)
     p.set_defaults(func=cmd_adapters_pack)
@@ -106,13 +108,15 @@ def cmd_adapters_show(args: argparse.Namespace) -> int:
 
 def cmd_adapters_pack(args: argparse.Namespace) -> int:
     decides = sorted(decided_attributes(args.proposer_decides))
-    if not args.candidates and not args.demos and not args.proposer and args.fill is None and not decides:
-        raise CliError("give --candidates VOCAB, --demos LABELLED --retrieve K, --proposer LABELLED, --fill P and/or "
-                       "--proposer-decides ATTRS")
+    fusion = args.fill is not None or decides or args.confirm_below is not None
+    if not args.candidates and not args.demos and not args.proposer and not fusion:
+        raise CliError("give --candidates VOCAB, --demos LABELLED --retrieve K, --proposer LABELLED, --fill P, "
+                       "--proposer-decides ATTRS and/or --confirm-below C")
     if bool(args.demos) != bool(args.retrieve):
         raise CliError("--demos and --retrieve K go together: the pool and how many of it each prompt shows")
-    if args.fill is not None and not 0.0 < args.fill <= 1.0:
-        raise CliError(f"--fill: {args.fill} is not in (0, 1]")
+    for flag, share in (("--fill", args.fill), ("--confirm-below", args.confirm_below)):
+        if share is not None and not 0.0 < share <= 1.0:
+            raise CliError(f"{flag}: {share} is not in (0, 1]")
     path = resolve_adapter(args.adapter, args.adapters_root)
     shipped = []
     proposer = None
@@ -129,16 +133,18 @@ def cmd_adapters_pack(args: argparse.Namespace) -> int:
                                 licence=args.licence, proposer=proposer)
     else:
         meta = pack_adapter(path, candidates=args.candidates, pool=args.demos, k=args.retrieve, licence=args.licence)
-    if args.fill is not None or decides:
-        # What is not given stays as recorded; both are checked before either is written.
+    if fusion:
+        # What is not given stays as recorded; all are checked before any is written.
         recorded = read_metadata(path).get("proposer") or {}
         try:
             record_fusion(path, args.fill if args.fill is not None else recorded.get("fill"),
-                          decides or recorded.get("decides") or [])
+                          decides or recorded.get("decides") or [],
+                          args.confirm_below if args.confirm_below is not None else recorded.get("confirm_below"))
         except AdapterError as exc:
             raise CliError(str(exc)) from exc
         shipped += [f"--fill {args.fill} by default"] * (args.fill is not None)
         shipped += [f"its proposer deciding {', '.join(decides)} by default"] * bool(decides)
+        shipped += [f"--confirm-below {args.confirm_below} by default"] * (args.confirm_below is not None)
     if args.candidates:
         shipped.append(f"{meta['vocabulary']['candidates']['size']} candidate tags")
     if args.demos:

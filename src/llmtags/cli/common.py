@@ -141,8 +141,12 @@ def add_generation(p: argparse.ArgumentParser) -> None:
                    help="comma-joined attributes whose tags are the span proposer's spans, not the model's (where its "
                    "CRF is the better tagger: eval/fill.py chooses them on dev records); listed as \"filled\" too "
                    "(default: the attributes the adapter records in its llmtags.json, proposer.decides)")
+    p.add_argument("--confirm-below", type=float, metavar="C",
+                   help="drop the model's tags of confidence below C (in (0, 1]) that the span proposer did not find too; "
+                   "listed as \"unconfirmed\" (default: the C the adapter records in its llmtags.json, "
+                   "proposer.confirm_below)")
     fill.add_argument("--no-fill", action="store_true", help="keep the model's answers as written, even where the "
-                      "adapter records a --fill P or attributes its proposer decides")
+                      "adapter records a --fill P, attributes its proposer decides or a --confirm-below C")
 
 
 def add_vocab(p: argparse.ArgumentParser) -> None:
