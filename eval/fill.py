@@ -177,14 +177,15 @@ def chosen_fusion(runs: list[SplitRun], choose_on: str, fills: list[float | None
             "runs": [scored(run, fill, decides, confirm_below, n_boot) for run in runs]}
 
 
-def adapter_default(args: Any, runs: list[SplitRun]) -> dict[str, Any]:
-    """What `generate --adapter ADAPTER` (with --demos and --option) does by default, as the adapter now
-    records it, scored on every run: the figure a user gets without choosing anything."""
+def adapter_default(args: Any, runs: list[SplitRun], cascades: list[float | None]) -> dict[str, Any]:
+    """What `generate --adapter ADAPTER [--cascade C]` (with --demos and --option) does by default, as the
+    adapter now records it, scored on every run: the figure a user gets without choosing anything."""
     options = plan_run(Settings(adapter=args.adapter, **run_settings(args))).options
     return {"fill": options.fill, "confirm_below": options.confirm_below, "decides": sorted(options.proposer_decides),
-            "runs": [{"set": run.set, "split": run.split,
-                      "f1": score(run.gold, run.fused(options.fill, None, options.proposer_decides,
-                                                      options.confirm_below)).micro.f1} for run in runs]}
+            "runs": [{"set": run.set, "split": run.split, "cascade": cascade,
+                      "f1": score(run.gold, run.fused(options.fill, cascade, options.proposer_decides,
+                                                      options.confirm_below)).micro.f1}
+                     for run in runs for cascade in cascades]}
 
 
 def run(args: Any) -> dict[str, Any]:
@@ -204,7 +205,7 @@ def run(args: Any) -> dict[str, Any]:
             "settings": {k: v for k, v in run_settings(args).items() if k != "demos"}, "fills": fills, "cascades": cascades,
             "splits": [grid(r, fills, cascades, args.n_boot) for r in runs],
             "chosen": chosen_fusion(runs, splits[0], fills, confirms, args.min_support, args.n_boot),
-            "adapter_default": adapter_default(args, runs), "meta": run_meta()}
+            "adapter_default": adapter_default(args, runs, cascades), "meta": run_meta()}
 
 
 def interval(d: dict[str, Any]) -> str:
@@ -235,7 +236,8 @@ def markdown(result: dict[str, Any]) -> str:
     if default:
         lines += [f"## The adapter's default before this choice: --fill {default['fill'] or 'off'}, --confirm-below "
                   f"{default['confirm_below'] or 'off'}, --proposer-decides {len(default['decides'])} attributes", "",
-                  "; ".join(f"{r['set']} {r['split']}: {r['f1']:.3f}" for r in default["runs"]), ""]
+                  "; ".join(f"{r['set']} {r['split']}" + (f" --cascade {r['cascade']}" if r.get("cascade") else "")
+                            + f": {r['f1']:.3f}" for r in default["runs"]), ""]
     chosen = result["chosen"]
     decides = ", ".join(f"`{a}`" for a in chosen["decides"]) or "none"
     fair = all(r["split"] == chosen["chosen_on"] for r in chosen["runs"])
