@@ -30,3 +30,20 @@ def test_copy_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         copy_file(tmp_path / "missing", target)
     assert target.read_bytes() == b"\x00\x01" and sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
+
+
+def test_written_files_get_the_mode_a_plain_open_gives_or_keep_the_targets(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        fresh = write_text(tmp_path / "fresh.json", "{}")
+        assert fresh.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+        os.chmod(fresh, 0o640)
+        write_text(fresh, "[]")
+        assert fresh.stat().st_mode & 0o777 == 0o640
+        source = tmp_path / "a.bin"
+        source.write_bytes(b"x")
+        assert copy_file(source, tmp_path / "b.bin").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)

@@ -14,8 +14,17 @@ from pathlib import Path
 def _temporary(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)  # `-o new/dir/out.jsonl`: the folder may not exist yet
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    # mkstemp makes the file private (0600); the file it becomes keeps the target's mode, or gets the one
+    # a plain open() would give, so that a shipped adapter or a catalogue's tags stay readable by others.
+    os.fchmod(fd, target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask())
     os.close(fd)
     return Path(name)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: set it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | Path, text: str, durable: bool = False) -> Path:
