@@ -19,8 +19,8 @@ default) and reported on every split of every set: for each P and C of --confirm
 attributes to give to the CRF are picked greedily, most supported first, where the switch raises micro F1
 on the first split (attributes with at least --min-support gold tags there); the best (P, C, attributes)
 is applied unchanged to the later splits. Writes eval/fill_SET.json and .md. With --record-to-adapter, the chosen fusion becomes
-the adapter's default (as `llmtags adapters pack ADAPTER --fill P --proposer-decides ATTRS` records it, with
-"off" and "none" recorded too) and its scores on the last split go to the adapter's llmtags.json,
+the adapter's default (as `llmtags adapters pack ADAPTER --fill P --proposer-decides ATTRS --confirm-below C`
+records it, with "off" and "none" recorded too) and its scores on the last split go to the adapter's llmtags.json,
 metrics.test, one entry per set.
 """
 
@@ -234,7 +234,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     default = result.get("adapter_default")
     if default:
-        lines += [f"## The adapter's default before this choice: --fill {default['fill'] or 'off'}, --confirm-below "
+        lines += [f"## The adapter's default when this ran: --fill {default['fill'] or 'off'}, --confirm-below "
                   f"{default['confirm_below'] or 'off'}, --proposer-decides {len(default['decides'])} attributes", "",
                   "; ".join(f"{r['set']} {r['split']}" + (f" --cascade {r['cascade']}" if r.get("cascade") else "")
                             + f": {r['f1']:.3f}" for r in default["runs"]), ""]

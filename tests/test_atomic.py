@@ -47,3 +47,11 @@ def test_written_files_get_the_mode_a_plain_open_gives_or_keep_the_targets(tmp_p
         assert copy_file(source, tmp_path / "b.bin").stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(mask)
+
+
+def test_a_read_only_target_is_replaced_and_stays_read_only(tmp_path):
+    target = tmp_path / "llmtags.json"
+    target.write_text("{}", encoding="utf-8")
+    target.chmod(0o444)
+    write_text(target, "[]")  # the folder is writable: a rename needs no write permission on the file
+    assert target.read_text(encoding="utf-8") == "[]" and target.stat().st_mode & 0o777 == 0o444

@@ -173,6 +173,20 @@ def test_an_adapters_recorded_confirm_below_is_the_default_and_no_fill_or_a_flag
         plan_run(settings)
 
 
+def test_in_a_map_fusion_leaves_the_answers_of_adapters_without_a_proposer_as_written(root, tmp_path):
+    adapter_map = tmp_path / "map.toml"
+    adapter_map.write_text('[languages]\nzh = "zh-tuned"\nen = "plain"\n', encoding="utf-8")
+    mapped = plan_run(Settings(adapter_map=str(adapter_map), adapters_root=str(root), confirm_below=0.4, fill=0.5,
+                               proposer_decides="品牌"))
+    zh = mapped.options_for("zh-tuned")
+    assert (zh.confirm_below, zh.fill, zh.proposer_decides) == (0.4, 0.5, {"品牌"})
+    # `plain` ships no proposer, nor does the base model: no spans to confirm the model's tags with, so
+    # --confirm-below and --proposer-decides would drop them for nothing.
+    for options in (mapped.options_for("plain"), mapped.options_for(None)):
+        assert options.proposer is None
+        assert (options.confirm_below, options.fill, options.proposer_decides) == (None, None, frozenset())
+
+
 def test_an_adapters_recorded_proposer_decides_is_the_default_on_its_own_catalogue(root, tmp_path, capsys):
     import shutil
 

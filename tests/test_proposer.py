@@ -254,6 +254,10 @@ def test_adapters_pack_trains_and_ships_a_proposer(tmp_path):
     assert main(["adapters", "pack", str(adapter), "--confirm-below", "1.5"]) != 0
     assert main(["adapters", "pack", str(bare), "--confirm-below", "0.4"]) != 0  # nothing to confirm with
     assert meta_of(adapter)["proposer"]["confirm_below"] == 0.4
+    # 0: none, the rest as recorded (what eval/fill.py may choose: "off").
+    assert main(["adapters", "pack", str(adapter), "--confirm-below", "0"]) == 0
+    assert "confirm_below" not in meta_of(adapter)["proposer"] and meta_of(adapter)["proposer"]["fill"] == 0.7
+    assert main(["adapters", "pack", str(adapter), "--confirm-below", "0.4"]) == 0
     # eval/fill.py records the fusion chosen on dev whole: "no fill" and "no attributes" clear what was there.
     record_fusion(adapter, None, ["品牌"])
     assert "fill" not in meta_of(adapter)["proposer"] and meta_of(adapter)["proposer"]["decides"] == ["品牌"]
@@ -543,6 +547,7 @@ def test_confirm_below_drops_the_models_unsure_tags_the_proposer_did_not_find(zh
     import math
 
     from llmtags.engines.base import Generation
+    from llmtags.run import RunSummary
     from llmtags.tagger import to_result
 
     record = Record("r", "耐克跑步鞋 黑色 透气网面")
@@ -561,6 +566,9 @@ def test_confirm_below_drops_the_models_unsure_tags_the_proposer_did_not_find(zh
     # The proposer's own span stands though the model was unsure of it; the unsure tag it did not find goes.
     assert result.tags == [found[0].tag, "其他:网面"] and result.unconfirmed == ["其他:透气"]
     assert result.confidences == [0.2, 0.9] and result.to_json()["unconfirmed"] == ["其他:透气"]
+    summary = RunSummary()
+    summary.add(result)
+    assert summary.unconfirmed == 1 and any("1 unsure tags" in line for line in summary.lines())
     assert to_result(record, answer, TaggingOptions(template="tuned", proposer=zh_proposer),
                      proposals=found).tags == list(lines)
 

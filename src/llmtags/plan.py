@@ -232,6 +232,15 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
     return found
 
 
+def _fusion_with_a_proposer_only(options: TaggingOptions) -> TaggingOptions:
+    """Without a proposer (an adapter of a map that ships none, or the base model's records of a map) the
+    answers stand as written: with no spans to confirm or decide, --confirm-below and --proposer-decides
+    would drop the model's tags for nothing."""
+    if options.proposer is not None:
+        return options
+    return dataclasses.replace(options, fill=None, proposer_decides=frozenset(), confirm_below=None)
+
+
 def _recorded_share(adapter: ResolvedAdapter, key: str) -> float | None:
     """The adapter's recorded `proposer.KEY` (a threshold in (0, 1]), or None."""
     value = adapter.field(f"proposer.{key}", float)
@@ -343,9 +352,12 @@ def plan_run(settings: Settings, templates: Sequence[PromptTemplate] = ()) -> Ru
         # One adapter: its defaults become the run's own settings, recorded with the output.
         settings = settings.replace(**adapter_defaults(adapters[settings.adapter], settings).changes())
         calibration = adapters[settings.adapter].field("calibration", dict)
-    options = tagging_options(settings, templates, calibration)
-    per_adapter = ({name: _with_defaults(options, adapter_defaults(adapter, settings), settings)
-                    for name, adapter in adapters.items()} if adapter_map is not None else {})
+    given = tagging_options(settings, templates, calibration)
+    options = _fusion_with_a_proposer_only(given)
+    per_adapter: dict[str, TaggingOptions] = {}
+    for name, adapter in adapters.items() if adapter_map is not None else ():
+        per_adapter[name] = _fusion_with_a_proposer_only(
+            _with_defaults(given, adapter_defaults(adapter, settings), settings))
     for flag, value, then in (("--cascade", settings.cascade, "are all generated"),
                               ("--fill", settings.fill, "keep the model's answers as written"),
                               ("--confirm-below", settings.confirm_below, "keep the model's answers as written"),

@@ -593,8 +593,10 @@ def confirmed(tags: Sequence[str], confidences: Sequence[float | None], proposal
     if below is None or not known:
         return list(tags)
     proposed = {canonical(p.tag) for p in proposals}
+    # Compared as written in the output (3 decimals), so that eval/fill.py, which reads a run's output,
+    # drops what generate drops.
     return [tag for tag, confidence in zip(tags, confidences)
-            if confidence is None or confidence >= below or canonical(tag) in proposed]
+            if confidence is None or round(confidence, 3) >= below or canonical(tag) in proposed]
 
 
 def fuse(tags: Sequence[str], proposals: Sequence[Proposal], fill: float | None,

@@ -44,6 +44,7 @@ class RunSummary:
     cascaded: int = 0  # records the span proposer tagged alone (--cascade), without generation
     cut: int = 0  # answers that used all of --max-new-tokens
     filled: int = 0  # tags taken from the proposer's spans (--fill, --proposer-decides)
+    unconfirmed: int = 0  # the model's unsure tags the proposer did not find (--confirm-below)
     interrupted: bool = False
     prompt_tokens: int = 0
     new_tokens: int = 0
@@ -58,6 +59,7 @@ class RunSummary:
         self.cascaded += result.by == "proposer"
         self.cut += result.cut
         self.filled += len(result.filled)
+        self.unconfirmed += len(result.unconfirmed)
         self.truncated += result.truncated
         self.prompt_tokens += result.prompt_tokens
         self.new_tokens += result.new_tokens
@@ -82,8 +84,9 @@ class RunSummary:
         if self.cascaded:
             lines.append(f"cascade: the span proposer alone tagged {self.cascaded} of {self.tagged} records "
                          f"({self.cascaded / self.tagged:.0%}); the model generated the rest")
-        if self.filled:
-            lines.append(f"fusion: {self.filled} tags taken from the span proposer's spans (--fill, --proposer-decides)")
+        if self.filled or self.unconfirmed:
+            lines.append(f"fusion: {self.filled} tags taken from the span proposer's spans (--fill, --proposer-decides), "
+                         f"{self.unconfirmed} unsure tags of the model dropped that it did not find (--confirm-below)")
         if self.resumed:
             lines.append(f"resumed: {self.resumed} records were already done")
         if self.interrupted:

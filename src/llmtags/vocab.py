@@ -25,6 +25,7 @@ from typing import Any
 
 from rapidfuzz import fuzz, process
 
+from llmtags.atomic import write_text
 from llmtags.metrics import canonical, split_tag
 
 LAYERS = ("exact", "width_case", "simplified", "punctuation", "alias", "fuzzy", "new", "dropped")
@@ -111,11 +112,9 @@ class Vocabulary:
         return cls(_plain_entries(lines))
 
     def save(self, path: str | Path) -> None:
-        """Write JSONL, most frequent tag first (ties by tag) so diffs of re-built files stay small."""
+        """Write JSONL (atomically), most frequent tag first (ties by tag) so diffs of re-built files stay small."""
         ordered = sorted(self, key=lambda e: (-e.count, e.tag))
-        with open(path, "w", encoding="utf-8") as out:
-            for entry in ordered:
-                out.write(json.dumps(entry.to_json(), ensure_ascii=False) + "\n")
+        write_text(path, "".join(json.dumps(entry.to_json(), ensure_ascii=False) + "\n" for entry in ordered))
 
 
 def _looks_like_jsonl(line: str) -> bool:

@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..atomic import replacing
+
 ARCH = "qwen2"
 # peft/transformers module name -> llama.cpp tensor name, per decoder layer.
 QWEN2_LAYER_TENSORS = {
@@ -70,18 +72,15 @@ def lora_to_gguf(adapter_dir: str | Path, out: str | Path) -> Path:
     import gguf
 
     tensors, alpha = lora_tensors(adapter_dir)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), ARCH)
-    writer.add_type(gguf.GGUFType.ADAPTER)
-    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
-    for name in sorted(tensors):
-        writer.add_tensor(name, tensors[name])
-    _write(writer)
-    tmp.replace(out)
-    return out
+    with replacing(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), ARCH)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        for name in sorted(tensors):
+            writer.add_tensor(name, tensors[name])
+        _write(writer)
+    return Path(out)
 
 
 def _write(writer: Any) -> None:

@@ -56,11 +56,11 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
                    help=f"the proposer's feature set (default {ProposerSettings.features}; 1: the set adapters "
                    "trained before 2026-12-06 saw)")
     p.add_argument("--fill", type=float, metavar="P", help="record P as the adapter's default --fill (choose it on dev "
-                   "records: eval/fill.py); the adapter must ship a span proposer")
+                   "records: eval/fill.py; 0: none); the adapter must ship a span proposer")
     p.add_argument("--proposer-decides", metavar="ATTRS", help="record these comma-joined attributes as the ones whose "
                    "tags the adapter's span proposer decides by default (chosen on dev records: eval/fill.py)")
     p.add_argument("--confirm-below", type=float, metavar="C", help="record C as the adapter's default --confirm-below "
-                   "(chosen on dev records: eval/fill.py)")
+                   "(chosen on dev records: eval/fill.py; 0: none)")
     p.add_argument("--licence", "--license", dest="licence", help="licence of the shipped data, for the metadata")
     add_root(p)
     p.set_defaults(func=cmd_adapters_pack)
@@ -115,8 +115,8 @@ def cmd_adapters_pack(args: argparse.Namespace) -> int:
     if bool(args.demos) != bool(args.retrieve):
         raise CliError("--demos and --retrieve K go together: the pool and how many of it each prompt shows")
     for flag, share in (("--fill", args.fill), ("--confirm-below", args.confirm_below)):
-        if share is not None and not 0.0 < share <= 1.0:
-            raise CliError(f"{flag}: {share} is not in (0, 1]")
+        if share is not None and not 0.0 <= share <= 1.0:
+            raise CliError(f"{flag}: {share} is not in (0, 1] (or 0: none)")
     path = resolve_adapter(args.adapter, args.adapters_root)
     shipped = []
     proposer = None
@@ -136,15 +136,17 @@ def cmd_adapters_pack(args: argparse.Namespace) -> int:
     if fusion:
         # What is not given stays as recorded; all are checked before any is written.
         recorded = read_metadata(path).get("proposer") or {}
+        def given(share: float | None, key: str) -> float | None:
+            return recorded.get(key) if share is None else share or None  # 0: none
+
         try:
-            record_fusion(path, args.fill if args.fill is not None else recorded.get("fill"),
-                          decides or recorded.get("decides") or [],
-                          args.confirm_below if args.confirm_below is not None else recorded.get("confirm_below"))
+            record_fusion(path, given(args.fill, "fill"), decides or recorded.get("decides") or [],
+                          given(args.confirm_below, "confirm_below"))
         except AdapterError as exc:
             raise CliError(str(exc)) from exc
-        shipped += [f"--fill {args.fill} by default"] * (args.fill is not None)
+        shipped += [f"--fill {args.fill or 'none'} by default"] * (args.fill is not None)
         shipped += [f"its proposer deciding {', '.join(decides)} by default"] * bool(decides)
-        shipped += [f"--confirm-below {args.confirm_below} by default"] * (args.confirm_below is not None)
+        shipped += [f"--confirm-below {args.confirm_below or 'none'} by default"] * (args.confirm_below is not None)
     if args.candidates:
         shipped.append(f"{meta['vocabulary']['candidates']['size']} candidate tags")
     if args.demos:
