@@ -543,10 +543,49 @@ def test_confirmed_drops_only_the_unsure_tags_the_proposer_did_not_find():
     assert confirmed(answer, confidences, [], 0.5, known=False) == answer
 
 
-def test_confirm_below_drops_the_models_unsure_tags_the_proposer_did_not_find(zh_proposer):
+def generation_with_confidences(lines):
+    """A model's answer whose tags (`lines`: tag → confidence) the grounding scores as given: one token
+    per line, then a sure newline."""
     import math
 
     from llmtags.engines.base import Generation
+
+    text, logprobs, ends = "", [], []
+    for tag, p in lines.items():
+        text += tag
+        logprobs.append(math.log(p)), ends.append(len(text))
+        text += "\n"
+        logprobs.append(0.0), ends.append(len(text))
+    return Generation(text.rstrip("\n"), 5, len(logprobs) - 1, logprobs[:-1], ends[:-1], end_logprob=0.0)
+
+
+def test_eval_fill_fuses_a_saved_answer_as_generate_fuses_it(zh_proposer, monkeypatch):
+    # eval/fill.py chooses every adapter's default fusion offline, from a --no-fill run's output: it must
+    # write what generate with that fusion writes.
+    from conftest import REPO
+
+    from llmtags.tagger import PromptParts, to_result
+
+    monkeypatch.syspath_prepend(str(REPO / "eval"))
+    import fill
+
+    record = Record("r", "耐克跑步鞋 黑色 透气网面 李宁")
+    found = zh_proposer.propose(record)
+    assert len(found) >= 2, "the test needs proposals to confirm, decide and fill with"
+    # 品牌:阿迪 is shown as 0.4 in the output: at --confirm-below 0.4 both keep it.
+    answer = generation_with_confidences({found[0].tag: 0.2, "其他:透气": 0.3, "品牌:阿迪": 0.39961, "其他:网面": 0.9})
+    plain = to_result(record, answer, TaggingOptions(template="tuned", proposer=zh_proposer), proposals=found).to_json()
+    for known in (True, False):
+        parts = PromptParts(record, (), (), found, None, known)
+        for fill_p, decides, below in ((None, frozenset(), 0.4), (0.3, frozenset({"品牌"}), 0.4),
+                                       (0.9, frozenset({"产品词"}), None), (None, frozenset(), 0.5)):
+            options = TaggingOptions(template="tuned", proposer=zh_proposer, fill=fill_p, proposer_decides=decides,
+                                     confirm_below=below)
+            generated = to_result(record, answer, options, proposals=found, known=known).tags
+            assert fill.fused(plain["tags"], plain["confidence"], parts, fill_p, None, decides, below) == generated
+
+
+def test_confirm_below_drops_the_models_unsure_tags_the_proposer_did_not_find(zh_proposer):
     from llmtags.run import RunSummary
     from llmtags.tagger import to_result
 
@@ -554,13 +593,7 @@ def test_confirm_below_drops_the_models_unsure_tags_the_proposer_did_not_find(zh
     found = zh_proposer.propose(record)
     assert found, "the test needs a proposal to confirm a tag"
     lines = {found[0].tag: 0.2, "其他:透气": 0.3, "其他:网面": 0.9}  # tag: the model's confidence in it
-    text, logprobs, ends = "", [], []
-    for tag, p in lines.items():  # one token per line, then a sure newline
-        text += tag
-        logprobs.append(math.log(p)), ends.append(len(text))
-        text += "\n"
-        logprobs.append(0.0), ends.append(len(text))
-    answer = Generation(text.rstrip("\n"), 5, len(logprobs) - 1, logprobs[:-1], ends[:-1], end_logprob=0.0)
+    answer = generation_with_confidences(lines)
     options = TaggingOptions(template="tuned", proposer=zh_proposer, confirm_below=0.5)
     result = to_result(record, answer, options, proposals=found)
     # The proposer's own span stands though the model was unsure of it; the unsure tag it did not find goes.
