@@ -226,3 +226,54 @@ def test_model_params_turn_the_amx_buffers_off_only_on_amx_hosts(monkeypatch):
         monkeypatch.setattr(llamacpp, "cpu_has_amx", lambda has_amx=has_amx: has_amx)
         params = llamacpp.model_params(llama_cpp.llama_model_default_params)
         assert params.use_extra_bufts is (not has_amx)
+
+
+def test_an_embedded_base_runs_requantised_to_q8_0_once(tmp_path, tiny_gguf, tiny_engine, prompts, monkeypatch):
+    # The embedded 0.5B (Q4_K_M, mostly Q5_0) runs as Q8_0 (faster on CPU, eval/bench_weights_*.md): made
+    # once beside the source, the 2-D weights requantised; $LLMTAGS_WEIGHTS=as-is and other bases run as they are.
+    import gguf
+
+    from llmtags.engines.llamacpp import LlamaCppEngine, runtime_gguf
+    from llmtags.models import ModelError, ResolvedModel
+
+    source = tmp_path / "base.gguf"
+    source.write_bytes(tiny_gguf.read_bytes())
+    embedded = ResolvedModel("embedded", str(tmp_path), "sha256:x", gguf=source)
+    copy = runtime_gguf(embedded)
+    assert copy == tmp_path / "base-q8_0.gguf"
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(copy)).tensors}
+    assert types["blk.0.ffn_up.weight"] == types["blk.1.attn_q.weight"] == "Q8_0"
+    assert {t.tensor_type.name for t in gguf.GGUFReader(str(source)).tensors} == {"F32"}
+    made = copy.stat().st_mtime_ns
+    assert runtime_gguf(embedded, "q8_0") == copy and copy.stat().st_mtime_ns == made  # not made again
+
+    assert runtime_gguf(embedded, "as-is") == source
+    monkeypatch.setenv("LLMTAGS_WEIGHTS", "as-is")
+    assert runtime_gguf(embedded) == source
+    monkeypatch.setenv("LLMTAGS_WEIGHTS", "q4")
+    with pytest.raises(ModelError, match="LLMTAGS_WEIGHTS"):
+        runtime_gguf(embedded)
+    for other in (str(source), "embedded-1.5b"):  # a named GGUF, and the 1.5B (Q4_K: no faster as Q8_0)
+        assert runtime_gguf(ResolvedModel(other, str(tmp_path), "sha256:x", gguf=source), "q8_0") == source
+
+    # The copy is the same model to within 8-bit rounding: the first tokens of every prompt agree with the
+    # float32 weights', and so do their log-probabilities, closely.
+    exact = LlamaCppEngine(source, tiny_engine.tokenizer, n_ctx=2048).generate(prompts, max_new_tokens=3)
+    rounded = LlamaCppEngine(copy, tiny_engine.tokenizer, n_ctx=2048).generate(prompts, max_new_tokens=3)
+    assert [g.text for g in rounded] == [g.text for g in exact]
+    for e, r in zip(exact, rounded):
+        assert r.token_logprobs == pytest.approx(e.token_logprobs, abs=0.05)
+
+
+def test_generations_of_the_requantised_base_are_cached_apart(tmp_path, monkeypatch):
+    # A cached answer of the shipped Q4_K_M file must not stand in for the Q8_0 copy's, nor the other way.
+    from llmtags.evaluate import cached_engine
+    from llmtags.models import EMBEDDED
+
+    shipped = f"sha256:{EMBEDDED['embedded'].sha256}+llama.cpp"
+    identities = {}
+    for weights in ("as-is", "q8_0"):
+        monkeypatch.setenv("LLMTAGS_WEIGHTS", weights)
+        identities[weights] = cached_engine("embedded", engine="llama.cpp", cache_path=tmp_path / "c.sqlite").model_identity
+    assert identities == {"as-is": shipped, "q8_0": f"{shipped}+q8_0"}
+    assert cached_engine("embedded", engine="transformers", cache_path=tmp_path / "c.sqlite").model_identity == shipped[:-10]

@@ -23,6 +23,7 @@ from .adapters.registry import check_compatible
 from .adapters.routing import load_adapter_set
 from .candidates import candidate_finder, candidate_recall
 from .engines.cache import CachedEngine, GenerationCache
+from .engines.llamacpp import run_as
 from .engines.select import load_engine, pick_engine
 from .metrics import bootstrap_prf_counts, paired_bootstrap
 from .models import (
@@ -142,8 +143,12 @@ def plan_engine(plan: RunPlan, templates: Sequence[PromptTemplate] = (), cache_p
                 warnings.filterwarnings("ignore", message="adapter used despite a mismatch")
                 return load_adapter_set(plan).engine(adapter.name)
     cache = GenerationCache(cache_path or cache_root() / "generations.sqlite")
-    return CachedEngine(tokenizer, load, cache, identity if chosen == "transformers" else f"{identity}+{chosen}",
-                        adapter=adapter.cache_key if adapter is not None else None)
+    # llama.cpp's generations are kept apart from transformers', and those of a requantised base apart
+    # from the shipped file's (`engines.llamacpp.run_as`).
+    engine_identity = identity
+    if chosen == "llama.cpp":
+        engine_identity += "+llama.cpp" + ("" if run_as(spec) == "as-is" else f"+{run_as(spec)}")
+    return CachedEngine(tokenizer, load, cache, engine_identity, adapter=adapter.cache_key if adapter is not None else None)
 
 
 def run_generation(

@@ -140,6 +140,12 @@ class Settings:
         return bool(self.adapter or self.adapter_map)
 
 
+def is_share(value: float) -> bool:
+    """Whether `value` is a threshold the fusion and the cascade accept (`--cascade`, `--fill`,
+    `--confirm-below` and their recorded adapter defaults): in (0, 1]."""
+    return 0.0 < value <= 1.0
+
+
 def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = (),
                     calibration: Mapping[str, Any] | None = None) -> TaggingOptions:
     """The `TaggingOptions` of `settings`: templates, demonstrations and vocabularies loaded. `templates`:
@@ -176,7 +182,7 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
                                  ("--proposer-decides", decides or None, "")):
         if value is None:
             continue
-        if not isinstance(value, frozenset) and not 0.0 < value <= 1.0:
+        if not isinstance(value, frozenset) and not is_share(value):
             raise OptionsError(f"{flag}: {value} is not in (0, 1]: it is {meaning}")
         if settings.constrain == "closed":
             raise OptionsError(f"{flag} and --constrain closed do not go together: the proposer's spans are not "

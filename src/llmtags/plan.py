@@ -25,7 +25,7 @@ from .adapters.registry import METADATA_FILE, AdapterError, read_metadata, resol
 from .candidates import candidate_finder, candidate_sources
 from .models import base_model_spec, cache_root, sha256_file
 from .options import (OptionsError, Settings, TaggingOptions, check_budget, check_decided, check_shows_demos,
-                      decided_attributes, normaliser_for, tagging_options)
+                      decided_attributes, is_share, normaliser_for, tagging_options)
 from .prompts import PromptTemplate, template_choice
 from .proposer import FEATURE_VERSIONS, ProposerSettings, SpanProposer, features_path, sample_proposer
 from .records import load_labelled
@@ -244,7 +244,7 @@ def _fusion_with_a_proposer_only(options: TaggingOptions) -> TaggingOptions:
 def _recorded_share(adapter: ResolvedAdapter, key: str) -> float | None:
     """The adapter's recorded `proposer.KEY` (a threshold in (0, 1]), or None."""
     value = adapter.field(f"proposer.{key}", float)
-    if value is not None and not 0.0 < value <= 1.0:
+    if value is not None and not is_share(value):
         raise OptionsError(f"adapter {adapter.name}: llmtags.json proposer.{key} is {value}, not in (0, 1]")
     return value
 

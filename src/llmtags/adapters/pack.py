@@ -22,7 +22,7 @@ from typing import Any
 from ..atomic import copy_file, write_text
 from ..candidates import candidate_sources, load_candidate_vocabulary
 from ..models import sha256_file
-from ..options import OptionsError, check_decided
+from ..options import OptionsError, check_decided, is_share
 from ..proposer import SpanProposer, features_path
 from ..records import load_labelled
 from .registry import AdapterError, read_metadata, write_metadata
@@ -105,7 +105,7 @@ def record_fusion(adapter_dir: str | Path, fill: float | None, decides: Sequence
         raise AdapterError(f"{adapter_dir} ships no span proposer to fill from or decide with; pack one with "
                            "--proposer LABELLED")
     for flag, share in (("--fill", fill), ("--confirm-below", confirm_below)):
-        if share is not None and not 0.0 < share <= 1.0:
+        if share is not None and not is_share(share):
             raise AdapterError(f"{flag}: {share} is not in (0, 1]")
     if decides:
         try:

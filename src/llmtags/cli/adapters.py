@@ -19,7 +19,7 @@ from ..adapters.registry import (
     show_adapter,
 )
 from ..candidates import candidate_sources
-from ..options import decided_attributes
+from ..options import decided_attributes, is_share
 from ..proposer import CrossFitted, ProposerSettings
 from ..records import load_labelled
 from .common import CliError, add_root
@@ -115,7 +115,7 @@ def cmd_adapters_pack(args: argparse.Namespace) -> int:
     if bool(args.demos) != bool(args.retrieve):
         raise CliError("--demos and --retrieve K go together: the pool and how many of it each prompt shows")
     for flag, share in (("--fill", args.fill), ("--confirm-below", args.confirm_below)):
-        if share is not None and not 0.0 <= share <= 1.0:
+        if share is not None and share != 0 and not is_share(share):
             raise CliError(f"{flag}: {share} is not in (0, 1] (or 0: none)")
     path = resolve_adapter(args.adapter, args.adapters_root)
     shipped = []
