@@ -10,7 +10,8 @@ Engines (each in its own child process, so peak memory and load time are its own
              prompt prefix evaluated once, stop at the end of the list or a repeated line);
 - llmtags-transformers: the same with `--engine transformers` (length-sorted batches of 8);
 - llama.cpp: llama-cpp-python's own high-level API (built from PyPI's source distribution), one
-             product at a time, on the same Q4_K_M GGUF with the adapter as a GGUF LoRA (converted
+             product at a time, on the same GGUF llmtags runs (`engines.llamacpp.runtime_gguf`: the
+             embedded Q4_K_M requantised to Q8_0 since 2026-12-06) with the adapter as a GGUF LoRA (converted
              by llama.cpp's convert_lora_to_gguf.py when $LLAMA_CPP_CONVERT_LORA names it, else by
              llmtags' converter);
 - vllm:      vLLM with multi-LoRA; GPU only, skipped with the reason where absent.
@@ -126,14 +127,14 @@ def run_llama_cpp(prompts: list[str], adapter_dir: Path) -> tuple[list[str], lis
     import llama_cpp.llama_cpp as low_level
     from llama_cpp import Llama
 
-    from llmtags.engines.llamacpp import model_params
-    from llmtags.models import resolve_base_model
+    from llmtags.engines.llamacpp import model_params, runtime_gguf
+    from llmtags.models import resolve_gguf_base
 
     # Llama() takes no switch for the AMX buffers that crash on AMX hosts: give it llmtags' safe defaults.
     default_params = low_level.llama_model_default_params
     low_level.llama_model_default_params = lambda: model_params(default_params)
 
-    llm = Llama(model_path=str(resolve_base_model("embedded").gguf), lora_path=str(gguf_lora(adapter_dir)),
+    llm = Llama(model_path=str(runtime_gguf(resolve_gguf_base("embedded"))), lora_path=str(gguf_lora(adapter_dir)),
                 n_ctx=1024, n_threads=os.cpu_count(), n_batch=512, verbose=False)
     texts, counts, first = [], [], 0.0
     for prompt in prompts:

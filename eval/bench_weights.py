@@ -5,28 +5,39 @@
     .venv/bin/python eval/bench_weights.py --set zh-taobao-ner --adapter none --limit 40 \
         --option base_model=embedded-1.5b --option template=zh --out eval/bench_weights_zh_taobao_ner_1_5b
 
-Each round is one fresh `llmtags generate --adapter ADAPTER` run per weights choice ($LLMTAGS_WEIGHTS), with
+Each round is one fresh `llmtags generate --adapter ADAPTER --engine llama.cpp --weights W` run per choice, with
 the adapter's defaults (`--adapter none`: the base model alone), over the first --limit records of the set's
 test split, one after the other in this process (nothing else should run on the machine). The order turns
 round by round, because this machine's speed drifts by 10-20% over minutes: a single pair of runs can
 show any speed-up from 1.0 to 1.4. Reported: each run's products/s (model loading excluded), the speed-up
 as the median of the rounds' ratios, strict F1 with its 95% interval, the change in F1 by paired
 bootstrap, and the share of records tagged exactly alike (from the first round; greedy decoding tags the
-same in every round). Writes eval/bench_weights_SET.json and .md.
+same in every round: checked, `same_across_rounds`). A base llmtags runs as shipped whatever --weights says
+(the 1.5B) is measured requantised all the same, by naming its Q8_0 copy as the base. Writes
+eval/bench_weights_SET.json and .md.
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 from pathlib import Path
 from typing import Any
 
 from common import REPO, generated, meta_lines, run_meta, run_parser, run_settings, split_paths, write_result
 
-from llmtags.engines.llamacpp import WEIGHTS
+from llmtags.engines.llamacpp import WEIGHTS, requantised_q8_0, run_as
+from llmtags.models import resolve_gguf_base
 from llmtags.metrics import bootstrap_ci, paired_bootstrap, score
 from llmtags.records import load_labelled
+
+
+def settings_for(args: Any, weights: str) -> dict[str, Any]:
+    """The `generate` settings of one choice: llama.cpp always (transformers has no weights to choose)."""
+    settings = {**run_settings(args), "engine": "llama.cpp", "weights": weights}
+    spec = settings.get("base_model")
+    if weights == "q8_0" and run_as(spec, weights) == "as-is":
+        settings["base_model"] = str(requantised_q8_0(resolve_gguf_base(spec).gguf))  # measured as a named file
+    return settings
 
 
 def run(args: Any) -> dict[str, Any]:
@@ -38,17 +49,22 @@ def run(args: Any) -> dict[str, Any]:
     adapter = None if args.adapter == "none" else args.adapter
     work = args.work or REPO.parent / "runs" / "bench_weights" / args.set
     choices = args.weights.split(",")
+    if len(set(choices)) != len(choices) or not set(choices) <= set(WEIGHTS):
+        raise SystemExit(f"--weights {args.weights}: each of {', '.join(WEIGHTS)} at most once")
     rates: dict[str, list[float]] = {w: [] for w in choices}
     answers: dict[str, list[list[str]]] = {}
+    same_across_rounds = True
     for round_ in range(args.rounds):
         for weights in choices if round_ % 2 == 0 else choices[::-1]:
             out = work / f"{args.split}-{weights}.jsonl"
             for stale in (out, out.with_suffix(".rate.json"), Path(f"{out}.settings.json")):
                 stale.unlink(missing_ok=True)  # a fresh run each time: its rate is the measurement
-            os.environ["LLMTAGS_WEIGHTS"] = weights
-            found, rate = generated(paths[0], out, adapter, run_settings(args), args.limit)
+            found, rate = generated(paths[0], out, adapter, settings_for(args, weights), args.limit)
+            if rate is None:
+                raise SystemExit(f"{out}: the run left no products/s")
             rates[weights].append(rate)
-            answers.setdefault(weights, [found.get(r.id, ([], []))[0] for r in records])
+            tags = [found.get(r.id, ([], []))[0] for r in records]
+            same_across_rounds &= answers.setdefault(weights, tags) == tags
     first = choices[0]
     rows = []
     for weights in choices:
@@ -61,7 +77,7 @@ def run(args: Any) -> dict[str, Any]:
             row["speedup"] = statistics.median(b / a for a, b in zip(rates[first], rates[weights]))
         rows.append(row)
     return {**run_meta(), "set": args.set, "split": args.split, "records": len(records), "adapter": args.adapter,
-            "settings": run_settings(args), "rounds": args.rounds, "rows": rows}
+            "settings": run_settings(args), "rounds": args.rounds, "same_across_rounds": same_across_rounds, "rows": rows}
 
 
 def markdown(result: dict[str, Any]) -> str:

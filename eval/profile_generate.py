@@ -98,7 +98,7 @@ def main() -> None:
     seconds = dict(sorted(seconds.items(), key=lambda item: -item[1]))
     steps = {"decode calls": timed.calls, "tokens evaluated": timed.tokens}
     new_tokens = sum(g.new_tokens for g in generations)
-    weights_gb = engine.resolved.gguf.stat().st_size / 1e9
+    weights_gb = engine.gguf_path.stat().st_size / 1e9  # the file it runs (Q8_0 by default: --weights)
     bandwidth = copy_bandwidth_gb_s()
     result = {
         "products": len(prompts), "seconds": total, "products_per_s": len(prompts) / total,
@@ -117,7 +117,7 @@ def main() -> None:
     lines += ["", "Memory bandwidth bound:", "",
               f"- {steps['decode calls']} llama_decode calls evaluated {steps['tokens evaluated']} tokens "
               f"(prompts and new tokens): {steps['tokens evaluated'] / steps['decode calls']:.1f} tokens per call.",
-              f"- Each call reads the weights once: {weights_gb:.2f} GB (the Q4_K_M file). That is "
+              f"- Each call reads the weights once: {weights_gb:.2f} GB ({engine.gguf_path.name}). That is "
               f"{result['weight_reads_gb_s']:.1f} GB/s of weight reads over the {decode_s:.1f} s spent in llama_decode.",
               f"- Measured copy bandwidth: {bandwidth:.1f} GB/s (numpy copy, read + write). Weight reads use "
               f"{result['weight_reads_gb_s'] / bandwidth:.0%} of it: decoding here is bound by arithmetic "

@@ -228,52 +228,78 @@ def test_model_params_turn_the_amx_buffers_off_only_on_amx_hosts(monkeypatch):
         assert params.use_extra_bufts is (not has_amx)
 
 
-def test_an_embedded_base_runs_requantised_to_q8_0_once(tmp_path, tiny_gguf, tiny_engine, prompts, monkeypatch):
-    # The embedded 0.5B (Q4_K_M, mostly Q5_0) runs as Q8_0 (faster on CPU, eval/bench_weights_*.md): made
-    # once beside the source, the 2-D weights requantised; $LLMTAGS_WEIGHTS=as-is and other bases run as they are.
-    import gguf
+def test_the_embedded_base_runs_requantised_to_q8_0_once(tmp_path, tiny_gguf, tiny_engine, prompts, monkeypatch):
+    # The embedded 0.5B (Q4_K_M, mostly Q5_0) runs as Q8_0 (faster on CPU, eval/bench_weights_*.md): made once
+    # beside the source, its quantised tensors requantised; `--weights as-is` and other bases run as they are.
+    import ctypes
 
-    from llmtags.engines.llamacpp import LlamaCppEngine, runtime_gguf
+    import gguf
+    import llama_cpp
+
+    from llmtags.engines import llamacpp
+    from llmtags.engines.llamacpp import LlamaCppEngine, requantised_q8_0, run_as, runtime_gguf
     from llmtags.models import ModelError, ResolvedModel
 
+    # A quantised source, as the shipped file is (Q5_0 from the float32 tiny model), so that requantising
+    # an already quantised file is what is exercised.
     source = tmp_path / "base.gguf"
-    source.write_bytes(tiny_gguf.read_bytes())
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0, 1
+    assert llama_cpp.llama_model_quantize(str(tiny_gguf).encode(), str(source).encode(), ctypes.byref(params)) == 0
+    assert gguf.GGUFReader(str(source)).tensors[3].tensor_type.name in {"Q5_0", "F32"}
     embedded = ResolvedModel("embedded", str(tmp_path), "sha256:x", gguf=source)
     copy = runtime_gguf(embedded)
     assert copy == tmp_path / "base-q8_0.gguf"
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(copy)).tensors}
     assert types["blk.0.ffn_up.weight"] == types["blk.1.attn_q.weight"] == "Q8_0"
-    assert {t.tensor_type.name for t in gguf.GGUFReader(str(source)).tensors} == {"F32"}
+    assert {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(source)).tensors}["blk.0.ffn_up.weight"] == "Q5_0"
     made = copy.stat().st_mtime_ns
     assert runtime_gguf(embedded, "q8_0") == copy and copy.stat().st_mtime_ns == made  # not made again
 
     assert runtime_gguf(embedded, "as-is") == source
-    monkeypatch.setenv("LLMTAGS_WEIGHTS", "as-is")
-    assert runtime_gguf(embedded) == source
-    monkeypatch.setenv("LLMTAGS_WEIGHTS", "q4")
-    with pytest.raises(ModelError, match="LLMTAGS_WEIGHTS"):
-        runtime_gguf(embedded)
+    with pytest.raises(ModelError, match="--weights q4"):
+        run_as("embedded", "q4")
     for other in (str(source), "embedded-1.5b"):  # a named GGUF, and the 1.5B (Q4_K: no faster as Q8_0)
+        assert run_as(other) == "as-is"
         assert runtime_gguf(ResolvedModel(other, str(tmp_path), "sha256:x", gguf=source), "q8_0") == source
 
-    # The copy is the same model to within 8-bit rounding: the first tokens of every prompt agree with the
-    # float32 weights', and so do their log-probabilities, closely.
-    exact = LlamaCppEngine(source, tiny_engine.tokenizer, n_ctx=2048).generate(prompts, max_new_tokens=3)
-    rounded = LlamaCppEngine(copy, tiny_engine.tokenizer, n_ctx=2048).generate(prompts, max_new_tokens=3)
+    # LlamaCppEngine.load runs the file run_as names.
+    monkeypatch.setattr(llamacpp, "resolve_gguf_base", lambda spec=None: ResolvedModel(spec or "embedded", str(tmp_path), "sha256:x", gguf=source))
+    monkeypatch.setattr(llamacpp, "load_tokenizer", lambda resolved: tiny_engine.tokenizer)
+    assert LlamaCppEngine.load("embedded").gguf_path == copy
+    assert LlamaCppEngine.load("embedded", "as-is").gguf_path == source
+
+    # The copy is the same model to within 8-bit rounding: the first token of every prompt agrees with the
+    # source's, at nearly its log-probability (this random model's later tokens are near ties).
+    exact = LlamaCppEngine(source, tiny_engine.tokenizer, n_ctx=2048).generate(prompts, max_new_tokens=1)
+    rounded = LlamaCppEngine(copy, tiny_engine.tokenizer, n_ctx=2048).generate(prompts, max_new_tokens=1)
     assert [g.text for g in rounded] == [g.text for g in exact]
     for e, r in zip(exact, rounded):
         assert r.token_logprobs == pytest.approx(e.token_logprobs, abs=0.05)
 
+    # A failed requantisation is a clear error and leaves no copy behind.
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", lambda *args: 1)
+    other = tmp_path / "other.gguf"
+    other.write_bytes(source.read_bytes())
+    with pytest.raises(ModelError, match="could not requantise"):
+        requantised_q8_0(other)
+    assert sorted(p.name for p in tmp_path.iterdir() if "other" in p.name) == [".other-q8_0.gguf.lock", "other.gguf"]
 
-def test_generations_of_the_requantised_base_are_cached_apart(tmp_path, monkeypatch):
+
+def test_generations_of_the_requantised_base_are_cached_apart(tmp_path):
     # A cached answer of the shipped Q4_K_M file must not stand in for the Q8_0 copy's, nor the other way.
-    from llmtags.evaluate import cached_engine
+    from llmtags.evaluate import plan_engine
     from llmtags.models import EMBEDDED
+    from llmtags.options import Settings
+    from llmtags.plan import RunPlan
 
-    shipped = f"sha256:{EMBEDDED['embedded'].sha256}+llama.cpp"
-    identities = {}
-    for weights in ("as-is", "q8_0"):
-        monkeypatch.setenv("LLMTAGS_WEIGHTS", weights)
-        identities[weights] = cached_engine("embedded", engine="llama.cpp", cache_path=tmp_path / "c.sqlite").model_identity
-    assert identities == {"as-is": shipped, "q8_0": f"{shipped}+q8_0"}
-    assert cached_engine("embedded", engine="transformers", cache_path=tmp_path / "c.sqlite").model_identity == shipped[:-10]
+    def identity(**settings):
+        plan = RunPlan(Settings(**settings), TaggingOptions())
+        return plan_engine(plan, cache_path=tmp_path / "c.sqlite").model_identity
+
+    shipped = f"sha256:{EMBEDDED['embedded'].sha256}"
+    assert identity(engine="llama.cpp") == identity(engine="llama.cpp", weights="q8_0") == f"{shipped}+llama.cpp+q8_0"
+    assert identity(engine="llama.cpp", weights="as-is") == f"{shipped}+llama.cpp"
+    assert identity(engine="transformers") == identity(engine="transformers", weights="as-is") == shipped
+    big = f"sha256:{EMBEDDED['embedded-1.5b'].sha256}+llama.cpp"
+    assert identity(engine="llama.cpp", base_model="embedded-1.5b") == big  # runs as shipped

@@ -132,7 +132,7 @@ def plan_engine(plan: RunPlan, templates: Sequence[PromptTemplate] = (), cache_p
     tokenizer = load_tokenizer_only(spec)
     if adapter is None:
         def load() -> Any:
-            return load_engine(chosen, spec, device=settings.device, dtype=settings.dtype)
+            return load_engine(chosen, spec, device=settings.device, dtype=settings.dtype, weights=settings.weights)
     else:
         base = ResolvedModel(spec, spec, identity)  # the identity is what the check compares; nothing is loaded
         for template in templates or [plan.options.template]:
@@ -147,7 +147,8 @@ def plan_engine(plan: RunPlan, templates: Sequence[PromptTemplate] = (), cache_p
     # from the shipped file's (`engines.llamacpp.run_as`).
     engine_identity = identity
     if chosen == "llama.cpp":
-        engine_identity += "+llama.cpp" + ("" if run_as(spec) == "as-is" else f"+{run_as(spec)}")
+        weights = run_as(spec, settings.weights)
+        engine_identity += "+llama.cpp" + ("" if weights == "as-is" else f"+{weights}")
     return CachedEngine(tokenizer, load, cache, engine_identity, adapter=adapter.cache_key if adapter is not None else None)
 
 

@@ -88,6 +88,7 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     engine: str = "auto"
+    weights: str = "q8_0"  # how llama.cpp runs the embedded 0.5B: requantised to "q8_0" (faster) or "as-is"
     # the prompt
     template: str = "auto"
     demos: str | None = None  # a labelled file of demonstrations

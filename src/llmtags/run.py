@@ -242,8 +242,9 @@ def _valid_records(source: str, fmt: str | None, fields: Fields, stats: ReadStat
         yield item
 
 
-# Settings that change how fast or where a run goes, not which tags it writes: a resumed run may differ here.
-RUN_ONLY_SETTINGS = ("device", "dtype", "engine", "batch_size", "chunk_size")
+# Settings that change how fast or where a run goes, not which tags it writes: a resumed run may differ here
+# (the engine, dtype and weights change a few tags within the noise of arithmetic: eval/bench_weights_*.md).
+RUN_ONLY_SETTINGS = ("device", "dtype", "engine", "weights", "batch_size", "chunk_size")
 
 
 def run_settings(plan: RunPlan, fields: Fields = Fields(), fmt: str | None = None) -> dict[str, Any]:
@@ -263,7 +264,8 @@ def make_tagger(plan: RunPlan) -> Tagger:
     if plan.settings.wants_adapters:
         return adapter_tagger(plan)
     settings = plan.settings
-    engine = load_engine(settings.engine, plan.base_model, device=settings.device, dtype=settings.dtype)
+    engine = load_engine(settings.engine, plan.base_model, device=settings.device, dtype=settings.dtype,
+                         weights=settings.weights)
     return lambda records, on_batch: tag_chunks(records, engine, plan.options, plan.normaliser, on_batch)
 
 

@@ -91,7 +91,7 @@ def load_adapter_set(plan: RunPlan) -> BaseAdapterSet:
     records are prompted with."""
     settings, base = plan.settings, plan.base_model
     if pick_engine(settings.engine, base, settings.device, settings.dtype) == "llama.cpp":
-        adapter_set: BaseAdapterSet = LlamaCppAdapterSet.load(base)
+        adapter_set: BaseAdapterSet = LlamaCppAdapterSet.load(base, weights=settings.weights)
     else:
         adapter_set = AdapterSet.load(base, device=settings.device, dtype=settings.dtype)
     for name, adapter in plan.adapters.items():

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..engines.llamacpp import WEIGHTS
 from ..engines.select import ENGINE_CHOICES
 from ..options import Settings
 from ..records import Fields
@@ -81,6 +82,9 @@ def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default=DEFAULTS.engine, choices=ENGINE_CHOICES,
                    help="auto (default): llama.cpp for a GGUF base on CPU when llama-cpp-python is installed "
                    "(pip install 'llmtags[llamacpp]'), else transformers")
+    p.add_argument("--weights", default=DEFAULTS.weights, choices=WEIGHTS,
+                   help="llama.cpp: run the embedded 0.5B requantised once to q8_0 (default: faster on CPU, the "
+                   "same F1) or as-is (its shipped Q4_K_M); other bases run as they are")
 
 
 def add_prompt(p: argparse.ArgumentParser, template: bool = True) -> None:

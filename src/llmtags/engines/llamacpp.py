@@ -11,9 +11,9 @@ repeated line; the same `constrain/` rows mask the logits. What differs is how t
   are evaluated once per call and copied into each sequence's KV cache.
 - Adapters: peft LoRA adapters are converted once to GGUF LoRAs (`gguf_export.py`, cached by the
   adapter's hash) and switched per call without reloading the base.
-- Weights: the embedded 0.5B runs requantised to Q8_0 (`runtime_gguf`), made once and cached: faster on
-  CPU at the same answers' quality. Other bases, a .gguf file named by `--base-model` among them, run as
-  they are.
+- Weights (`--weights`): the embedded 0.5B runs requantised to Q8_0 (`runtime_gguf`), made once and
+  cached: faster on CPU at the same answers' quality. Other bases, a .gguf file named by `--base-model`
+  among them, run as they are.
 
 Tokenisation and decoding use the transformers tokenizer, so prompts, token offsets and constraints
 are the same as on the transformers engine.
@@ -40,6 +40,7 @@ from ..constrain.tokens import token_table
 from ..models import (
     ModelError,
     ResolvedModel,
+    base_model_spec,
     cache_root,
     cpu_flags,
     load_tokenizer,
@@ -59,14 +60,14 @@ PREFIX_MIN_TOKENS = 8  # below this, copying a prefix saves less than it costs
 
 # How an embedded base's weights are run. The embedded GGUFs are Q4_K_M files; in the 0.5B most tensors are
 # Q5_0 (its 896-wide rows rule out K-quants), which llama.cpp multiplies slowly on x86. Requantised to
-# Q8_0, every weight is re-rounded to 8 bits from the 4 to 6 bits it has, so the model the adapters were
-# trained on barely changes, and it tags 1.28x faster on 2 AVX2 cores at the same F1
+# Q8_0, every weight of 4 to 6 bits is re-rounded to 8 (13 tensors are Q8_0 already), so the model the
+# adapters were trained on barely changes, and it tags 1.28x faster on 2 AVX2 cores at the same F1
 # (eval/bench_weights_zh_taobao_ner.md). The 1.5B's tensors are Q4_K, which llama.cpp already multiplies
 # fast: as Q8_0 it ran 0.98x (eval/bench_weights_zh_taobao_ner_1_5b.md), so it runs as shipped.
-# "as-is" ($LLMTAGS_WEIGHTS=as-is) runs the shipped file.
+# `--weights as-is` runs the shipped file.
 WEIGHTS = ("q8_0", "as-is")
 DEFAULT_WEIGHTS = "q8_0"
-REQUANTISED = ("embedded",)  # the embedded bases "q8_0" requantises
+REQUANTISED = ("embedded",)  # the embedded bases `--weights q8_0` requantises
 
 
 def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -99,46 +100,56 @@ def available_threads() -> int:
         return os.cpu_count() or 1
 
 
-def runtime_gguf(resolved: ResolvedModel, weights: str | None = None) -> Path:
-    """The GGUF llama.cpp loads for `resolved`: an embedded base requantised as `weights` (else
-    $LLMTAGS_WEIGHTS, else `DEFAULT_WEIGHTS`) says, made once and cached beside it (a few seconds);
-    anything else as it is."""
+def runtime_gguf(resolved: ResolvedModel, weights: str = DEFAULT_WEIGHTS) -> Path:
+    """The GGUF llama.cpp loads for `resolved`, as `run_as` says: the embedded 0.5B requantised to Q8_0,
+    made once and cached beside it (a few seconds), or the file as it is."""
     assert resolved.gguf is not None, "resolve_gguf_base gives the GGUF"
     if run_as(resolved.spec, weights) == "as-is":
         return resolved.gguf
     return requantised_q8_0(resolved.gguf)
 
 
-def run_as(spec: str, weights: str | None = None) -> str:
-    """How llama.cpp runs base `spec`'s weights (one of `WEIGHTS`): `weights`, else $LLMTAGS_WEIGHTS, else
-    `DEFAULT_WEIGHTS` for the embedded bases it pays for (`REQUANTISED`); any other base, a GGUF file the
-    user names among them, as it is."""
-    weights = weights or os.environ.get("LLMTAGS_WEIGHTS") or DEFAULT_WEIGHTS
+def run_as(spec: str | None, weights: str = DEFAULT_WEIGHTS) -> str:
+    """How llama.cpp runs base `spec`'s weights (`--weights`, one of `WEIGHTS`): as `weights` says for the
+    embedded bases requantising pays for (`REQUANTISED`); any other base, a GGUF file the user names among
+    them, as it is."""
     if weights not in WEIGHTS:
-        raise ModelError(f"llama.cpp weights {weights!r} ($LLMTAGS_WEIGHTS): use one of {', '.join(WEIGHTS)}")
-    return weights if spec in REQUANTISED else "as-is"
+        raise ModelError(f"--weights {weights}: use one of {', '.join(WEIGHTS)}")
+    return weights if base_model_spec(spec) in REQUANTISED else "as-is"
 
 
 def requantised_q8_0(gguf: Path) -> Path:
     """`gguf` with its quantised tensors requantised to Q8_0, written once beside it (the source file's
     name, hence its hash for an embedded model, names the copy)."""
     import ctypes
-
-    import llama_cpp
+    import fcntl
 
     target = gguf.with_name(f"{gguf.stem}-q8_0.gguf")
     if target.is_file():
         return target
-    print(f"llmtags: requantising {gguf.name} to Q8_0 for llama.cpp, once (faster on CPU)", file=sys.stderr)
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # a line per tensor otherwise
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-    params.allow_requantize = True  # the source is quantised already: that is the point
-    params.nthread = available_threads()
-    with replacing(target) as tmp:
-        failed = llama_cpp.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), ctypes.byref(params))
-        if failed:
-            raise ModelError(f"llama.cpp could not requantise {gguf} to Q8_0 (error {failed})")
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ModelError("--engine llama.cpp needs llama-cpp-python: pip install 'llmtags[llamacpp]'") from exc
+    try:
+        # Ray workers start together: one makes the copy, the others wait for it and load that one file.
+        with open(target.with_name(f".{target.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if target.is_file():
+                return target
+            print(f"llmtags: requantising {gguf.name} to Q8_0 for llama.cpp, once (faster on CPU)", file=sys.stderr)
+            logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # a line per tensor otherwise
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+            params.allow_requantize = True  # the source is quantised already: that is the point
+            params.nthread = available_threads()
+            with replacing(target) as tmp:
+                failed = llama_cpp.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), ctypes.byref(params))
+                if failed:
+                    raise ModelError(f"llama.cpp could not requantise {gguf} to Q8_0 (error {failed}); "
+                                     "--weights as-is runs it as shipped")
+    except OSError as exc:
+        raise ModelError(f"cannot write the Q8_0 copy of {gguf} ({exc}); --weights as-is runs it as shipped") from exc
     return target
 
 
@@ -189,6 +200,7 @@ class LlamaCppEngine(PromptEncoder):
             raise ModelError("--engine llama.cpp needs llama-cpp-python: pip install 'llmtags[llamacpp]'") from exc
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its load log is pages long
         self._llama = llama_cpp
+        self.gguf_path = Path(gguf_path)  # the file it runs (`resolved.gguf` is the one it stands for)
         self.tokenizer = tokenizer
         self.resolved = resolved
         self.max_sequences = max_sequences
@@ -214,8 +226,8 @@ class LlamaCppEngine(PromptEncoder):
         self._active: str | None = None
 
     @classmethod
-    def load(cls, base_model: str | None = None, weights: str | None = None, **kwargs: Any) -> LlamaCppEngine:
-        """The engine over `base_model` (`resolve_gguf_base`), its weights run as `weights` says (`runtime_gguf`)."""
+    def load(cls, base_model: str | None = None, weights: str = DEFAULT_WEIGHTS, **kwargs: Any) -> LlamaCppEngine:
+        """The engine over `base_model` (`resolve_gguf_base`), its weights run as `weights` says (`run_as`)."""
         resolved = resolve_gguf_base(base_model)
         return cls(runtime_gguf(resolved, weights), load_tokenizer(resolved), resolved, **kwargs)
 

@@ -6,7 +6,7 @@ import importlib.util
 from typing import Any
 
 from ..models import EMBEDDED, ModelError, base_model_spec, pick_device
-from .llamacpp import LlamaCppEngine
+from .llamacpp import DEFAULT_WEIGHTS, LlamaCppEngine
 from .transformers import TransformersEngine
 
 ENGINE_CHOICES = ("auto", "transformers", "llama.cpp")
@@ -32,8 +32,9 @@ def pick_engine(choice: str = "auto", base_model: str | None = None, device: str
     return "transformers"
 
 
-def load_engine(choice: str = "auto", base_model: str | None = None, device: str = "auto", dtype: str = "auto") -> Any:
-    """The generation engine `--engine choice` names, loaded."""
+def load_engine(choice: str = "auto", base_model: str | None = None, device: str = "auto", dtype: str = "auto",
+                weights: str = DEFAULT_WEIGHTS) -> Any:
+    """The generation engine `--engine choice` names, loaded (`weights`: how llama.cpp runs the base)."""
     if pick_engine(choice, base_model, device, dtype) == "llama.cpp":
-        return LlamaCppEngine.load(base_model)
+        return LlamaCppEngine.load(base_model, weights)
     return TransformersEngine.load(base_model, device=device, dtype=dtype)
