@@ -246,7 +246,6 @@ def test_the_embedded_base_runs_requantised_to_q8_0_once(tmp_path, tiny_gguf, ti
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0, 1
     assert llama_cpp.llama_model_quantize(str(tiny_gguf).encode(), str(source).encode(), ctypes.byref(params)) == 0
-    assert gguf.GGUFReader(str(source)).tensors[3].tensor_type.name in {"Q5_0", "F32"}
     embedded = ResolvedModel("embedded", str(tmp_path), "sha256:x", gguf=source)
     copy = runtime_gguf(embedded)
     assert copy == tmp_path / "base-q8_0.gguf"
@@ -266,8 +265,8 @@ def test_the_embedded_base_runs_requantised_to_q8_0_once(tmp_path, tiny_gguf, ti
     # LlamaCppEngine.load runs the file run_as names.
     monkeypatch.setattr(llamacpp, "resolve_gguf_base", lambda spec=None: ResolvedModel(spec or "embedded", str(tmp_path), "sha256:x", gguf=source))
     monkeypatch.setattr(llamacpp, "load_tokenizer", lambda resolved: tiny_engine.tokenizer)
-    assert LlamaCppEngine.load("embedded").gguf_path == copy
-    assert LlamaCppEngine.load("embedded", "as-is").gguf_path == source
+    assert LlamaCppEngine.load("embedded", n_ctx=2048).gguf_path == copy
+    assert LlamaCppEngine.load("embedded", "as-is", n_ctx=2048).gguf_path == source
 
     # The copy is the same model to within 8-bit rounding: the first token of every prompt agrees with the
     # source's, at nearly its log-probability (this random model's later tokens are near ties).
@@ -286,12 +285,18 @@ def test_the_embedded_base_runs_requantised_to_q8_0_once(tmp_path, tiny_gguf, ti
     assert sorted(p.name for p in tmp_path.iterdir() if "other" in p.name) == [".other-q8_0.gguf.lock", "other.gguf"]
 
 
-def test_generations_of_the_requantised_base_are_cached_apart(tmp_path):
+def test_generations_of_the_requantised_base_are_cached_apart(tmp_path, monkeypatch):
     # A cached answer of the shipped Q4_K_M file must not stand in for the Q8_0 copy's, nor the other way.
+    from llmtags.engines.base import DEFAULT_WEIGHTS
     from llmtags.evaluate import plan_engine
     from llmtags.models import EMBEDDED
-    from llmtags.options import Settings
+    from llmtags.options import OptionsError, Settings, tagging_options
     from llmtags.plan import RunPlan
+
+    monkeypatch.delenv("LLMTAGS_BASE_MODEL", raising=False)
+    assert Settings().weights == DEFAULT_WEIGHTS == "q8_0"
+    with pytest.raises(OptionsError, match="--weights Q8_0"):  # as a config file may spell it
+        tagging_options(Settings(weights="Q8_0"))
 
     def identity(**settings):
         plan = RunPlan(Settings(**settings), TaggingOptions())
@@ -301,5 +306,3 @@ def test_generations_of_the_requantised_base_are_cached_apart(tmp_path):
     assert identity(engine="llama.cpp") == identity(engine="llama.cpp", weights="q8_0") == f"{shipped}+llama.cpp+q8_0"
     assert identity(engine="llama.cpp", weights="as-is") == f"{shipped}+llama.cpp"
     assert identity(engine="transformers") == identity(engine="transformers", weights="as-is") == shipped
-    big = f"sha256:{EMBEDDED['embedded-1.5b'].sha256}+llama.cpp"
-    assert identity(engine="llama.cpp", base_model="embedded-1.5b") == big  # runs as shipped

@@ -21,7 +21,7 @@ from typing import Any
 
 from .budget import DEMO_VIEWS
 from .candidates import candidate_finder, load_candidate_vocabulary
-from .engines.base import MAX_NEW_TOKENS
+from .engines.base import DEFAULT_WEIGHTS, MAX_NEW_TOKENS, WEIGHTS
 from .metrics import canonical
 from .prompts import Demo, PromptTemplate, demos_from, template_choice
 from .proposer import SpanProposer
@@ -88,7 +88,7 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     engine: str = "auto"
-    weights: str = "q8_0"  # how llama.cpp runs the embedded 0.5B: requantised to "q8_0" (faster) or "as-is"
+    weights: str = DEFAULT_WEIGHTS  # how llama.cpp runs the embedded 0.5B: requantised to "q8_0" (faster) or "as-is"
     # the prompt
     template: str = "auto"
     demos: str | None = None  # a labelled file of demonstrations
@@ -153,6 +153,8 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
     the variants a comparison runs instead of `settings.template` (retrieval needs one to show demos);
     `calibration`: what `llmtags calibrate` stored in the --adapter, for `--min-confidence calibrated`."""
     template = template_choice(settings.template)
+    if settings.weights not in WEIGHTS:  # a config file's value is not checked by the flag's choices
+        raise OptionsError(f"--weights {settings.weights}: use one of {', '.join(WEIGHTS)}")
     retrieve = settings.retrieve or 0
     if retrieve < 0:
         raise OptionsError(f"--retrieve: expected a number of demonstrations >= 0, got {retrieve}")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..engines.llamacpp import WEIGHTS
+from ..engines.base import WEIGHTS
 from ..engines.select import ENGINE_CHOICES
 from ..options import Settings
 from ..records import Fields

@@ -16,6 +16,11 @@ from typing import Any, Protocol, runtime_checkable
 # options, training's dev evaluation and the CLI share.
 MAX_NEW_TOKENS = 64
 
+# `--weights`: how llama.cpp runs the embedded 0.5B (`llamacpp.run_as`): requantised to Q8_0 (faster on
+# CPU, the same F1) or as shipped. Here so that the settings can check it without loading llama.cpp.
+WEIGHTS = ("q8_0", "as-is")
+DEFAULT_WEIGHTS = "q8_0"
+
 
 @dataclass
 class Generation:

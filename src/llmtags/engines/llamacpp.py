@@ -48,7 +48,9 @@ from ..models import (
     sha256_file,
 )
 from .base import (
+    DEFAULT_WEIGHTS,
     MAX_NEW_TOKENS,
+    WEIGHTS,
     Generation,
     PromptEncoder,
     finish_row,
@@ -64,9 +66,7 @@ PREFIX_MIN_TOKENS = 8  # below this, copying a prefix saves less than it costs
 # adapters were trained on barely changes, and it tags 1.28x faster on 2 AVX2 cores at the same F1
 # (eval/bench_weights_zh_taobao_ner.md). The 1.5B's tensors are Q4_K, which llama.cpp already multiplies
 # fast: as Q8_0 it ran 0.98x (eval/bench_weights_zh_taobao_ner_1_5b.md), so it runs as shipped.
-# `--weights as-is` runs the shipped file.
-WEIGHTS = ("q8_0", "as-is")
-DEFAULT_WEIGHTS = "q8_0"
+# `--weights as-is` runs the shipped file (`base.WEIGHTS`).
 REQUANTISED = ("embedded",)  # the embedded bases `--weights q8_0` requantises
 
 

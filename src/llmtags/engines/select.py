@@ -6,7 +6,8 @@ import importlib.util
 from typing import Any
 
 from ..models import EMBEDDED, ModelError, base_model_spec, pick_device
-from .llamacpp import DEFAULT_WEIGHTS, LlamaCppEngine
+from .base import DEFAULT_WEIGHTS
+from .llamacpp import LlamaCppEngine
 from .transformers import TransformersEngine
 
 ENGINE_CHOICES = ("auto", "transformers", "llama.cpp")
