@@ -3,6 +3,7 @@ candidates, with the CRF's proposals and with both, on the same records of one s
 
     .venv/bin/python eval/ablation_proposer.py --set zh-taobao-ner --adapter zh-taobao [--split test] [--limit 200]
 
+An adapter without a candidate vocabulary is offered the set's train values in the variants with candidates.
 The CRF is the adapter's own proposer (`proposer.crfsuite`, trained on the set's train split), or, for an
 adapter without one, `--proposer MODEL`. Every adapter variant is one `llmtags generate` run (the function
 the CLI calls) with --resume under `--work`, so a killed run continues; products/s is the run's own
@@ -22,7 +23,7 @@ from typing import Any
 from common import REPO, ablation_parser, generated, meta_lines, predictions_file, run_meta, split_paths, write_result
 
 from llmtags.adapters.pack import PROPOSER_FILE
-from llmtags.adapters.registry import resolve_adapter
+from llmtags.adapters.registry import read_metadata, resolve_adapter
 from llmtags.baselines import DictionaryTagger
 from llmtags.metrics import paired_bootstrap
 from llmtags.models import cache_root
@@ -74,6 +75,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not Path(proposer_path).is_file():
         sys.exit(f"adapter {args.adapter} ships no {PROPOSER_FILE}: give --proposer MODEL")
     proposer = SpanProposer(proposer_path)
+    # An adapter trained without candidates (zh-taobao since 2026-12-07) records no vocabulary: its variants
+    # with candidates offer the set's train values, the dictionary an adapter with one was trained with.
+    own_candidates = bool((read_metadata(adapter_dir).get("vocabulary") or {}).get("candidates"))
     work = args.work or cache_root() / "eval" / args.set
     rows, reports = [], {}
 
@@ -96,6 +100,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, changes in ((n, VARIANTS[n]) for n in chosen):
         changes = {"no_fill": True, **changes, **({"proposer": str(args.proposer)} if args.proposer and "no_proposer" not in changes
                                  else {})}
+        if not own_candidates and "no_candidates" not in changes:
+            changes["candidates"] = str(train_path)
         file = predictions_file(work, args.split, f"proposer-{name}", args.adapter)
         found, rate = generated(data_path, file, args.adapter, changes, args.limit)
         preds = [found.get(r.id, ([], []))[0] for r in records]

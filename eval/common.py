@@ -165,10 +165,10 @@ def setting(text: str) -> tuple[str, Any]:
         return key.replace("-", "_"), value
 
 
-def run_parser(doc: str, limit: int = 200) -> Any:
+def run_parser(doc: str, limit: int = 200, adapter: str | None = None) -> Any:
     """`ablation_parser` and what scripts that run an adapter over a set's first records share: --limit,
     --demos (a new catalogue's labelled sample: workflow (a)) and --option KEY=VALUE (see `run_settings`)."""
-    parser = ablation_parser(doc)
+    parser = ablation_parser(doc, adapter=adapter)
     parser.add_argument("--limit", type=int, default=limit)
     parser.add_argument("--demos", type=Path, help="a new catalogue's labelled sample (workflow (a))")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",

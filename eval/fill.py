@@ -6,7 +6,7 @@ one plain run per split.
     .venv/bin/python eval/fill.py --set en-wdc-pave --adapter en-products --demos SAMPLE --data DIR
 
 One real `llmtags generate --adapter ADAPTER --no-fill` run per set and split (the first --limit records,
-kept under --work and resumed; a split the set lacks is skipped) gives the model's answers. The options
+kept under --work/SET and resumed; a split the set lacks is skipped) gives the model's answers. The options
 only change what happens around generation, so each setting is computed from that run with the
 tagger's own functions: `--fill P` adds the proposals of marginal >= P that no tag of the answer covers,
 `--proposer-decides` gives the CRF's spans the listed attributes (`proposer.fuse`), `--confirm-below C`
@@ -97,7 +97,8 @@ def split_run(args: Any, set_name: str, split: str) -> SplitRun | None:
     if plan.options.proposer is None:
         sys.exit(f"adapter {args.adapter} brings no span proposer: --fill and --cascade need one")
     parts = [prompt_parts(r, plan.options) for r in records]
-    work = args.work or REPO.parent / "runs" / "eval" / set_name
+    # One folder per set: the predictions file is named by split and settings, which several sets share.
+    work = (args.work or REPO.parent / "runs" / "eval") / set_name
     found, rate = generated(paths[0], predictions_file(work, split, f"cascade-None-{settings_label(base)}", args.adapter),
                             args.adapter, base, args.limit)
     answers = [found.get(r.id, ([], [])) for r in records]
