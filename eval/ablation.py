@@ -3,6 +3,9 @@ each add to a shipped adapter, on the first N test records of a set, beside the 
 
     .venv/bin/python eval/ablation.py --set zh-taobao-ner --adapter zh-taobao [--limit 100] [--dev-limit 100]
 
+An adapter trained without candidates (zh-taobao since 2026-12-07) is offered the set's train values in the
+variants with candidates: they then measure what candidates it was never trained to read add.
+
 Every variant is one `llmtags generate` run (the same function the CLI calls), written under
 `--work` (default <llmtags cache>/eval/SET/) with --resume, so a killed run continues and a re-run costs
 nothing. Thresholds are chosen on dev (the F1-best threshold of `llmtags calibrate`), then applied to
@@ -16,8 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import (REPO, ablation_parser, generate_predictions, meta_lines, predictions_file, run_meta, split_paths,
-                    write_result)
+from common import (REPO, ablation_parser, generate_predictions, meta_lines, offered_candidates, predictions_file,
+                    run_meta, split_paths, write_result)
 
 from llmtags.baselines import DictionaryTagger
 from llmtags.calibrate import calibrate, read_scored_predictions
@@ -66,9 +69,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     add("dictionary (train values in the text)", dictionary_tags)
 
     generated: dict[str, dict[str, tuple[list[str], list[float | None]]]] = {}
+    candidates = offered_candidates(args.adapter, train_path)
+
+    def variant_file(split: str, name: str) -> Path:
+        # The adapter's default variant shares its predictions with eval/adapter_test.py; offered candidates
+        # the adapter does not bring make another run, kept apart.
+        offered = candidates and "no_candidates" not in GENERATED[name]
+        return predictions_file(work, split, name + (" (train values offered)" if offered else ""), args.adapter)
+
     for name, changes in GENERATED.items():
-        # The default variant writes the full-test predictions file, shared with the test evaluation.
-        file = predictions_file(work, "test", name, args.adapter)
+        changes = {**changes, **({} if "no_candidates" in changes else candidates)}
+        file = variant_file("test", name)
         found, seconds = _generate(test_path, file, args.adapter, changes, args.limit)
         generated[name] = found
         preds = [found.get(r.id, ([], []))[0] for r in test]
@@ -76,8 +87,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     calibrations: dict[str, Any] = {}
     for name in THRESHOLDED:
-        dev_file = predictions_file(work, "dev", name, args.adapter)
-        dev_found, _ = _generate(dev_path, dev_file, args.adapter, GENERATED[name], args.dev_limit)
+        dev_file = variant_file("dev", name)
+        dev_found, _ = _generate(dev_path, dev_file, args.adapter, {**GENERATED[name], **candidates}, args.dev_limit)
         dev_rows = [dev_found.get(r.id, ([], [])) for r in dev]
         calibration = calibrate([r.tags or [] for r in dev], [t for t, _ in dev_rows], [c for _, c in dev_rows],
                                 target_precision=args.target_precision)

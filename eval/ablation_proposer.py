@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, ablation_parser, generated, meta_lines, predictions_file, run_meta, split_paths, write_result
+from common import (REPO, ablation_parser, generated, meta_lines, offered_candidates, predictions_file, run_meta,
+                    split_paths, write_result)
 
 from llmtags.adapters.pack import PROPOSER_FILE
-from llmtags.adapters.registry import read_metadata, resolve_adapter
+from llmtags.adapters.registry import resolve_adapter
 from llmtags.baselines import DictionaryTagger
 from llmtags.metrics import paired_bootstrap
 from llmtags.models import cache_root
@@ -75,9 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not Path(proposer_path).is_file():
         sys.exit(f"adapter {args.adapter} ships no {PROPOSER_FILE}: give --proposer MODEL")
     proposer = SpanProposer(proposer_path)
-    # An adapter trained without candidates (zh-taobao since 2026-12-07) records no vocabulary: its variants
-    # with candidates offer the set's train values, the dictionary an adapter with one was trained with.
-    own_candidates = bool((read_metadata(adapter_dir).get("vocabulary") or {}).get("candidates"))
+    candidates = offered_candidates(args.adapter, train_path)
     work = args.work or cache_root() / "eval" / args.set
     rows, reports = [], {}
 
@@ -100,8 +99,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, changes in ((n, VARIANTS[n]) for n in chosen):
         changes = {"no_fill": True, **changes, **({"proposer": str(args.proposer)} if args.proposer and "no_proposer" not in changes
                                  else {})}
-        if not own_candidates and "no_candidates" not in changes:
-            changes["candidates"] = str(train_path)
+        if "no_candidates" not in changes:
+            changes.update(candidates)
         file = predictions_file(work, args.split, f"proposer-{name}", args.adapter)
         found, rate = generated(data_path, file, args.adapter, changes, args.limit)
         preds = [found.get(r.id, ([], []))[0] for r in records]

@@ -57,7 +57,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = run_parser(__doc__, adapter="(each --variant names its own)")
+    parser = run_parser(__doc__, adapter_option=False)  # each --variant names its adapter
     parser.add_argument("--split", default="test")
     parser.add_argument("--variant", action="append", nargs="+", required=True, metavar="NAME ADAPTER [KEY=VALUE]")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each variant, in turned order")

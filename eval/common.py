@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,30 @@ def cpu_kind() -> str:
     return "".join(f", {part}" for part in (name, bf16) if part)
 
 
+def code_version() -> str:
+    """The commit the scripts and the library ran from, marked where tracked files differ from it: a
+    figure is reproducible from that commit only."""
+    def git(*words: str) -> str:
+        return subprocess.run(["git", *words], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        return commit + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def engine_defaults() -> str:
+    """What runs the model when a script leaves it to `generate`'s defaults (--engine auto, --weights): the
+    figures of llama.cpp with the base requantised to Q8_0 and those of the shipped Q4_K_M differ."""
+    from llmtags.engines.base import DEFAULT_WEIGHTS
+    from llmtags.engines.select import pick_engine
+
+    engine = pick_engine()
+    return engine + (f", base weights {DEFAULT_WEIGHTS} unless --option weights=... says otherwise"
+                     if engine == "llama.cpp" else "")
+
+
 def run_meta() -> dict[str, Any]:
     python = sys.executable
     if python.startswith(os.getcwd() + os.sep):
@@ -53,11 +78,16 @@ def run_meta() -> dict[str, Any]:
         "command": shlex.join([python, *sys.argv]),
         "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "code": code_version(),
+        "engine": engine_defaults(),
     }
 
 
 def meta_lines(meta: dict[str, Any]) -> list[str]:
-    return [f"- command: `{meta['command']}`", f"- machine: {meta['machine']}", f"- date: {meta['date']}"]
+    """The Markdown lines of `run_meta` (results written before "code" and "engine" were recorded lack them)."""
+    return [f"- command: `{meta['command']}`", f"- machine: {meta['machine']}", f"- date: {meta['date']}",
+            *([f"- code: {meta['code']}"] if "code" in meta else []),
+            *([f"- engine: {meta['engine']}"] if "engine" in meta else [])]
 
 
 def split_paths(data: Path, name: str, *splits: str) -> list[Path] | None:
@@ -123,6 +153,16 @@ def generated(data: Path, out: Path, adapter: str, changes: dict[str, Any], limi
     return read_scored_predictions(out), rate
 
 
+def offered_candidates(adapter: str, train: Path) -> dict[str, Any]:
+    """The `generate` settings that give a variant "with candidates" its candidates: none over the adapter's
+    own vocabulary, or the set's train values for an adapter trained without one (zh-taobao since
+    2026-12-07), the dictionary an adapter with one was trained with."""
+    from llmtags.adapters.registry import read_metadata, resolve_adapter
+
+    own = (read_metadata(resolve_adapter(adapter)).get("vocabulary") or {}).get("candidates")
+    return {} if own else {"candidates": str(train)}
+
+
 def predictions_file(work: Path, split: str, variant: str, adapter: str) -> Path:
     """Where a variant's predictions live; the plain adapter run is shared by every script. The name
     holds the adapter's weights hash, so a retrained adapter starts a new file instead of resuming an
@@ -141,14 +181,17 @@ def settings_label(settings: dict[str, Any]) -> str:
             + ("demos" if settings.get("demos") else "own"))
 
 
-def ablation_parser(doc: str, set_name: str | None = None, adapter: str | None = None) -> Any:
+def ablation_parser(doc: str, set_name: str | None = None, adapter: str | None = None,
+                    adapter_option: bool = True) -> Any:
     """The arguments the ablation scripts share: which set and adapter (required unless given a default
-    here), the data, where predictions are kept (--work), the bootstrap and the output."""
+    here; no --adapter with `adapter_option` false, for scripts whose runs each name their own), the data,
+    where predictions are kept (--work), the bootstrap and the output."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--set", required=set_name is None, default=set_name)
-    parser.add_argument("--adapter", required=adapter is None, default=adapter)
+    if adapter_option:
+        parser.add_argument("--adapter", required=adapter is None, default=adapter)
     parser.add_argument("--data", type=Path, default=DATASETS)
     parser.add_argument("--work", type=Path)
     parser.add_argument("--n-boot", type=int, default=1000)
@@ -165,10 +208,10 @@ def setting(text: str) -> tuple[str, Any]:
         return key.replace("-", "_"), value
 
 
-def run_parser(doc: str, limit: int = 200, adapter: str | None = None) -> Any:
+def run_parser(doc: str, limit: int = 200, adapter: str | None = None, adapter_option: bool = True) -> Any:
     """`ablation_parser` and what scripts that run an adapter over a set's first records share: --limit,
     --demos (a new catalogue's labelled sample: workflow (a)) and --option KEY=VALUE (see `run_settings`)."""
-    parser = ablation_parser(doc, adapter=adapter)
+    parser = ablation_parser(doc, adapter=adapter, adapter_option=adapter_option)
     parser.add_argument("--limit", type=int, default=limit)
     parser.add_argument("--demos", type=Path, help="a new catalogue's labelled sample (workflow (a))")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",

@@ -155,6 +155,37 @@ def test_converted_lora_matches_peft(tmp_path, tiny_model_dir, tiny_engine, llam
     _assert_same(base, llama_engine.generate(prompts, max_new_tokens=MAX_NEW))
 
 
+def test_a_scaled_lora_matches_peft_at_that_scale_and_scale_zero_is_the_base(tmp_path, tiny_model_dir, tiny_engine,
+                                                                            llama_engine, prompts):
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    from llmtags.engines.transformers import TransformersEngine
+
+    adapter = _tiny_lora(tiny_model_dir, tmp_path / "lora", seed=5)
+    # A random model's near-tied logits part greedy paths after a few dozen tokens under float noise.
+    short = 12
+    peft_engine = TransformersEngine.load(str(tiny_model_dir), device="cpu")
+    peft_engine.model = PeftModel.from_pretrained(peft_engine.model, str(adapter)).eval()
+    full = peft_engine.generate(prompts, max_new_tokens=short, batch_size=4)
+    for module in peft_engine.model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_scale("default", 0.5)
+    half = peft_engine.generate(prompts, max_new_tokens=short, batch_size=4)
+    base = tiny_engine.generate(prompts, max_new_tokens=short, batch_size=4)
+    assert len({tuple(g.text for g in run) for run in (full, half, base)}) == 3  # the scale matters
+    llama_engine.add_adapter("scaled", adapter)
+    try:
+        llama_engine.use_adapter("scaled", 0.5)
+        _assert_same(half, llama_engine.generate(prompts, max_new_tokens=short))
+        llama_engine.use_adapter("scaled", 0.0)
+        _assert_same(base, llama_engine.generate(prompts, max_new_tokens=short))
+        llama_engine.use_adapter("scaled")
+        _assert_same(full, llama_engine.generate(prompts, max_new_tokens=short))
+    finally:
+        llama_engine.use_adapter(None)
+
+
 def test_unconvertible_adapters_are_refused(tmp_path, tiny_model_dir):
     from llmtags.adapters.gguf_export import GgufExportError, lora_to_gguf
 

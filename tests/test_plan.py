@@ -306,6 +306,24 @@ def test_another_catalogues_sample_brings_its_own_proposer_trained_once(root, tm
     assert plan_run(settings.replace(no_proposer=True)).options.proposer is None
 
 
+def test_an_adapter_scale_is_checked_recorded_and_keeps_its_generations_apart_in_the_cache(root, tmp_path):
+    from llmtags.evaluate import plan_engine
+
+    settings = Settings(adapter="zh-tuned", adapters_root=str(root))
+    assert plan_run(settings).options.adapter_scale == 1.0
+    plan = plan_run(settings.replace(adapter_scale=0.5))
+    assert plan.options.adapter_scale == 0.5 and run_settings(plan)["adapter_scale"] == 0.5  # for --resume
+    assert run_settings(plan_run(settings.replace(adapter_scale=1.0)))["adapter_scale"] is None  # as trained
+    with pytest.raises(OptionsError, match="--adapter-scale: -1.0 is not between 0 and 2"):
+        plan_run(settings.replace(adapter_scale=-1.0))
+    with pytest.raises(OptionsError, match="--adapter-scale scales an adapter"):
+        plan_run(Settings(adapter_scale=0.5))
+    # eval and prompt compare answer from the generation cache: a scale's generations are kept apart.
+    keys = {plan_engine(plan_run(settings.replace(adapter_scale=s)), cache_path=tmp_path / "g.sqlite").adapter
+            for s in (None, 1.0, 0.5, 0.0)}
+    assert len(keys) == 3
+
+
 def test_an_absent_or_altered_proposer_file_is_dropped_with_a_warning(root, tmp_path, capsys):
     import shutil
 

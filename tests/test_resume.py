@@ -132,8 +132,27 @@ def test_settings_are_recorded_and_a_resume_with_other_settings_is_refused(tmp_p
     check_run_settings(out, {"template": "en", "no_proposer": False, "proposer": None}, resume=True)
     with pytest.raises(SettingsMismatch, match="proposer: None then, 'p.crfsuite' now"):
         check_run_settings(out, {"template": "en", "proposer": "p.crfsuite"}, resume=True)
+    with pytest.raises(SettingsMismatch, match="adapter_scale: None then, 0.0 now"):  # 0.0 == False, yet not off
+        check_run_settings(out, {"template": "en", "adapter_scale": 0.0}, resume=True)
     # An output in a folder that does not exist yet (`-o runs/new/out.jsonl`): the folder is made.
     assert check_run_settings(tmp_path / "new" / "out.jsonl", {"template": "en"}, resume=True).is_file()
+
+
+def test_each_start_of_a_run_records_its_engine_and_weights_without_refusing_a_change(tmp_path):
+    from llmtags.run import SettingsMismatch, check_run_settings
+
+    out = tmp_path / "out.jsonl"
+    first = {"started": "2026-12-07 03:00:00 UTC", "engine": "llama.cpp", "weights": "as-is"}
+    then = {"started": "2026-12-07 04:00:00 UTC", "engine": "llama.cpp", "weights": "q8_0"}
+    recorded = check_run_settings(out, {"template": "zh"}, resume=False, run_only=first)
+    assert json.loads(recorded.read_text()) == {"template": "zh", "runs": [first]}
+    check_run_settings(out, {"template": "zh"}, resume=True, run_only=then)  # other weights: resumed, and said
+    assert json.loads(recorded.read_text()) == {"template": "zh", "runs": [first, then]}
+    with pytest.raises(SettingsMismatch, match="template: 'zh' then, 'en' now") as caught:
+        check_run_settings(out, {"template": "en"}, resume=True, run_only=then)
+    assert "runs" not in str(caught.value)
+    check_run_settings(out, {"template": "en"}, resume=False, run_only=then)  # a fresh run: its own history
+    assert json.loads(recorded.read_text()) == {"template": "en", "runs": [then]}
 
 
 def test_generate_refuses_to_resume_with_another_prompt_but_not_another_batch_size(products, tiny_model_dir,

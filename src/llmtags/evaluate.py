@@ -22,6 +22,7 @@ from tqdm import tqdm
 from .adapters.registry import check_compatible
 from .adapters.routing import load_adapter_set
 from .candidates import candidate_finder, candidate_recall
+from .engines.base import scaled_adapter_key
 from .engines.cache import CachedEngine, GenerationCache
 from .engines.llamacpp import run_as
 from .engines.select import load_engine, pick_engine
@@ -149,7 +150,8 @@ def plan_engine(plan: RunPlan, templates: Sequence[PromptTemplate] = (), cache_p
     if chosen == "llama.cpp":
         weights = run_as(spec, settings.weights)
         engine_identity += "+llama.cpp" + ("" if weights == "as-is" else f"+{weights}")
-    return CachedEngine(tokenizer, load, cache, engine_identity, adapter=adapter.cache_key if adapter is not None else None)
+    key = scaled_adapter_key(adapter.cache_key, plan.options.adapter_scale) if adapter is not None else None
+    return CachedEngine(tokenizer, load, cache, engine_identity, adapter=key)
 
 
 def run_generation(

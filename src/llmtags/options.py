@@ -73,6 +73,11 @@ class TaggingOptions:
     # The model's tags it is less sure of than this stand only where the proposer found them too
     # (proposer.confirmed; None: all stand).
     confirm_below: float | None = None
+    # How strongly the adapter is applied: its LoRA update times this (1: as trained; 0: the base model).
+    adapter_scale: float = 1.0
+
+
+MAX_ADAPTER_SCALE = 2.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,7 @@ class Settings:
     adapter_map: str | None = None
     adapters_root: str | None = None
     force_adapter: bool = False
+    adapter_scale: float | None = None  # the adapter's LoRA update times this (None: 1, as trained)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Settings:
@@ -198,6 +204,12 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
             raise OptionsError(f"{flag} and --no-fill do not go together: --no-fill keeps the answers as written")
     if decides and proposer is not None:
         check_decided(decides, proposer, "--proposer-decides (or the adapter's llmtags.json proposer.decides)")
+    scale = 1.0 if settings.adapter_scale is None else settings.adapter_scale
+    if not 0.0 <= scale <= MAX_ADAPTER_SCALE:
+        raise OptionsError(f"--adapter-scale: {scale} is not between 0 and {MAX_ADAPTER_SCALE:g}: it multiplies the "
+                           "adapter's LoRA update (1: as trained, 0: the base model alone)")
+    if settings.adapter_scale is not None and not settings.wants_adapters:
+        raise OptionsError("--adapter-scale scales an adapter: give --adapter NAME (or --adapter-map)")
     constrain_vocab = None
     if settings.constrain == "closed":
         path = settings.constrain_vocab or settings.vocab
@@ -210,7 +222,8 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
                           cascade=settings.cascade, fill=None if settings.no_fill else settings.fill,
                           proposer_decides=frozenset() if settings.no_fill else decides,
                           confirm_below=None if settings.no_fill else settings.confirm_below,
-                          demo_text=settings.demo_text or "full", text_budget=settings.text_budget or None)
+                          demo_text=settings.demo_text or "full", text_budget=settings.text_budget or None,
+                          adapter_scale=scale)
 
 
 def check_budget(demo_text: str, text_budget: int | None, demo_name: str, budget_name: str) -> None:

@@ -9,6 +9,7 @@ keep the settings that decide the tags beside the output, so `--resume` never mi
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import itertools
 import json
 import os
@@ -23,7 +24,8 @@ from tqdm import tqdm
 
 from .adapters.routing import adapter_tagger
 from .atomic import write_text
-from .engines.select import load_engine
+from .engines.llamacpp import run_as
+from .engines.select import load_engine, pick_engine
 from .options import Settings
 from .plan import RunPlan, plan_run
 from .records import Fields, ReadStats, Record, RecordError, count_records, read_records
@@ -113,15 +115,22 @@ class SettingsMismatch(ValueError):
 
 
 SETTINGS_SUFFIX = ".settings.json"
+RUNS_KEY = "runs"  # in the settings file: what each start of the run used of RUN_ONLY_SETTINGS, and when
 
 
-def check_run_settings(output: str | Path, settings: dict[str, Any], resume: bool) -> Path:
+def check_run_settings(output: str | Path, settings: dict[str, Any], resume: bool,
+                       run_only: dict[str, Any] | None = None) -> Path:
     """Record the settings of the run that writes `output` beside it (`OUTPUT.settings.json`); with
     `resume`, first refuse settings that differ from those recorded, because appending tags made by
     another model, adapter or prompt would mix two runs in one file without a trace. An output from
-    before settings were recorded is resumed as it is. Returns the settings file."""
+    before settings were recorded is resumed as it is. Returns the settings file.
+
+    `run_only` (`run_only_record`: the engine, weights, dtype, ... a resume may change) is appended to the
+    file's "runs", one entry per start, so an output written partly on Q8_0 and partly on Q4_K_M weights
+    says so."""
     path = Path(str(output) + SETTINGS_SUFFIX)
     current = json.loads(json.dumps(settings, ensure_ascii=False, sort_keys=True))
+    runs = [json.loads(json.dumps(run_only, ensure_ascii=False, sort_keys=True))] if run_only else []
     if resume and path.is_file():
         try:
             earlier = json.loads(path.read_text(encoding="utf-8"))
@@ -132,17 +141,31 @@ def check_run_settings(output: str | Path, settings: dict[str, Any], resume: boo
             raise SettingsMismatch(f"cannot resume {output}: its settings file {path} does not hold an object")
         # An option added since that run (absent from its file) and left at its default now changes nothing.
         defaults = dataclasses.asdict(Settings())
+        earlier_runs = earlier.pop(RUNS_KEY, [])
         changed = [f"{key}: {earlier.get(key)!r} then, {current.get(key)!r} now"
                    for key in sorted(earlier.keys() | current.keys()) if earlier.get(key) != current.get(key)
-                   and not (key not in earlier and current.get(key) in (None, False, defaults.get(key)))]
+                   and not (key not in earlier and _left_at_default(current.get(key), defaults.get(key)))]
         if changed:
             raise SettingsMismatch(
                 f"cannot resume {output}: it was written with other settings ({'; '.join(changed)}); "
                 "run with the earlier settings, write to another output, or delete it (and its .parts folder, if any) "
                 "to start over")
-        return path
+        if not runs:
+            return path
+        if not isinstance(earlier_runs, list):
+            print(f"llmtags: warning: {path}: \"{RUNS_KEY}\" is not a list; the history of this output starts anew",
+                  file=sys.stderr)
+            earlier_runs = []
+        current, runs = earlier, earlier_runs + runs
     # `-o new/dir/out.jsonl`: write_text makes the output's folder
-    return write_text(path, json.dumps(current, ensure_ascii=False, indent=1, sort_keys=True) + "\n")
+    return write_text(path, json.dumps({**current, **({RUNS_KEY: runs} if runs else {})}, ensure_ascii=False,
+                                       indent=1, sort_keys=True) + "\n")
+
+
+def _left_at_default(value: Any, default: Any) -> bool:
+    """A setting an earlier run's file lacks (it did not exist then) changes nothing when left unset, off or
+    at its default; compared by type too, since 0.0 == False (an --adapter-scale of 0 is not "off")."""
+    return value is None or value is False or (type(value) is type(default) and value == default)
 
 
 def completed_records(path: str | Path) -> set[tuple[str, str]]:
@@ -252,10 +275,26 @@ def run_settings(plan: RunPlan, fields: Fields = Fields(), fmt: str | None = Non
     input's format and fields, and the content hashes of the files they name and of the adapters
     (`RunPlan.content_hashes`), so a retrained adapter counts as a change."""
     values = {k: v for k, v in dataclasses.asdict(plan.settings).items() if k not in RUN_ONLY_SETTINGS}
+    if values.get("adapter_scale") == 1.0:  # as trained, given or not: the same tags
+        values["adapter_scale"] = None
     values.update(format=fmt, id_field=fields.id, text_field=fields.text, category_field=fields.category,
                   tags_field=fields.tags)
     values.update(plan.content_hashes())
     return dict(sorted(values.items()))
+
+
+def run_only_record(plan: RunPlan) -> dict[str, Any]:
+    """When this start of a run began and what it runs on (RUN_ONLY_SETTINGS, the engine as picked here: Ray
+    workers pick their own): kept in the settings file's "runs", not compared on resume."""
+    settings = plan.settings
+    engine = pick_engine(settings.engine, plan.base_model, settings.device, settings.dtype)
+    record = {"started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+              "engine": engine, "device": settings.device, "batch_size": settings.batch_size,
+              "chunk_size": settings.chunk_size}
+    # The weights llama.cpp runs (a .gguf base that is not embedded runs as it is, whatever --weights says).
+    record.update({"weights": run_as(plan.base_model, settings.weights)} if engine == "llama.cpp"
+                  else {"dtype": settings.dtype})
+    return record
 
 
 def make_tagger(plan: RunPlan) -> Tagger:
@@ -282,7 +321,7 @@ def prepare_generate(settings: Settings, output: str | None, fields: Fields = Fi
     `compare`, first checked against the one an earlier run left there)."""
     plan = plan_run(settings)
     if output not in (None, "-"):
-        check_run_settings(output, run_settings(plan, fields, fmt), compare)
+        check_run_settings(output, run_settings(plan, fields, fmt), compare, run_only_record(plan))
     return plan
 
 

@@ -96,8 +96,9 @@ def load_adapter_set(plan: RunPlan) -> BaseAdapterSet:
         adapter_set = AdapterSet.load(base, device=settings.device, dtype=settings.dtype)
     for name, adapter in plan.adapters.items():
         # The directory the plan resolved (absolute: a bare relative one would read as a registry name).
-        adapter_set.add(adapter.path.absolute(), name=name, template=plan.options_for(name).template,
-                        force=settings.force_adapter)
+        options = plan.options_for(name)
+        adapter_set.add(adapter.path.absolute(), name=name, template=options.template, force=settings.force_adapter,
+                        scale=options.adapter_scale)
     return adapter_set
 
 

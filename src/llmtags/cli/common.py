@@ -161,9 +161,10 @@ def add_vocab(p: argparse.ArgumentParser) -> None:
                    help="rapidfuzz ratio needed for a fuzzy match")
 
 
-def add_adapter_options(p: argparse.ArgumentParser, adapter_map: bool = True) -> None:
+def add_adapter_options(p: argparse.ArgumentParser, adapter_map: bool = True, generating: bool = True) -> None:
     """`--adapter NAME` | `--adapter-map FILE` (for `llmtags generate`; `eval` and `prompt compare` take
-    `--adapter` only, `adapter_map=False`), with the adapter's template, candidates, pool and proposer."""
+    `--adapter` only, `adapter_map=False`), with the adapter's template, candidates, pool and proposer;
+    `--adapter-scale` where the command generates (not `prompt render`)."""
     group = p.add_mutually_exclusive_group()
     group.add_argument("--adapter", help="LoRA adapter (registry name or directory) for every record, with its own "
                        "template, candidates, demo pool and span proposer unless flags say otherwise")
@@ -174,3 +175,7 @@ def add_adapter_options(p: argparse.ArgumentParser, adapter_map: bool = True) ->
         add_root(p)
     p.add_argument("--force-adapter", action="store_true",
                    help="use adapters trained for another base model or prompt template (warns)")
+    if not generating:
+        return
+    p.add_argument("--adapter-scale", type=float, metavar="S",
+                   help="multiply the adapter's LoRA update by S (default 1: as trained; 0: the base model alone)")

@@ -41,7 +41,7 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
     p.add_argument("--text", help="render this product text instead of reading a file")
     p.add_argument("--base-model")
     add_prompt(p)
-    add_adapter_options(p, adapter_map=False)
+    add_adapter_options(p, adapter_map=False, generating=False)
     p.set_defaults(func=cmd_prompt_render)
     render = p
 

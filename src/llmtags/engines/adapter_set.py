@@ -31,7 +31,7 @@ from ..models import (
     resolve_base_model,
 )
 from ..prompts import PromptTemplate
-from .base import MAX_NEW_TOKENS, Generation
+from .base import MAX_NEW_TOKENS, Generation, scaled_adapter_key
 from .llamacpp import LlamaCppEngine
 from .transformers import TransformersEngine
 
@@ -57,6 +57,7 @@ class BaseAdapterSet:
         self.tokenizer = base_engine.tokenizer
         self.resolved = resolved
         self.infos: dict[str, AdapterInfo] = {}
+        self.scales: dict[str, float] = {}
 
     @property
     def names(self) -> list[str]:
@@ -70,22 +71,25 @@ class BaseAdapterSet:
         force: bool = False,
         root: str | Path | None = None,
         name: str | None = None,
+        scale: float = 1.0,
     ) -> str:
-        """Attach an adapter (registry name or directory) after checking it fits; returns its name."""
+        """Attach an adapter (registry name or directory) after checking it fits; returns its name.
+        `scale` multiplies its LoRA update whenever it is active (1: as trained; 0: the base model)."""
         path = resolve_adapter(name_or_path, root)
         meta = read_metadata(path)
         name = name or path.name
         if name in self.infos:
-            if self.infos[name].path.resolve() == path.resolve():
+            if self.infos[name].path.resolve() == path.resolve() and self.scales[name] == scale:
                 return name
-            raise AdapterError(f"two different adapters are both called {name!r}")
+            raise AdapterError(f"two different adapters (or scales) are both called {name!r}")
         if self.resolved is not None:
             check_compatible(meta, self.resolved, template, self.tokenizer, force=force)
-        self._attach(name, path)
+        self._attach(name, path, scale)
         self.infos[name] = AdapterInfo(name, path, meta)
+        self.scales[name] = scale
         return name
 
-    def _attach(self, name: str, path: Path) -> None:
+    def _attach(self, name: str, path: Path, scale: float) -> None:
         raise NotImplementedError
 
     def active(self, name: str | None) -> contextlib.AbstractContextManager[None]:
@@ -96,8 +100,7 @@ class BaseAdapterSet:
         """A stable key for generation caches: the adapter's name and the sha256 of its weights."""
         if name is None:
             return None
-        info = self.infos[name]
-        return f"{name}@{weights_sha256(info.path)[:16]}"
+        return scaled_adapter_key(f"{name}@{weights_sha256(self.infos[name].path)[:16]}", self.scales[name])
 
     def engine(self, name: str | None) -> AdapterEngine:
         """An `Engine` that generates with adapter `name` active (None: the bare base model)."""
@@ -128,7 +131,7 @@ class AdapterSet(BaseAdapterSet):
         model = load_model(resolved, device=pick_device(device), dtype=dtype, load_in_4bit=load_in_4bit)
         return cls(model, tokenizer, resolved)
 
-    def _attach(self, name: str, path: Path) -> None:
+    def _attach(self, name: str, path: Path, scale: float) -> None:
         peft_name = _peft_name(name, self._peft_names.values())
         quiet_bitsandbytes()
         from peft import PeftModel
@@ -141,6 +144,12 @@ class AdapterSet(BaseAdapterSet):
             else:
                 self.model.load_adapter(str(path), adapter_name=peft_name, is_trainable=False)
         self.model.eval()
+        if scale != 1.0:
+            from peft.tuners.lora import LoraLayer
+
+            for module in self.model.modules():
+                if isinstance(module, LoraLayer):
+                    module.set_scale(peft_name, scale)  # its scaling, alpha / r, times `scale`
         self.base_engine.model = self.model
         self._peft_names[name] = peft_name
 
@@ -171,14 +180,14 @@ class LlamaCppAdapterSet(BaseAdapterSet):
     def load(cls, base_model: str | None = None, **engine_kwargs: Any) -> LlamaCppAdapterSet:
         return cls(LlamaCppEngine.load(base_model, **engine_kwargs))
 
-    def _attach(self, name: str, path: Path) -> None:
+    def _attach(self, name: str, path: Path, scale: float) -> None:
         self.base_engine.add_adapter(name, path)
 
     @contextlib.contextmanager
     def active(self, name: str | None) -> Iterator[None]:
         if name is not None:
             self._check_loaded(name)
-        self.base_engine.use_adapter(name)
+        self.base_engine.use_adapter(name, self.scales[name] if name is not None else 1.0)
         yield
 
 

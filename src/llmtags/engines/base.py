@@ -22,6 +22,12 @@ WEIGHTS = ("q8_0", "as-is")
 DEFAULT_WEIGHTS = "q8_0"
 
 
+def scaled_adapter_key(key: str, scale: float) -> str:
+    """An adapter's key in the generation cache at LoRA scale `scale` (`--adapter-scale`): its generations at
+    another scale are another model's."""
+    return key if scale == 1.0 else f"{key}x{scale!r}"
+
+
 @dataclass
 class Generation:
     text: str

@@ -223,7 +223,7 @@ class LlamaCppEngine(PromptEncoder):
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
         self._adapters: dict[str, Any] = {}
-        self._active: str | None = None
+        self._active: tuple[str | None, float] = (None, 1.0)  # the adapter in use and its scale
 
     @classmethod
     def load(cls, base_model: str | None = None, weights: str = DEFAULT_WEIGHTS, **kwargs: Any) -> LlamaCppEngine:
@@ -253,21 +253,22 @@ class LlamaCppEngine(PromptEncoder):
             raise ModelError(f"llama.cpp refused the adapter {adapter_dir} (converted to {path})")
         self._adapters[name] = adapter
 
-    def use_adapter(self, name: str | None) -> None:
-        """Generate with adapter `name` from now on (None: the base model alone)."""
+    def use_adapter(self, name: str | None, scale: float = 1.0) -> None:
+        """Generate with adapter `name` from now on (None: the base model alone), its LoRA update
+        multiplied by `scale` (1: as trained)."""
         import ctypes
 
-        if name == self._active:
+        if (name, scale) == self._active:
             return
         llama = self._llama
         if name is None:
             failed = llama.llama_set_adapters_lora(self._ctx.ctx, None, 0, None)
         else:
             adapters = (llama.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])
-            failed = llama.llama_set_adapters_lora(self._ctx.ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
+            failed = llama.llama_set_adapters_lora(self._ctx.ctx, adapters, 1, (ctypes.c_float * 1)(scale))
         if failed:
             raise ModelError(f"llama.cpp could not switch to adapter {name!r}")
-        self._active = name
+        self._active = (name, scale)
 
     # --- generation -------------------------------------------------------------------------------
 
