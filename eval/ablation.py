@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import (REPO, ablation_parser, generate_predictions, meta_lines, offered_candidates, predictions_file,
-                    run_meta, split_paths, write_result)
+from common import (REPO, ablation_parser, generate_predictions, meta_lines, predictions_file, run_meta, split_paths,
+                    with_candidates, write_result)
 
 from llmtags.baselines import DictionaryTagger
 from llmtags.calibrate import calibrate, read_scored_predictions
@@ -69,18 +69,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     add("dictionary (train values in the text)", dictionary_tags)
 
     generated: dict[str, dict[str, tuple[list[str], list[float | None]]]] = {}
-    candidates = offered_candidates(args.adapter, train_path)
+    changes_of = {name: with_candidates(changes, args.adapter, train_path) for name, changes in GENERATED.items()}
 
     def variant_file(split: str, name: str) -> Path:
         # The adapter's default variant shares its predictions with eval/adapter_test.py; offered candidates
         # the adapter does not bring make another run, kept apart.
-        offered = candidates and "no_candidates" not in GENERATED[name]
+        offered = changes_of[name] != GENERATED[name]
         return predictions_file(work, split, name + (" (train values offered)" if offered else ""), args.adapter)
 
-    for name, changes in GENERATED.items():
-        changes = {**changes, **({} if "no_candidates" in changes else candidates)}
+    for name in GENERATED:
         file = variant_file("test", name)
-        found, seconds = _generate(test_path, file, args.adapter, changes, args.limit)
+        found, seconds = _generate(test_path, file, args.adapter, changes_of[name], args.limit)
         generated[name] = found
         preds = [found.get(r.id, ([], []))[0] for r in test]
         add(name, preds, seconds=round(seconds, 1))
@@ -88,7 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     calibrations: dict[str, Any] = {}
     for name in THRESHOLDED:
         dev_file = variant_file("dev", name)
-        dev_found, _ = _generate(dev_path, dev_file, args.adapter, {**GENERATED[name], **candidates}, args.dev_limit)
+        dev_found, _ = _generate(dev_path, dev_file, args.adapter, changes_of[name], args.dev_limit)
         dev_rows = [dev_found.get(r.id, ([], [])) for r in dev]
         calibration = calibrate([r.tags or [] for r in dev], [t for t, _ in dev_rows], [c for _, c in dev_rows],
                                 target_precision=args.target_precision)

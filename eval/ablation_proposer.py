@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (REPO, ablation_parser, generated, meta_lines, offered_candidates, predictions_file, run_meta,
-                    split_paths, write_result)
+from common import (REPO, ablation_parser, generated, meta_lines, predictions_file, run_meta, split_paths,
+                    with_candidates, write_result)
 
 from llmtags.adapters.pack import PROPOSER_FILE
 from llmtags.adapters.registry import resolve_adapter
@@ -76,7 +76,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not Path(proposer_path).is_file():
         sys.exit(f"adapter {args.adapter} ships no {PROPOSER_FILE}: give --proposer MODEL")
     proposer = SpanProposer(proposer_path)
-    candidates = offered_candidates(args.adapter, train_path)
     work = args.work or cache_root() / "eval" / args.set
     rows, reports = [], {}
 
@@ -99,8 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, changes in ((n, VARIANTS[n]) for n in chosen):
         changes = {"no_fill": True, **changes, **({"proposer": str(args.proposer)} if args.proposer and "no_proposer" not in changes
                                  else {})}
-        if "no_candidates" not in changes:
-            changes.update(candidates)
+        changes = with_candidates(changes, args.adapter, train_path)
         file = predictions_file(work, args.split, f"proposer-{name}", args.adapter)
         found, rate = generated(data_path, file, args.adapter, changes, args.limit)
         preds = [found.get(r.id, ([], []))[0] for r in records]

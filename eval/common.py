@@ -153,14 +153,14 @@ def generated(data: Path, out: Path, adapter: str, changes: dict[str, Any], limi
     return read_scored_predictions(out), rate
 
 
-def offered_candidates(adapter: str, train: Path) -> dict[str, Any]:
-    """The `generate` settings that give a variant "with candidates" its candidates: none over the adapter's
-    own vocabulary, or the set's train values for an adapter trained without one (zh-taobao since
-    2026-12-07), the dictionary an adapter with one was trained with."""
+def with_candidates(changes: dict[str, Any], adapter: str, train: Path) -> dict[str, Any]:
+    """A variant's `generate` settings `changes`, with candidates where it shows them (not `no_candidates`):
+    the adapter's own vocabulary, or the set's train values for an adapter trained without one (zh-taobao
+    since 2026-12-07), the dictionary an adapter with one was trained with."""
     from llmtags.adapters.registry import read_metadata, resolve_adapter
 
     own = (read_metadata(resolve_adapter(adapter)).get("vocabulary") or {}).get("candidates")
-    return {} if own else {"candidates": str(train)}
+    return changes if own or changes.get("no_candidates") else {**changes, "candidates": str(train)}
 
 
 def predictions_file(work: Path, split: str, variant: str, adapter: str) -> Path:
