@@ -140,6 +140,23 @@ def span_uptake(run: SplitRun, bands: tuple[float, ...] = (0.9, 0.5, 0.0)) -> li
     return rows
 
 
+LONG_TEXT = 400  # characters: a title alone is shorter; a title with a description (en-wdc-pave) mostly longer
+
+
+def by_length(run: SplitRun) -> list[dict[str, Any]]:
+    """F1 of the answers as written and of the CRF alone, on the texts up to `LONG_TEXT` characters and on
+    the longer ones: whether the adapter loses its way in long texts (trained on titles, it does)."""
+    rows, crf = [], run.crf
+    for name, long in (("short", False), ("long", True)):
+        chosen = [i for i, record in enumerate(run.records) if (len(record.text) > LONG_TEXT) == long]
+        if chosen:
+            gold = [run.records[i].tags for i in chosen]
+            rows.append({"texts": name, "records": len(chosen),
+                         "as_written_f1": score(gold, [run.answers[i] for i in chosen]).micro.f1,
+                         "crf_f1": score(gold, [crf[i] for i in chosen]).micro.f1})
+    return rows
+
+
 def grid(run: SplitRun, fills: list[float | None], cascades: list[float | None], n_boot: int) -> dict[str, Any]:
     gold, cells = run.gold, []
     for fill in fills:
@@ -155,7 +172,8 @@ def grid(run: SplitRun, fills: list[float | None], cascades: list[float | None],
     print(f"{run.set} {run.split}: plain F1 {cells[0]['f1']:.3f}, best {max(c['f1'] for c in cells):.3f}",
           file=sys.stderr)
     return {"set": run.set, "split": run.split, "records": len(gold), "plain_products_per_s": run.rate,
-            "crf_f1": score(gold, run.crf).micro.f1, "cells": cells, "span_uptake": span_uptake(run)}
+            "crf_f1": score(gold, run.crf).micro.f1, "cells": cells, "span_uptake": span_uptake(run),
+            "by_length": by_length(run)}
 
 
 def choose_decides(run: SplitRun, fill: float | None, min_support: int,
@@ -267,7 +285,13 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "The answers as written and the proposer's spans: " + "; ".join(
             f"marginal {u['marginal'][0]}–{u['marginal'][1]}: {u['spans']} spans, {_share(u['right'])} right, "
             f"{_share(u['kept_if_right'])} of the right and {_share(u['kept_if_wrong'])} of the wrong repeated"
-            for u in split.get("span_uptake", [])) + ".", ""]
+            for u in split.get("span_uptake", [])) + "."]
+        lengths = split.get("by_length", [])
+        if len(lengths) > 1:
+            lines.append(f"By text length (over {LONG_TEXT} characters is long): " + "; ".join(
+                f"{row['records']} {row['texts']}: {row['as_written_f1']:.3f} as written, CRF alone {row['crf_f1']:.3f}"
+                for row in lengths) + ".")
+        lines.append("")
     default = result.get("adapter_default")
     if default:
         lines += [f"## The adapter's default when this ran: --fill {default['fill'] or 'off'}, --confirm-below "

@@ -207,15 +207,12 @@ def test_switching_adapters_in_one_process_gives_each_record_its_own_adapters_ou
         adapter_set.engine("general")
 
 
-def test_an_adapter_at_scale_zero_tags_as_the_base_model_and_its_scale_is_part_of_its_identity(
-    registry, tiny_model_dir, tiny_engine
-):
+def test_an_adapter_at_scale_zero_tags_as_the_base_model(registry, tiny_model_dir, tiny_engine):
     adapter_set = AdapterSet.load(str(tiny_model_dir), device="cpu")
     adapter_set.add("zh-beauty", root=registry, scale=0.0)
     off = [r.raw for r in tag_records(RECORDS, adapter_set.engine("zh-beauty"), OPTIONS)]
     assert off == [r.raw for r in tag_records(RECORDS, tiny_engine, OPTIONS)]
     assert off != _single_adapter_outputs(tiny_model_dir, registry / "zh-beauty", RECORDS)
-    assert adapter_set.identity("zh-beauty").endswith("x0.0")  # cached generations of scale 1 are not reused
     with pytest.raises(AdapterError, match="or scales"):
         adapter_set.add("zh-beauty", root=registry, scale=1.0)
 

@@ -291,6 +291,8 @@ def test_a_malformed_metadata_field_is_named(tmp_path, meta, extra, field):
 def test_another_catalogues_sample_brings_its_own_proposer_trained_once(root, tmp_path, monkeypatch, capsys):
     """`--demos SAMPLE` serves retrieval, candidates and the proposer: a CRF trained on the sample on first
     use and cached by its content, not the adapter's own."""
+    from llmtags.cli.eval import sample_texts
+
     monkeypatch.setenv("LLMTAGS_CACHE", str(tmp_path / "cache"))
     other = [Record(f"o{i}", f"{c}颜色{p}款", tags=[f"颜色:{c}", f"款式:{p}"])
              for i, (c, p) in enumerate((c, p) for c in ("红", "蓝", "黑", "白") for p in ("长", "短", "宽"))]
@@ -304,6 +306,11 @@ def test_another_catalogues_sample_brings_its_own_proposer_trained_once(root, tm
     assert again.options.proposer.path == plan.options.proposer.path
     assert "trained the span proposer" not in capsys.readouterr().err
     assert plan_run(settings.replace(no_proposer=True)).options.proposer is None
+    # Without neighbours (--retrieve 0) the sample still serves the proposer: not the adapter's own CRF.
+    alone = plan_run(settings.replace(retrieve=0))
+    assert alone.options.proposer.path == plan.options.proposer.path and alone.options.pool is None
+    assert alone.settings.candidates == str(sample)
+    assert sample_texts(alone) == {r.text for r in other}  # so eval still warns of records in the sample
 
 
 def test_an_adapter_scale_is_checked_recorded_and_keeps_its_generations_apart_in_the_cache(root, tmp_path):

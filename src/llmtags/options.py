@@ -172,7 +172,7 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
         if not any("demos" in t.source for t in templates):
             check_shows_demos(template)
         pool = load_pool(settings.demos)
-    elif settings.demos and settings.retrieve is None:  # --retrieve 0: no demonstrations at all
+    elif settings.demos and settings.retrieve is None:  # no --retrieve: fixed shots (--retrieve 0: none at all)
         demos = demos_from(load_labelled(settings.demos), settings.shots)
     if template != "auto" and template.name == "few_shot" and not demos and pool is None:
         raise OptionsError(f"template {template.name!r} shows demonstrations: give --demos FILE")

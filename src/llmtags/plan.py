@@ -154,7 +154,8 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
     `--demos FILE` points the adapter at another catalogue's labelled sample: retrieval then draws from
     FILE (with the adapter's K unless --retrieve is given), and so do the candidates and, for an adapter
     that reads proposals, the span proposer (trained on the sample on first use, then cached by its
-    hash), because the adapter's own vocabulary and CRF belong to its own catalogue."""
+    hash), because the adapter's own vocabulary and CRF belong to its own catalogue. With --retrieve 0
+    the sample still supplies candidates and proposer, only no neighbours are shown."""
     name = adapter.name
     template = adapter.field("template.spec", str) if settings.template == "auto" else None
     retrieval = adapter.field("retrieval", dict)
@@ -166,10 +167,12 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
     elif retrieval and settings.demos and settings.retrieve is None:
         retrieve = adapter.field("retrieval.k", int, required=True)
     source = adapter.field("vocabulary.candidates.path", str)
-    retrieving = bool(settings.demos) and bool(retrieve or settings.retrieve)
+    # Another catalogue's sample serves candidates and the proposer, with or without neighbours (--retrieve 0);
+    # --demos without retrieval on either side is a fixed set of shots, and the adapter keeps its own.
+    sample_given = bool(settings.demos) and (retrieve is not None or settings.retrieve is not None)
     if not source or settings.candidates or settings.no_candidates:
         source = None
-    elif retrieving:  # another catalogue's sample: its own vocabulary, not the adapter's
+    elif sample_given:  # another catalogue's sample: its own vocabulary, not the adapter's
         source = settings.demos
     else:
         source = _adapter_file(adapter.path, source)
@@ -183,7 +186,7 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
             print(f"llmtags: warning: adapter {name}'s span proposer uses features version {features}, this llmtags "
                   f"computes {', '.join(map(str, FEATURE_VERSIONS))}: tagging without it; train it again with "
                   f"llmtags adapters pack {name} --proposer LABELLED", file=sys.stderr)
-        elif retrieving:  # another catalogue's sample: a CRF of its own, trained as the adapter's was
+        elif sample_given:  # another catalogue's sample: a CRF of its own, trained as the adapter's was
             records = [record for spec in candidate_sources(settings.demos) for record in load_labelled(spec)]
             recorded = adapter.field("proposer.settings", dict) or {}
             proposer_settings = ProposerSettings(**{k: v for k, v in recorded.items()
@@ -202,7 +205,7 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
     if fusing and settings.confirm_below is None:
         confirm_below = _recorded_share(adapter, "confirm_below")
     # Which attributes its CRF tags better was measured on the adapter's own catalogue, not on a sample's.
-    if fusing and settings.proposer_decides is None and not retrieving:
+    if fusing and settings.proposer_decides is None and not sample_given:
         recorded = adapter.field("proposer.decides", list)
         if recorded is not None and not all(isinstance(a, str) and a.strip() for a in recorded):
             raise OptionsError(f"adapter {name}: llmtags.json proposer.decides is {recorded}, not a list of names")
@@ -214,7 +217,7 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
                  f"adapter {name}: llmtags.json hyperparameters.text_budget")
     found = AdapterDefaults(template, source, demos, retrieve, proposer, fill, decides, confirm_below,
                             None if demo_text == "full" else demo_text, text_budget or None)
-    if found.candidates or found.demos or found.proposer or found.demo_text or found.text_budget:
+    if found.candidates or found.demos or found.retrieve or found.proposer or found.demo_text or found.text_budget:
         print(f"llmtags: adapter {name}: " + "; ".join(
             [f"span proposer {found.proposer}"] * bool(found.proposer)
             + [f"its spans of marginal >= {found.fill} that answers leave out added (--fill; --no-fill: not)"]
@@ -224,7 +227,8 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
             + [f"the model's tags under confidence {found.confirm_below} kept only where its spans have them too "
                "(--confirm-below; --no-fill: all)"] * (found.confirm_below is not None)
             + [f"candidates from {found.candidates}"] * bool(found.candidates)
-            + [f"{found.retrieve or settings.retrieve} demonstrations retrieved from {found.demos}"] * bool(found.demos)
+            + [f"{found.retrieve or settings.retrieve} demonstrations retrieved from {found.demos or settings.demos}"]
+            * bool(found.demos or (settings.demos and found.retrieve))
             + [f"neighbours shown by their {found.demo_text} (--demo-text)"] * bool(found.demo_text)
             + [f"texts over {found.text_budget} characters shown as title + windows (--text-budget; 0: whole)"]
             * bool(found.text_budget)),

@@ -93,7 +93,9 @@ def add_prompt(p: argparse.ArgumentParser, template: bool = True) -> None:
                        help="auto (zh or en by text), zh, en, few_shot, or a .j2 file")
     p.add_argument("--demos", metavar="LABELLED",
                    help="labelled records shown as demonstrations: with --retrieve K, each product's K most "
-                   "similar; else the first --shots, the same for every product")
+                   "similar; without --retrieve, the first --shots, the same for every product. With an "
+                   "--adapter that retrieves (or --retrieve, 0 included), another catalogue's sample: it also "
+                   "supplies the candidates and the span proposer")
     p.add_argument("--retrieve", type=int, metavar="K",
                    help="show each product its K most similar --demos records (BM25; same category first); "
                    "0: none, even where the adapter was trained with them (default: the adapter's K)")

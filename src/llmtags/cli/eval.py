@@ -10,6 +10,7 @@ from typing import Any
 
 from ..adapters.registry import set_metadata_entry
 from ..calibrate import read_scored_predictions
+from ..candidates import candidate_sources
 from ..evaluate import (
     add_candidate_recall,
     generate_and_score,
@@ -40,13 +41,23 @@ from .common import (
 )
 
 
-def warn_overlap(records: list[Any], pool: Any, source: str | None) -> None:
+def sample_texts(plan: Any) -> set[str] | None:
+    """The texts of the labelled sample a run's pool, candidates and proposer come from (None: no sample).
+    With --demos SAMPLE --retrieve 0 there is no pool, but the sample still supplies the other two."""
+    if plan.options.pool is not None:
+        return {r.text for r in plan.options.pool.records}
+    source = plan.settings.demos
+    if source and plan.settings.candidates == source:
+        return {r.text for spec in candidate_sources(source) for r in load_labelled(spec)}
+    return None
+
+
+def warn_overlap(records: list[Any], texts: set[str] | None, source: str | None) -> None:
     """Scores on records the demonstration pool holds (the --demos sample, or an adapter's own pool) are
     optimistic: its proposer and candidates were trained on their gold tags (retrieval already never shows
-    a record its own text)."""
-    if pool is None or not source:
+    a record its own text). `texts`: the sample's (`sample_texts`)."""
+    if not texts or not source:
         return
-    texts = {r.text for r in pool.records}
     inside = [r.id for r in records if r.text in texts]
     if inside:
         print(f"llmtags: warning: {len(inside)} of the {len(records)} records scored are in the demonstration pool "
@@ -102,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # Planned as `generate` plans: with --adapter, its template, candidates, pool and proposer.
         plan = plan_run(settings)
         settings = plan.settings
-        warn_overlap(records, plan.options.pool, settings.demos)
+        warn_overlap(records, sample_texts(plan), settings.demos)
         report, results = generate_and_score(records, plan_engine(plan), plan.options, plan.normaliser, args.data,
                                              progress=not args.quiet, protocol=args.protocol)
         confidences = [r.confidences for r in results]

@@ -21,7 +21,6 @@ from ..adapters.registry import (
     quiet_bitsandbytes,
     read_metadata,
     resolve_adapter,
-    weights_sha256,
 )
 from ..models import (
     ResolvedModel,
@@ -31,7 +30,7 @@ from ..models import (
     resolve_base_model,
 )
 from ..prompts import PromptTemplate
-from .base import MAX_NEW_TOKENS, Generation, scaled_adapter_key
+from .base import MAX_NEW_TOKENS, Generation
 from .llamacpp import LlamaCppEngine
 from .transformers import TransformersEngine
 
@@ -95,12 +94,6 @@ class BaseAdapterSet:
     def active(self, name: str | None) -> contextlib.AbstractContextManager[None]:
         """Within the block, the model generates with adapter `name` (None: the base model alone)."""
         raise NotImplementedError
-
-    def identity(self, name: str | None) -> str | None:
-        """A stable key for generation caches: the adapter's name and the sha256 of its weights."""
-        if name is None:
-            return None
-        return scaled_adapter_key(f"{name}@{weights_sha256(self.infos[name].path)[:16]}", self.scales[name])
 
     def engine(self, name: str | None) -> AdapterEngine:
         """An `Engine` that generates with adapter `name` active (None: the bare base model)."""
