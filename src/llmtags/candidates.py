@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .metrics import canonical
-from .records import GoldTag, load_labelled
+from .records import GoldTag, Record, load_labelled
 from .spans import ValueIndex, value_key
 from .vocab import VocabEntry, Vocabulary, build_vocabulary
 
@@ -92,6 +92,11 @@ def candidate_sources(spec: str) -> list[str]:
     if Path(spec).is_file():
         return [spec]
     return [part.strip() for part in spec.split(",") if part.strip()]
+
+
+def labelled_sources(spec: str) -> list[Record]:
+    """The labelled records of a `--demos` or `--proposer` value: one file, or several joined by commas."""
+    return [record for path in candidate_sources(spec) for record in load_labelled(path)]
 
 
 def load_candidate_vocabulary(spec: str) -> Vocabulary:

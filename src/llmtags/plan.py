@@ -22,13 +22,12 @@ from typing import Any
 from .adapters.maps import AdapterMap, load_adapter_map
 from .adapters.pack import POOL_FILE, PROPOSER_FEATURES_FILE, PROPOSER_FILE, VOCABULARY_FILE
 from .adapters.registry import METADATA_FILE, AdapterError, read_metadata, resolve_adapter, weights_sha256
-from .candidates import candidate_finder, candidate_sources
+from .candidates import candidate_finder, candidate_sources, labelled_sources
 from .models import base_model_spec, cache_root, sha256_file
 from .options import (OptionsError, Settings, TaggingOptions, check_budget, check_decided, check_shows_demos,
                       decided_attributes, is_share, normaliser_for, tagging_options)
 from .prompts import PromptTemplate, template_choice
 from .proposer import FEATURE_VERSIONS, ProposerSettings, SpanProposer, features_path, sample_proposer
-from .records import load_labelled
 from .retrieve import load_pool
 from .vocab import Normaliser
 
@@ -187,7 +186,7 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
                   f"computes {', '.join(map(str, FEATURE_VERSIONS))}: tagging without it; train it again with "
                   f"llmtags adapters pack {name} --proposer LABELLED", file=sys.stderr)
         elif sample_given:  # another catalogue's sample: a CRF of its own, trained as the adapter's was
-            records = [record for spec in candidate_sources(settings.demos) for record in load_labelled(spec)]
+            records = labelled_sources(settings.demos)
             recorded = adapter.field("proposer.settings", dict) or {}
             proposer_settings = ProposerSettings(**{k: v for k, v in recorded.items()
                                                     if k in ProposerSettings.__dataclass_fields__})

@@ -26,9 +26,9 @@ from collections.abc import Sequence
 import bm25s
 import numpy as np
 
-from .candidates import candidate_sources
+from .candidates import labelled_sources
 from .prompts import Demo, demo_of, first_form
-from .records import GoldTag, Record, load_labelled
+from .records import GoldTag, Record
 
 # Neighbours whose attributes make the schema of a record without category: more than the K shown, so
 # an attribute that only some similar products have is still named.
@@ -191,8 +191,7 @@ def core_attributes(schemas: Sequence[Sequence[str]], share: float = CORE_SHARE)
 
 def load_pool(spec: str) -> DemoPool:
     """The pool of `--demos SPEC`: one labelled file, or several joined by commas (as --candidates)."""
-    records = [record for path in candidate_sources(spec) for record in load_labelled(path)]
-    return shared_pool(records, spec)
+    return shared_pool(labelled_sources(spec), spec)
 
 
 def pool_hash(records: Sequence[Record]) -> str:

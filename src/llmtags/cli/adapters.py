@@ -18,10 +18,9 @@ from ..adapters.registry import (
     resolve_adapter,
     show_adapter,
 )
-from ..candidates import candidate_sources
+from ..candidates import labelled_sources
 from ..options import decided_attributes, is_share
 from ..proposer import CrossFitted, ProposerSettings
-from ..records import load_labelled
 from .common import CliError, add_root
 
 
@@ -123,7 +122,7 @@ def cmd_adapters_pack(args: argparse.Namespace) -> int:
     if not args.candidates and not args.demos and not args.proposer:
         meta = {}
     elif args.proposer:
-        records = [record for spec in candidate_sources(args.proposer) for record in load_labelled(spec)]
+        records = labelled_sources(args.proposer)
         with tempfile.TemporaryDirectory(prefix="llmtags-proposer-") as work:
             fitted = CrossFitted.train(records, k=args.proposer_folds, workdir=work,
                                        settings=ProposerSettings(max_iterations=args.proposer_iterations,

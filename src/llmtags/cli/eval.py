@@ -10,7 +10,7 @@ from typing import Any
 
 from ..adapters.registry import set_metadata_entry
 from ..calibrate import read_scored_predictions
-from ..candidates import candidate_sources
+from ..candidates import labelled_sources
 from ..evaluate import (
     add_candidate_recall,
     generate_and_score,
@@ -48,7 +48,7 @@ def sample_texts(plan: Any) -> set[str] | None:
         return {r.text for r in plan.options.pool.records}
     source = plan.settings.demos
     if source and plan.settings.candidates == source:
-        return {r.text for spec in candidate_sources(source) for r in load_labelled(spec)}
+        return {r.text for r in labelled_sources(source)}
     return None
 
 
