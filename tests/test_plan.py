@@ -311,6 +311,10 @@ def test_another_catalogues_sample_brings_its_own_proposer_trained_once(root, tm
     assert alone.options.proposer.path == plan.options.proposer.path and alone.options.pool is None
     assert alone.settings.candidates == str(sample)
     assert sample_texts(alone) == {r.text for r in other}  # so eval still warns of records in the sample
+    # The plan says itself what came from the sample: its CRF alone, without its candidates, still counts ...
+    assert plan_run(settings.replace(retrieve=0, no_candidates=True)).sample == str(sample)
+    # ... and a run that draws nothing from it scores no record optimistically.
+    assert plan_run(settings.replace(retrieve=0, no_candidates=True, no_proposer=True)).sample is None
 
 
 def test_an_adapter_scale_is_checked_recorded_and_keeps_its_generations_apart_in_the_cache(root, tmp_path):

@@ -100,9 +100,11 @@ class AdapterDefaults:
     # The prompt budget its training prompts had (hyperparameters.demo_text / text_budget; budget.py).
     demo_text: str | None = None
     text_budget: int | None = None
+    # Not a setting: the --demos sample that supplies candidates and proposer instead of the adapter's own.
+    sample: str | None = None
 
     def changes(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and k != "sample"}
 
 
 def _adapter_file(adapter_dir: Path, path: str) -> str:
@@ -169,10 +171,12 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
     # Another catalogue's sample serves candidates and the proposer, with or without neighbours (--retrieve 0);
     # --demos without retrieval on either side is a fixed set of shots, and the adapter keeps its own.
     sample_given = bool(settings.demos) and (retrieve is not None or settings.retrieve is not None)
+    serves: list[str] = []  # what the sample supplies besides neighbours
     if not source or settings.candidates or settings.no_candidates:
         source = None
     elif sample_given:  # another catalogue's sample: its own vocabulary, not the adapter's
         source = settings.demos
+        serves.append("candidates")
     else:
         source = _adapter_file(adapter.path, source)
         if _absent(name, "vocabulary candidates", source, "tagging without candidates, which lowers recall; give "
@@ -192,6 +196,7 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
                                                     if k in ProposerSettings.__dataclass_fields__})
             try:
                 proposer = str(sample_proposer(records, cache_root() / "proposers", proposer_settings, log=_say).path)
+                serves.append("proposer")
             except ValueError as exc:
                 _say(f"warning: no span proposer from {settings.demos} ({exc}): tagging without one")
         else:
@@ -215,7 +220,8 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
     check_budget(demo_text or "full", text_budget, f"adapter {name}: llmtags.json hyperparameters.demo_text",
                  f"adapter {name}: llmtags.json hyperparameters.text_budget")
     found = AdapterDefaults(template, source, demos, retrieve, proposer, fill, decides, confirm_below,
-                            None if demo_text == "full" else demo_text, text_budget or None)
+                            None if demo_text == "full" else demo_text, text_budget or None,
+                            settings.demos if serves else None)
     if found.candidates or found.demos or found.retrieve or found.proposer or found.demo_text or found.text_budget:
         print(f"llmtags: adapter {name}: " + "; ".join(
             [f"span proposer {found.proposer}"] * bool(found.proposer)
@@ -297,6 +303,9 @@ class RunPlan:
     adapter_map: AdapterMap | None = None
     # With a map: each adapter's own options (its template, candidates, pool, proposer).
     options_by_adapter: Mapping[str, TaggingOptions] = dataclasses.field(default_factory=dict)
+    # The labelled file whose gold tags the prompts draw on (the pool, or the --demos sample that also
+    # supplies candidates and proposer): scores on records it holds are optimistic (`eval` warns).
+    sample: str | None = None
 
     @property
     def adapter(self) -> ResolvedAdapter | None:
@@ -350,13 +359,16 @@ def plan_run(settings: Settings, templates: Sequence[PromptTemplate] = ()) -> Ru
     adapter_map = load_adapter_map(settings.adapter_map) if settings.adapter_map else None
     names = adapter_map.adapter_names if adapter_map is not None else [settings.adapter] if settings.adapter else []
     adapters = {name: resolved_adapter(name, settings.adapters_root) for name in names}
-    calibration = None
+    calibration, sample = None, None
     if settings.adapter:
         # One adapter: its defaults become the run's own settings, recorded with the output.
-        settings = settings.replace(**adapter_defaults(adapters[settings.adapter], settings).changes())
+        defaults = adapter_defaults(adapters[settings.adapter], settings)
+        settings, sample = settings.replace(**defaults.changes()), defaults.sample
         calibration = adapters[settings.adapter].field("calibration", dict)
     given = tagging_options(settings, templates, calibration)
     options = _fusion_with_a_proposer_only(given)
+    if sample is None and settings.demos and (options.pool is not None or settings.candidates == settings.demos):
+        sample = settings.demos
     per_adapter: dict[str, TaggingOptions] = {}
     for name, adapter in adapters.items() if adapter_map is not None else ():
         per_adapter[name] = _fusion_with_a_proposer_only(
@@ -373,4 +385,4 @@ def plan_run(settings: Settings, templates: Sequence[PromptTemplate] = ()) -> Ru
         if without:
             _say(f"warning: {flag}: adapters {', '.join(without)} bring no span proposer; their records (and those "
                  f"of the base model) {then}")
-    return RunPlan(settings, options, normaliser_for(settings), adapters, adapter_map, per_adapter)
+    return RunPlan(settings, options, normaliser_for(settings), adapters, adapter_map, per_adapter, sample)

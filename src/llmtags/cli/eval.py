@@ -42,14 +42,11 @@ from .common import (
 
 
 def sample_texts(plan: Any) -> set[str] | None:
-    """The texts of the labelled sample a run's pool, candidates and proposer come from (None: no sample).
+    """The texts of the labelled sample a run's pool, candidates or proposer come from (None: no sample).
     With --demos SAMPLE --retrieve 0 there is no pool, but the sample still supplies the other two."""
     if plan.options.pool is not None:
         return {r.text for r in plan.options.pool.records}
-    source = plan.settings.demos
-    if source and plan.settings.candidates == source:
-        return {r.text for r in labelled_sources(source)}
-    return None
+    return {r.text for r in labelled_sources(plan.sample)} if plan.sample else None
 
 
 def warn_overlap(records: list[Any], texts: set[str] | None, source: str | None) -> None:
@@ -113,7 +110,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # Planned as `generate` plans: with --adapter, its template, candidates, pool and proposer.
         plan = plan_run(settings)
         settings = plan.settings
-        warn_overlap(records, sample_texts(plan), settings.demos)
+        warn_overlap(records, sample_texts(plan), plan.sample)
         report, results = generate_and_score(records, plan_engine(plan), plan.options, plan.normaliser, args.data,
                                              progress=not args.quiet, protocol=args.protocol)
         confidences = [r.confidences for r in results]
