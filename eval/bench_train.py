@@ -5,7 +5,7 @@ max length 160.
 
     .venv/bin/python eval/bench_train.py all --examples 200 --steps 10 --variants trl,fast,first-trl,first-fast,fast-bf16
 
-writes eval/bench_train.{json,md}: per variant, real (unpadded) tokens per second, seconds per step,
+writes eval/bench_train.{json,md} (`--out eval/NAME`: eval/NAME.{json,md}): per variant, real (unpadded) tokens per second, seconds per step,
 peak RSS, the loss of every step, the seconds spent caching the frozen layers, and seconds per epoch of
 zh-taobao-ner train (4,610 examples) scaled from the measured rates. `first-trl` / `first-fast` train
 two steps on the same 8 examples from the same LoRA weights (no dropout): their losses and weights
@@ -274,10 +274,18 @@ def zh_train_tokens() -> int:
     return sum(min(len(e["input_ids"]), MAX_LENGTH) for e in examples)
 
 
+def measured(result: dict) -> str:
+    """When and under what load a variant ran, from what `all` records."""
+    load = result.get("loadavg_before")
+    return (f"{result['started']}, " if "started" in result else "") + (f"load {load[0]:.2f} before" if load else "")
+
+
 def markdown(results: dict, epoch_tokens: int, meta: dict) -> str:
     from common import meta_lines
 
-    trl = results.get("trl", {}).get("tokens_per_s_steady") or results.get("trl", {}).get("tokens_per_s")
+    # Rates are given against trl's, or against the first variant measured where trl was not.
+    base = "trl" if "trl" in results else next(n for n in results if not n.startswith("first-"))
+    trl = results[base].get("tokens_per_s_steady") or results[base]["tokens_per_s"]
     lines = ["# Training speed: trl's SFTTrainer against the fast CPU trainer", "", *meta_lines(meta),
              "- model: embedded Qwen2.5-Coder-0.5B-Instruct (fp32 on CPU); data: zh-taobao-ner train, `tuned` template "
              "with candidates; LoRA r16/a32, dropout 0.05, top 8 of 24 layers, lr 2e-4 cosine, batch 8, max length 160",
@@ -285,8 +293,8 @@ def markdown(results: dict, epoch_tokens: int, meta: dict) -> str:
              "seconds per epoch = tokens / measured tokens/s, plus (fast paths) the frozen-layer cache at its "
              "measured rate", "- when and under what load each variant ran: `measured` and `loadavg_before` in the JSON; "
              "`eval/bench_train.py report` renders this page from those measurements", "",
-             "| variant | examples × steps | tokens/s (steady) | × trl | s/step (median) | cache tokens/s | "
-             "s per zh epoch | peak RSS GiB | measured |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             f"| variant | examples × steps | tokens/s (steady) | × {base} | s/step (median) | cache tokens/s | "
+             "s per zh epoch | held-out loss | peak RSS GiB | measured |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
         if name.startswith("first-"):
             continue
@@ -294,9 +302,10 @@ def markdown(results: dict, epoch_tokens: int, meta: dict) -> str:
         steps = sorted(r["step_seconds"])
         cache_rate = r["cache_tokens"] / r["cache_seconds"] if r.get("cache_seconds") else None
         epoch = epoch_tokens / rate + (epoch_tokens / cache_rate if cache_rate else 0)
+        loss = f"{r['heldout_loss']:.4f}" if "heldout_loss" in r else "–"
         lines.append(f"| {name} | {r['examples']} × {len(steps)} | {rate:.1f} | {rate / trl:.2f} | "
                      f"{steps[len(steps) // 2]:.2f} | {f'{cache_rate:.0f}' if cache_rate else '–'} | {epoch:.0f} | "
-                     f"{r['peak_rss_gib']:.2f} | {r.get('measured', '')} |" if trl else f"| {name} | … |")
+                     f"{loss} | {r['peak_rss_gib']:.2f} | {r.get('measured') or measured(r)} |")
     curves = [n for n in ("trl", "fast", "fast-bf16") if n in results]
     if curves:
         lines += ["", "## Loss per step, side by side", "",
@@ -317,13 +326,13 @@ def markdown(results: dict, epoch_tokens: int, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: dict) -> None:
+def write_report(results: dict, out: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import run_meta, write_outputs
 
     meta = run_meta()
     epoch_tokens = zh_train_tokens()
-    write_outputs(REPO / "eval" / "bench_train", {"results": results, "zh_epoch_tokens": epoch_tokens, "meta": meta},
+    write_outputs(out, {"results": results, "zh_epoch_tokens": epoch_tokens, "meta": meta},
                   markdown(results, epoch_tokens, meta))
 
 
@@ -332,8 +341,9 @@ def main() -> None:
     steps = int(args[args.index("--steps") + 1]) if "--steps" in args else 10
     n = int(args[args.index("--examples") + 1]) if "--examples" in args else 400
     variant = args[0]
+    out = REPO / (args[args.index("--out") + 1] if "--out" in args else "eval/bench_train")
     if variant == "report":  # the Markdown of results already measured (OUT/bench.json)
-        write_report(json.loads((OUT / "bench.json").read_text()))
+        write_report(json.loads((OUT / "bench.json").read_text()), out)
         return
     if variant != "all":
         print("RESULT " + json.dumps(one(variant, steps, n)), flush=True)
@@ -345,6 +355,7 @@ def main() -> None:
     results = json.loads((OUT / "bench.json").read_text()) if (OUT / "bench.json").exists() else {}
     for v in variants:
         load = os.getloadavg()
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         ps = subprocess.run(["ps", "-eo", "ni,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True).stdout
         proc = subprocess.run([sys.executable, __file__, v, "--steps", str(steps), "--examples", str(n)],
                               capture_output=True, text=True)
@@ -353,12 +364,12 @@ def main() -> None:
             print(v, "FAILED", proc.stderr[-3000:], flush=True)
             continue
         r = json.loads(line[7:])
-        r["loadavg_before"] = load
+        r["loadavg_before"], r["started"] = load, started
         r["top_before"] = ps.splitlines()[1:5]
         results[v] = r
         (OUT / "bench.json").write_text(json.dumps(results, indent=1))
         print(v, json.dumps({k: r[k] for k in r if k not in ("messages", "top_before")})[:1500], flush=True)
-    write_report(results)
+    write_report(results, out)
 
 
 if __name__ == "__main__":

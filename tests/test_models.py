@@ -109,6 +109,20 @@ def test_bf16_is_called_slow_only_on_x86_cpus_without_native_bf16():
     assert cpu_lacks_bf16(amd_avx2) and cpu_lacks_bf16(skylake)
     assert not cpu_lacks_bf16(sapphire) and not cpu_lacks_bf16(cooper)
     assert not cpu_lacks_bf16(arm) and not cpu_lacks_bf16("")  # nothing known: no claim
+    # Native bf16 is claimed only where a flag says so (ARM, or no flags at all: not claimed either).
+    assert models.cpu_has_bf16(sapphire) and models.cpu_has_bf16(cooper)
+    assert not any(models.cpu_has_bf16(c) for c in (amd_avx2, skylake, arm, ""))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_trains_in_bf16_on_a_cpu_with_native_bf16_and_tags_in_fp32(monkeypatch, native):
+    import torch
+
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda cpuinfo=None: native)
+    assert models.pick_dtype("auto", "cpu", training=True) is (torch.bfloat16 if native else torch.float32)
+    assert models.pick_dtype("auto", "cpu") is torch.float32  # tagging: as the adapters' scores were measured
+    assert models.pick_dtype("auto", "cuda", training=True) is torch.bfloat16
+    assert models.pick_dtype("float32", "cpu", training=True) is torch.float32  # asked for: as asked
 
 
 def test_the_bf16_warning_names_the_flag_to_use(monkeypatch, capsys):

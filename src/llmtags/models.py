@@ -290,6 +290,11 @@ def cpu_lacks_bf16(cpuinfo: str | None = None) -> bool:
     return flags is not None and "sse2" in flags and not {"avx512_bf16", "amx_bf16"} & set(flags)
 
 
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """True where the CPU's flags (`cpu_flags`) show native bf16 matrix products (AVX512-BF16 or AMX-BF16)."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags(cpuinfo) or ()))
+
+
 def bf16_warning(dtype: Any, device: str) -> str | None:
     """The warning to give for computing in `dtype` on `device`, or None: bf16 on a CPU without native bf16."""
     import torch
@@ -300,24 +305,28 @@ def bf16_warning(dtype: Any, device: str) -> str | None:
     return None
 
 
-def warn_if_slow_dtype(requested: str, device: str) -> Any:
+def warn_if_slow_dtype(requested: str, device: str, *, training: bool = False) -> Any:
     """The dtype `--dtype requested` gives on `device` (`pick_dtype`), after warning on stderr where it is
     bf16 on a CPU without native bf16: said at the start, since the frozen-layer cache alone or a
     catalogue's tagging would then take hours."""
-    dtype = pick_dtype(requested, device)
+    dtype = pick_dtype(requested, device, training=training)
     slow = bf16_warning(dtype, device)
     if slow:
         print(f"llmtags: warning: --dtype {requested}: {slow}", file=sys.stderr)
     return dtype
 
 
-def pick_dtype(dtype: str, device: str) -> Any:
+def pick_dtype(dtype: str, device: str, *, training: bool = False) -> Any:
+    """`--dtype` as a torch dtype. auto: bf16 on a GPU; on a CPU float32, except in training on a CPU with
+    native bf16 (`cpu_has_bf16`), where bf16 autocast over fp32 master weights trains faster
+    (eval/bench_train_bf16_cpu.md); tagging stays float32 there, as the adapters' scores were measured."""
     import torch
 
     if dtype == "auto":
-        # bf16 matmuls are slower than fp32 on CPUs without AMX/AVX-512-BF16, like this project's CI
-        # (cpu_lacks_bf16); a GPU computes in bf16.
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        # bf16 matmuls are far slower than fp32 on CPUs without AMX/AVX-512-BF16 (cpu_lacks_bf16).
+        if device.startswith("cuda") or (training and device == "cpu" and cpu_has_bf16()):
+            return torch.bfloat16
+        return torch.float32
     return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
             "float16": torch.float16, "fp16": torch.float16}[dtype]
 

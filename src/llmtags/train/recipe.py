@@ -235,7 +235,7 @@ def _prepare_run(
     device = pick_device(config.device)
     qlora = device.startswith("cuda") if config.qlora == "auto" else bool(config.qlora)
     fast = use_fast_path(config, device, qlora)  # before the model loads: a refused combination fails at once
-    dtype = warn_if_slow_dtype(config.dtype, device)
+    dtype = warn_if_slow_dtype(config.dtype, device, training=True)
     resolved = resolve_base_model(config.base_model)
     tokenizer = load_tokenizer(resolved)
     template = template_choice(config.template)
