@@ -353,7 +353,7 @@ def test_eval_warns_when_the_records_scored_are_in_the_demos_sample(capsys):
     texts = {r.text for r in POOL}
     warn_overlap([Record("a", POOL[0].text), Record("b", "别的商品")], texts, "sample.jsonl")
     err = capsys.readouterr().err
-    assert "1 of the 2 records scored are in the demonstration pool sample.jsonl (e.g. a)" in err
+    assert "1 of the 2 records scored are in the labelled sample sample.jsonl (e.g. a)" in err
     warn_overlap([Record("b", "别的商品")], texts, "sample.jsonl")
     warn_overlap([Record("a", POOL[0].text)], None, None)
     assert capsys.readouterr().err == ""

@@ -58,8 +58,8 @@ def _config(tiny_model_dir: Path, template: str, trainer: str = "trl", **overrid
     """A tiny run; `trainer` "trl" (trl's SFTTrainer) or "fast" (the fast CPU trainer, train/fast.py)."""
     values = dict(base_model=str(tiny_model_dir), template=template, rank=8, alpha=16, dropout=0.0, lr=2e-2,
                   warmup_ratio=0.0, schedule="constant", batch_size=3, grad_accum=1, log_every=1, eval_every=0,
-                  eval_limit=3, max_new_tokens=12, device="cpu", fast=trainer == "fast")
-    values.update(overrides)
+                  eval_limit=3, max_new_tokens=12, device="cpu", fast=trainer == "fast", dtype="float32")
+    values.update(overrides)  # float32 unless a test says otherwise: `auto` depends on the CPU
     return TrainConfig(**values)
 
 
@@ -234,6 +234,38 @@ def test_resume_continues_from_the_last_checkpoint_and_keeps_the_best_adapter(ti
     # Adapters sit on the top layer only (layers=1 of the tiny model's 2).
     assert meta["hyperparameters"]["layers_to_transform"] == [1]
     assert json.loads((out / "adapter_config.json").read_text())["layers_to_transform"] == [1]
+
+
+def test_auto_dtype_is_chosen_when_a_run_starts_and_kept_when_it_resumes(tiny_model_dir, short_template, tmp_path,
+                                                                         monkeypatch, capsys):
+    from transformers import TrainerCallback
+
+    from llmtags import models
+    from llmtags.train import recipe
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda cpuinfo=None: True)
+    out = tmp_path / "auto"
+    config = _config(tiny_model_dir, short_template, "fast", max_steps=3, save_every=1, layers=1, dtype="auto")
+    with pytest.raises(KeyboardInterrupt):
+        train(RECORDS, RECORDS[:2], config, out, progress=False, callbacks=[Interrupt()])
+    assert (out / "checkpoints" / "dtype").read_text() == "bfloat16"
+    assert "--dtype auto: bf16 autocast over fp32 weights" in capsys.readouterr().err
+    # Resumed where `auto` means float32 (another machine): the run keeps the dtype its cache was made in.
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda cpuinfo=None: False)
+    result = train(RECORDS, RECORDS[:2], config, out, progress=False, resume=True)
+    assert result.start_step == 1 and result.metadata["hyperparameters"]["compute_dtype"] == "bfloat16"
+    # A run whose checkpoints hold no record began before `auto` chose bf16 on a CPU: it stays float32.
+    legacy = tmp_path / "legacy"
+    (legacy / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda cpuinfo=None: True)
+    assert recipe._run_dtype("auto", legacy, "cpu", resume=True) == "float32"
+    assert recipe._run_dtype("auto", legacy, "cpu", resume=False) == "auto"
+    assert recipe._run_dtype("bfloat16", legacy, "cpu", resume=True) == "bfloat16"
 
 
 @pytest.mark.parametrize("trainer", ["trl", "fast"])

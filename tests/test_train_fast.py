@@ -275,7 +275,7 @@ def test_completion_only_head_loss_equals_full_logits_cross_entropy(tiny_model_d
             full_count += int((labels[0, 1:] != -100).sum())
     assert count == full_count == sum(sum(e["completion_mask"][1:]) for e in examples)
     assert float(fast) == pytest.approx(full, rel=LOSS_RTOL)
-    # Under bf16 autocast (opt-in) the layers round to 8 bits of mantissa: close, but not the same loss.
+    # Under bf16 autocast (auto on a CPU with native bf16) the layers round to 8 bits of mantissa: close, but not the same loss.
     trainer.bf16 = True
     with torch.no_grad():
         rounded, _ = trainer.loss_sum([0, 1, 2, 3, 4])

@@ -100,7 +100,7 @@ class AdapterDefaults:
     # The prompt budget its training prompts had (hyperparameters.demo_text / text_budget; budget.py).
     demo_text: str | None = None
     text_budget: int | None = None
-    # Not a setting: the --demos sample that supplies candidates and proposer instead of the adapter's own.
+    # Not a setting: the --demos sample that supplies candidates or proposer instead of the adapter's own.
     sample: str | None = None
 
     def changes(self) -> dict[str, Any]:
@@ -304,7 +304,8 @@ class RunPlan:
     # With a map: each adapter's own options (its template, candidates, pool, proposer).
     options_by_adapter: Mapping[str, TaggingOptions] = dataclasses.field(default_factory=dict)
     # The labelled file whose gold tags the prompts draw on (the pool, or the --demos sample that also
-    # supplies candidates and proposer): scores on records it holds are optimistic (`eval` warns).
+    # supplies candidates or proposer): scores on records it holds are optimistic (`eval` warns). Runs of one
+    # --adapter or none; with a map, each adapter's own options say what it draws on.
     sample: str | None = None
 
     @property

@@ -43,23 +43,24 @@ from .common import (
 
 def sample_texts(plan: Any) -> set[str] | None:
     """The texts of the labelled sample a run's pool, candidates or proposer come from (None: no sample).
-    With --demos SAMPLE --retrieve 0 there is no pool, but the sample still supplies the other two."""
+    With --demos SAMPLE --retrieve 0 there is no pool, but the sample may still supply either of the others."""
     if plan.options.pool is not None:
         return {r.text for r in plan.options.pool.records}
     return {r.text for r in labelled_sources(plan.sample)} if plan.sample else None
 
 
 def warn_overlap(records: list[Any], texts: set[str] | None, source: str | None) -> None:
-    """Scores on records the demonstration pool holds (the --demos sample, or an adapter's own pool) are
-    optimistic: its proposer and candidates were trained on their gold tags (retrieval already never shows
-    a record its own text). `texts`: the sample's (`sample_texts`)."""
+    """Scores on records the labelled sample holds (the --demos sample, or an adapter's own pool) are
+    optimistic: the candidates or span proposer drawn from it saw their gold tags (retrieval already never
+    shows a record its own text). `texts`: the sample's (`sample_texts`)."""
     if not texts or not source:
         return
     inside = [r.id for r in records if r.text in texts]
     if inside:
-        print(f"llmtags: warning: {len(inside)} of the {len(records)} records scored are in the demonstration pool "
-              f"{source} (e.g. {', '.join(map(str, inside[:3]))}): the span proposer and candidates trained on it saw "
-              "their tags, so these scores are optimistic; score on records outside it", file=sys.stderr)
+        print(f"llmtags: warning: {len(inside)} of the {len(records)} records scored are in the labelled sample "
+              f"{source} (e.g. {', '.join(map(str, inside[:3]))}) that this run's neighbours, candidates or span "
+              "proposer come from: they saw these tags, so the scores are optimistic; score on records outside it",
+              file=sys.stderr)
 
 
 def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:

@@ -37,8 +37,8 @@ _HYPERPARAMETER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--save-every", {"type": int, "help": "steps between checkpoints (default: --eval-every)"}),
     ("--save-total-limit", {"type": int, "help": "checkpoints kept (default 2)"}),
     ("--log-every", {"type": int}),
-    ("--dtype", {"choices": ["auto", "float32", "bfloat16"], "help": "auto: bf16 autocast on CUDA and on a CPU with "
-                 "AVX512-BF16 or AMX, else fp32 (bf16 without them is far slower: train warns)"}),
+    ("--dtype", {"choices": ["auto", "float32", "bfloat16"], "help": "auto: bf16 on CUDA, bf16 autocast over fp32 weights "
+                 "on a CPU with AVX512-BF16 or AMX, else fp32 (bf16 without them is far slower: train warns)"}),
     ("--qlora", {"choices": ["auto", "true", "false"], "help": "4-bit base model (auto: on CUDA only)"}),
     ("--fast", {"choices": ["auto", "true", "false"], "help": "the fast CPU trainer: frozen layers computed once, "
                 "logits only where there is loss (auto: on CPU without QLoRA; false: trl's SFTTrainer)"}),

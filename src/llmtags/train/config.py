@@ -76,7 +76,7 @@ class TrainConfig:
     save_every: int | None = None  # checkpoint interval in steps; None: same as eval_every (or 50)
     save_total_limit: int = 2
     log_every: int = 10
-    dtype: str = "auto"  # auto: bf16 (autocast) on CUDA and on CPUs with native bf16, else fp32; or float32 / bfloat16
+    dtype: str = "auto"  # auto: bf16 on CUDA, bf16 autocast on CPUs with native bf16, else fp32; or float32 / bfloat16
     qlora: bool | str = "auto"  # auto: 4-bit QLoRA on CUDA, plain LoRA on CPU
     # The fast CPU path (train/fast.py): frozen layers computed once, logits only where there is loss,
     # batches of similar length. auto: on CPU without QLoRA; false: trl's SFTTrainer everywhere.

@@ -17,9 +17,11 @@ it in. It is faster because:
 3. Batches hold examples of similar length (HF's `group_by_length` scheme: shuffled megabatches of 50
    batches, sorted by length), padded on the right to their own longest example only.
 
-Optionally (`bf16=True`, off by default) the decoder layers run under bf16 autocast, in the frozen forward
-and in training; the head and the loss stay fp32. On a CPU with AVX512-BF16 that is about 1.5x faster per
-step and 2.4x faster to cache, but the losses move by up to about 1% from the fp32 path's.
+With `bf16=True` (what `--dtype auto` gives on a CPU with native bf16, `models.pick_dtype`) the decoder
+layers run under bf16 autocast, in the frozen forward and in training; the head and the loss stay fp32.
+That was 1.32x the tokens/s and 1.83x the caching rate on 2 AVX512-BF16 EPYC cores
+(eval/bench_train_bf16_cpu.md; 1.5x and 2.4x on an AMX Xeon, eval/bench_train.md), but the losses move by
+up to about 1% from the fp32 path's.
 
 Loss normalisation is the Trainer's with `num_items_in_batch` (transformers >= 4.46, trl >= 0.20): the
 summed cross-entropy of every completion token of one optimizer step (all `grad_accum` micro-batches) over

@@ -7,7 +7,8 @@ The recipe, top to bottom:
    The prompt is tokenised alone, exactly as the engine tokenises it; trl's SFTTrainer gets the ids with
    a `completion_mask` and, under `completion_only_loss`, puts the loss on the answer only (-100 labels
    on the prompt).
-2. The base model is loaded frozen: 4-bit NF4 with bf16 compute on CUDA (QLoRA), fp32 on CPU. LoRA
+2. The base model is loaded frozen: 4-bit NF4 with bf16 compute on CUDA (QLoRA), fp32 on CPU (computed
+   under bf16 autocast where the CPU has native bf16, `models.pick_dtype`). LoRA
    adapters go on the attention and MLP projections of the top `layers` transformer layers only, so the
    backward pass stops at the lowest adapted layer: on the 24-layer 0.5B model on CPU, a step with the
    top 8 layers takes about 0.65 of the time of one with all layers. No gradient checkpointing: it would
@@ -67,6 +68,7 @@ from .examples import build_examples, end_of_turn, tokenize_examples
 from .fast import FastLoraTrainer, over_length
 
 CHECKPOINTS = "checkpoints"
+RUN_DTYPE_FILE = "dtype"  # in CHECKPOINTS: the dtype `--dtype auto` gave when the run started
 BEST = "best"
 
 
@@ -123,6 +125,19 @@ def data_description(
         "dev_records": sum(r.tags is not None for r in dev_records),
         "licence": licence,
     }
+
+
+def _run_dtype(requested: str, out: Path, device: str, resume: bool) -> str:
+    """`--dtype` for this run. `auto` is resolved once, when a run starts, and recorded in its checkpoints:
+    a resume keeps it, on another CPU too, because the frozen-layer cache and the optimizer state were made
+    in it (and the cache would be rebuilt). A run started before the record existed began in float32 on CPU,
+    which is what `auto` meant there until 2026-12-07."""
+    recorded = out / CHECKPOINTS / RUN_DTYPE_FILE
+    if requested != "auto" or not resume or not (out / CHECKPOINTS).is_dir():
+        return requested
+    if recorded.is_file():
+        return recorded.read_text(encoding="utf-8").strip()
+    return "float32" if device == "cpu" else requested
 
 
 def _prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -235,7 +250,12 @@ def _prepare_run(
     device = pick_device(config.device)
     qlora = device.startswith("cuda") if config.qlora == "auto" else bool(config.qlora)
     fast = use_fast_path(config, device, qlora)  # before the model loads: a refused combination fails at once
-    dtype = warn_if_slow_dtype(config.dtype, device, training=True)
+    dtype = warn_if_slow_dtype(_run_dtype(config.dtype, out, device, resume), device, training=True)
+    if config.dtype == "auto" and device == "cpu" and dtype == torch.bfloat16:
+        print("llmtags: --dtype auto: bf16 autocast over fp32 weights, as this CPU computes bf16 natively "
+              "(--dtype float32 to keep float32)", file=sys.stderr)
+    (out / CHECKPOINTS).mkdir(exist_ok=True)
+    (out / CHECKPOINTS / RUN_DTYPE_FILE).write_text(str(dtype).removeprefix("torch."), encoding="utf-8")
     resolved = resolve_base_model(config.base_model)
     tokenizer = load_tokenizer(resolved)
     template = template_choice(config.template)
