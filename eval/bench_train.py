@@ -285,7 +285,7 @@ def markdown(results: dict, epoch_tokens: int, meta: dict) -> str:
 
     # Rates are given against trl's, or against the first variant measured where trl was not.
     base = "trl" if "trl" in results else next((n for n in results if not n.startswith("first-")), None)
-    trl = (results[base].get("tokens_per_s_steady") or results[base]["tokens_per_s"]) if base else 1.0
+    base_rate = (results[base].get("tokens_per_s_steady") or results[base]["tokens_per_s"]) if base else 1.0
     title = ("trl's SFTTrainer against the fast CPU trainer" if "trl" in results
              else "the fast CPU trainer, " + " against ".join(n for n in results if not n.startswith("first-")))
     lines = [f"# Training speed: {title}", "", *meta_lines(meta),
@@ -305,7 +305,7 @@ def markdown(results: dict, epoch_tokens: int, meta: dict) -> str:
         cache_rate = r["cache_tokens"] / r["cache_seconds"] if r.get("cache_seconds") else None
         epoch = epoch_tokens / rate + (epoch_tokens / cache_rate if cache_rate else 0)
         loss = f"{r['heldout_loss']:.4f}" if "heldout_loss" in r else "–"
-        lines.append(f"| {name} | {r['examples']} × {len(steps)} | {rate:.1f} | {rate / trl:.2f} | "
+        lines.append(f"| {name} | {r['examples']} × {len(steps)} | {rate:.1f} | {rate / base_rate:.2f} | "
                      f"{steps[len(steps) // 2]:.2f} | {f'{cache_rate:.0f}' if cache_rate else '–'} | {epoch:.0f} | "
                      f"{loss} | {r['peak_rss_gib']:.2f} | {r.get('measured') or measured(r)} |")
     curves = [n for n in ("trl", "fast", "fast-bf16") if n in results]

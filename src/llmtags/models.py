@@ -280,6 +280,10 @@ def cpu_flags(cpuinfo: str | None = None) -> list[str] | None:
                  if line.startswith("flags") and ":" in line), None)
 
 
+# The x86 flags of native bf16 matrix products: AVX512-BF16 and AMX-BF16.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
 def cpu_lacks_bf16(cpuinfo: str | None = None) -> bool:
     """True where the CPU's flags (`cpu_flags`) show an x86 CPU without AVX512-BF16 or AMX-BF16. There
     PyTorch's bf16 matmuls take a slow path: 1 GFLOPS against 147 for float32 on a 2-core AMD EPYC with
@@ -287,12 +291,12 @@ def cpu_lacks_bf16(cpuinfo: str | None = None) -> bool:
     (another OS, another architecture): no claim is made."""
     flags = cpu_flags(cpuinfo)
     # Every x86-64 CPU lists sse2.
-    return flags is not None and "sse2" in flags and not {"avx512_bf16", "amx_bf16"} & set(flags)
+    return flags is not None and "sse2" in flags and not NATIVE_BF16_FLAGS & set(flags)
 
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
     """True where the CPU's flags (`cpu_flags`) show native bf16 matrix products (AVX512-BF16 or AMX-BF16)."""
-    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags(cpuinfo) or ()))
+    return bool(NATIVE_BF16_FLAGS & set(cpu_flags(cpuinfo) or ()))
 
 
 def bf16_warning(dtype: Any, device: str) -> str | None:

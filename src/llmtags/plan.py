@@ -171,12 +171,11 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
     # Another catalogue's sample serves candidates and the proposer, with or without neighbours (--retrieve 0);
     # --demos without retrieval on either side is a fixed set of shots, and the adapter keeps its own.
     sample_given = bool(settings.demos) and (retrieve is not None or settings.retrieve is not None)
-    serves: list[str] = []  # what the sample supplies besides neighbours
+    from_sample = False  # whether the sample supplies candidates or proposer (besides neighbours)
     if not source or settings.candidates or settings.no_candidates:
         source = None
     elif sample_given:  # another catalogue's sample: its own vocabulary, not the adapter's
-        source = settings.demos
-        serves.append("candidates")
+        source, from_sample = settings.demos, True
     else:
         source = _adapter_file(adapter.path, source)
         if _absent(name, "vocabulary candidates", source, "tagging without candidates, which lowers recall; give "
@@ -196,7 +195,7 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
                                                     if k in ProposerSettings.__dataclass_fields__})
             try:
                 proposer = str(sample_proposer(records, cache_root() / "proposers", proposer_settings, log=_say).path)
-                serves.append("proposer")
+                from_sample = True
             except ValueError as exc:
                 _say(f"warning: no span proposer from {settings.demos} ({exc}): tagging without one")
         else:
@@ -221,7 +220,7 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
                  f"adapter {name}: llmtags.json hyperparameters.text_budget")
     found = AdapterDefaults(template, source, demos, retrieve, proposer, fill, decides, confirm_below,
                             None if demo_text == "full" else demo_text, text_budget or None,
-                            settings.demos if serves else None)
+                            settings.demos if from_sample else None)
     if found.candidates or found.demos or found.retrieve or found.proposer or found.demo_text or found.text_budget:
         print(f"llmtags: adapter {name}: " + "; ".join(
             [f"span proposer {found.proposer}"] * bool(found.proposer)
