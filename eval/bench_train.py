@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -333,6 +334,10 @@ def write_report(results: dict, out: Path) -> None:
     from common import run_meta, write_outputs
 
     meta = run_meta()
+    # `report` only renders: the page names the commands that measured its rows.
+    measured_by = sorted({r["measured_by"] for r in results.values() if "measured_by" in r})
+    if measured_by:
+        meta["command"] = " and ".join(measured_by) + f" (rendered by `{meta['command']}`)"
     epoch_tokens = zh_train_tokens()
     write_outputs(out, {"results": results, "zh_epoch_tokens": epoch_tokens, "meta": meta},
                   markdown(results, epoch_tokens, meta))
@@ -366,7 +371,7 @@ def main() -> None:
             print(v, "FAILED", proc.stderr[-3000:], flush=True)
             continue
         r = json.loads(line[7:])
-        r["loadavg_before"], r["started"] = load, started
+        r["loadavg_before"], r["started"], r["measured_by"] = load, started, shlex.join([sys.executable, *sys.argv])
         r["top_before"] = ps.splitlines()[1:5]
         results[v] = r
         (OUT / "bench.json").write_text(json.dumps(results, indent=1))

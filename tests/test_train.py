@@ -18,7 +18,7 @@ from llmtags.prompts import load_template
 from llmtags.tagger import build_prompt, tag_records
 from llmtags.train.config import TrainConfig, TrainError, parse_layers, resolve_layers
 from llmtags.train.examples import build_examples
-from llmtags.train.recipe import prepare_run, train
+from llmtags.train.recipe import prepare_run, train, widened_layers
 
 from conftest import DATASETS
 
@@ -391,3 +391,30 @@ def test_warm_start_continues_an_adapters_weights_with_its_shape(tiny_model_dir,
     with pytest.raises(ValueError, match="prompt template"):
         train(RECORDS, [], _config(tiny_model_dir, str(other_template), max_steps=1, init_adapter=str(first)),
               tmp_path / "third", progress=False)
+
+
+def test_a_warm_start_widens_to_more_layers_keeping_its_weights_and_starting_the_new_ones_at_zero(
+        tiny_model_dir, short_template, tmp_path):
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    train(RECORDS, [], _config(tiny_model_dir, short_template, "fast", max_steps=2, rank=4, layers=1), first,
+          progress=False)
+    # layers=2 names both of the tiny model's layers: the adapter's layer 1 and a new layer 0.
+    wide = tmp_path / "wide"
+    train(RECORDS, [], _config(tiny_model_dir, short_template, "fast", max_steps=1, layers=2, lr=1e-9,
+                               schedule="constant", init_adapter=str(first)), wide, progress=False)
+    config = json.loads((wide / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["layers_to_transform"] == [0, 1]
+    before, after = load_file(first / "adapter_model.safetensors"), load_file(wide / "adapter_model.safetensors")
+    assert set(before) < set(after)
+    for key in before:
+        assert torch.allclose(before[key], after[key], atol=1e-6), key
+    new = [k for k in after if k not in before]
+    assert new and all(".layers.0." in k for k in new)
+    assert all(after[k].abs().max() < 1e-6 for k in new if "lora_B" in k)  # a new layer changes nothing yet
+    assert any(after[k].abs().max() > 0 for k in new if "lora_A" in k)
+
+    # Layers that do not hold all of the adapter's, and more, keep the adapter's shape, as before.
+    assert widened_layers([1], 1, 2) is None and widened_layers([1], [0], 2) is None
+    assert widened_layers("all", 1, 2) is None and widened_layers([20, 21], "all", 24) == list(range(24))

@@ -221,6 +221,39 @@ def test_checkpoint_and_resume_equal_an_uninterrupted_run(tiny_model_dir, tmp_pa
         assert torch.equal(final[key], expected[key]), key
 
 
+def test_a_run_of_part_of_an_epoch_caches_only_the_examples_its_steps_train_on(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    """3 steps of 2 over 12 examples use 6: only those go through the frozen layers, and the run trains exactly
+    as one that cached all 12."""
+    examples = _examples(12)
+
+    def trainer(out: Path):
+        return FastLoraTrainer(_peft(tiny_model_dir), examples, lr=5e-3, schedule="cosine", max_steps=3,
+                               batch_size=2, grad_accum=1, seed=3, checkpoint_dir=out)
+
+    part = trainer(tmp_path / "part")
+    planned = sorted(i for batch in part.epoch_batches(0)[:3] for i in batch)
+    assert part.planned_examples() == planned and len(planned) == 6
+    part.train()
+    assert [i for i, n in enumerate(part.cache.lengths) if n] == planned
+    assert part.cache.store.shape[0] == sum(len(examples[i]["input_ids"]) for i in planned)
+    unplanned = next(i for i in range(12) if i not in planned)
+    with pytest.raises(KeyError, match="left out of the cache"):
+        part.cache.batch([unplanned])
+
+    monkeypatch.setattr(FastLoraTrainer, "planned_examples", lambda self: None)
+    whole = trainer(tmp_path / "whole")
+    whole.train()
+    assert whole.cache.store.shape[0] == sum(len(e["input_ids"]) for e in examples)
+    mine, expected = _lora_weights(part.model), _lora_weights(whole.model)
+    for key in expected:
+        assert torch.equal(mine[key], expected[key]), key
+    # A whole epoch or more caches every example.
+    monkeypatch.undo()
+    assert FastLoraTrainer(_peft(tiny_model_dir), examples, lr=5e-3, max_steps=6, batch_size=2,
+                           seed=3).planned_examples() is None
+
+
 def test_cache_equals_the_models_hidden_states_at_the_first_adapted_layer(tiny_model_dir, tmp_path):
     """In memory and memory-mapped, the cached states are the full forward's input of the lowest adapted layer."""
     examples = _examples(6)

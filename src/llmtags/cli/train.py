@@ -20,7 +20,8 @@ _HYPERPARAMETER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--alpha", {"type": int, "help": "LoRA alpha (default 32)"}),
     ("--dropout", {"type": float, "help": "LoRA dropout (default 0.05)"}),
     ("--target-modules", {"help": "comma-separated module names (default q,k,v,o,gate,up,down _proj)"}),
-    ("--layers", {"help": "layers that get adapters: N (the top N, default 8), 'all', or indices '20,21-23'"}),
+    ("--layers", {"help": "layers that get adapters: N (the top N; default 8, or a warm start's own), 'all', or indices "
+                 "'20,21-23'"}),
     ("--lr", {"type": float, "help": "learning rate (default 2e-4)"}),
     ("--schedule", {"help": "learning-rate schedule (default cosine; linear, constant_with_warmup, ...)"}),
     ("--warmup-ratio", {"type": float, "help": "share of steps spent warming up (default 0.03)"}),
@@ -46,7 +47,8 @@ _HYPERPARAMETER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--base-model", {"help": "base model spec (default: $LLMTAGS_BASE_MODEL, else 'embedded')"}),
     ("--template", {"help": "auto (default), zh, en, few_shot, or a .j2 file"}),
     ("--init-adapter", {"metavar": "ADAPTER", "help": "warm start: continue training this adapter's weights "
-                        "(its rank, alpha, modules and layers replace the flags; base and templates must match)"}),
+                        "(its rank, alpha, modules and layers replace the flags, but --layers naming its layers and more "
+                        "widens it, the new layers starting at zero; base and templates must match)"}),
     ("--candidates", {"metavar": "VOCAB", "help": "offer vocabulary entries found in the text in the prompt, "
                       "as generate --candidates (a vocabulary, or a labelled file whose tags are collected)"}),
     ("--demos", {"metavar": "LABELLED", "help": "with --retrieve K: each example shows its K most similar records "

@@ -59,7 +59,8 @@ class TrainConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     # Which transformer layers carry adapters: N = the top N layers, "all", or a list of layer indices.
-    layers: int | str | list[int] = 8
+    # None: the top DEFAULT_LAYERS for a new adapter, a warm start's own (more than its own widen it).
+    layers: int | str | list[int] | None = None
     lr: float = 2e-4
     schedule: str = "cosine"  # any transformers lr_scheduler_type: cosine, linear, constant_with_warmup, ...
     warmup_ratio: float = 0.03
@@ -83,7 +84,8 @@ class TrainConfig:
     fast: bool | str = "auto"
     device: str = "auto"
     # Warm start: an adapter (registry name or directory) whose weights training continues from. Its LoRA
-    # shape (rank, alpha, modules, layers) replaces the values above; base and templates must match.
+    # shape (rank, alpha, modules, layers) replaces the values above, except `layers` naming all of its
+    # layers and more, which widens it (train.recipe.warm_start); base and templates must match.
     init_adapter: str | None = None
 
     # --- reading and merging -------------------------------------------------------------------------
@@ -200,6 +202,9 @@ def parse_layers(text: str | int | Sequence[int]) -> int | str | list[int]:
         raise TrainError(f"layers: expected 'all', a number N (top N layers) or indices like '20,21-23', "
                          f"not {text!r}") from None
     return sorted(set(indices))
+
+
+DEFAULT_LAYERS = 8  # a new adapter's: the top 8 layers
 
 
 def resolve_layers(layers: int | str | list[int], num_layers: int) -> list[int] | None:

@@ -229,11 +229,22 @@ class FastLoraTrainer:
             self.cache = HiddenStateCache.build(
                 self.model, self.examples, self.first, memory_budget_bytes=self.memory_budget_bytes,
                 cache_dir=self.cache_dir, log=self.progress, bar=self.cache_bar, bf16=self.bf16,
-                persist_dir=self.checkpoint_dir / "frozen" if self.checkpoint_dir is not None else None)
+                persist_dir=self.checkpoint_dir / "frozen" if self.checkpoint_dir is not None else None,
+                only=self.planned_examples())
             self.cache_seconds = time.perf_counter() - started
             if self.verify:
                 self._verify()
         return self.cache
+
+    def planned_examples(self) -> list[int] | None:
+        """The examples that the planned steps train on (None: every one). A run of part of an epoch (a short
+        adaptation) then runs the frozen layers over just those, not over the whole epoch's."""
+        used: set[int] = set()
+        for epoch in range(self.num_epochs):
+            steps = min(self.epoch_steps, self.max_steps - epoch * self.epoch_steps)
+            for batch in self.epoch_batches(epoch)[:steps * self.grad_accum]:
+                used.update(batch)
+        return None if len(used) == len(self.examples) else sorted(used)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         return length_grouped_batches(self.lengths, self.batch_size, self.seed, epoch)
@@ -380,7 +391,8 @@ class FastLoraTrainer:
         import torch
         import torch.nn.functional as F
 
-        index = min(range(len(self.examples)), key=lambda i: self.lengths[i])
+        cached = [i for i, n in enumerate(self.cache.lengths) if n]
+        index = min(cached, key=lambda i: self.lengths[i])
         example = self.examples[index]
         lm, _, head = decoder_parts(self.model)
         was_training = self.model.training

@@ -79,10 +79,11 @@ def run_layers(backbone: Any, hidden: Any, start: int, stop: int) -> Any:
 CACHE_VERSION = 1  # bump when `run_layers` or the layout of the cache file changes
 
 
-def cache_key(model: Any, examples: Sequence[dict[str, Sequence[int]]], first: int, bf16: bool) -> str:
+def cache_key(model: Any, examples: Sequence[dict[str, Sequence[int]]], first: int, bf16: bool,
+              only: Sequence[int] | None = None) -> str:
     """What the cached states depend on: the frozen layers' weights (shapes, dtypes and a sample of their
     values: the base model), the model's config (rope, attention implementation, ...), the layer they
-    enter, the autocast, this code's version, and every example's tokens."""
+    enter, the autocast, this code's version, every example's tokens, and which examples are cached."""
     import hashlib
 
     import torch
@@ -99,6 +100,8 @@ def cache_key(model: Any, examples: Sequence[dict[str, Sequence[int]]], first: i
             digest.update(flat[:: max(flat.numel() // 4096, 1)].float().cpu().numpy().tobytes())
     for example in examples:
         digest.update(b"|" + ",".join(map(str, example["input_ids"])).encode())
+    if only is not None:
+        digest.update(("only:" + ",".join(map(str, sorted(only)))).encode())
     return digest.hexdigest()[:16]
 
 
@@ -118,16 +121,20 @@ class HiddenStateCache:
     def build(cls, model: Any, examples: Sequence[dict[str, Sequence[int]]], first: int, *,
               memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, cache_dir: str | Path | None = None,
               batch_tokens: int = 4096, log: Callable[[str], None] | None = None, bar: bool = False,
-              bf16: bool = False, persist_dir: str | Path | None = None) -> HiddenStateCache:
+              bf16: bool = False, persist_dir: str | Path | None = None,
+              only: Sequence[int] | None = None) -> HiddenStateCache:
         """With `persist_dir` (a run's checkpoints), the states are written to a file there, named by a hash
         of the model's frozen part and the examples' tokens, and a later run of the same examples (a resume,
-        in another session) maps that file instead of running the frozen layers again."""
+        in another session) maps that file instead of running the frozen layers again.
+        With `only`, just those examples' states are computed and kept (a run of part of an epoch needs no
+        more); `batch` then serves those indices only."""
         import torch
         from tqdm import tqdm
 
         _, backbone, _ = decoder_parts(model)
         hidden_size = backbone.config.hidden_size
-        lengths = [len(e["input_ids"]) for e in examples]
+        kept = set(range(len(examples))) if only is None else set(only)
+        lengths = [len(e["input_ids"]) if i in kept else 0 for i, e in enumerate(examples)]
         offsets = [0]
         for n in lengths[:-1]:
             offsets.append(offsets[-1] + n)
@@ -135,11 +142,11 @@ class HiddenStateCache:
         nbytes = estimate_cache_bytes(lengths, hidden_size)
         path = None
         if persist_dir is not None:
-            path = Path(persist_dir) / f"hidden-{cache_key(model, examples, first, bf16)}.f32"
+            path = Path(persist_dir) / f"hidden-{cache_key(model, examples, first, bf16, only)}.f32"
             done = path.with_suffix(".done")
             if path.is_file() and done.is_file() and path.stat().st_size == nbytes:
                 if log:
-                    log(f"the hidden states entering layer {first} for {len(examples)} examples: mapped from {path}")
+                    log(f"the hidden states entering layer {first} for {len(kept)} examples: mapped from {path}")
                 store = torch.from_file(str(path), shared=False, size=total * hidden_size,
                                         dtype=torch.float32).view(total, hidden_size)
                 return cls(store, offsets, lengths, path)
@@ -165,12 +172,13 @@ class HiddenStateCache:
             path.unlink()  # the mapping keeps the data; the disk space is freed when it goes
             where = f"memory-mapped from {directory} (over the {memory_budget_bytes / 2**30:.1f} GiB budget)"
         if log:
-            log(f"caching the hidden states entering layer {first} for {len(examples)} examples "
+            log(f"caching the hidden states entering layer {first} for {len(kept)} examples "
+                f"{'' if only is None else f'(those of the planned steps, of {len(examples)}) '}"
                 f"({total} tokens): {nbytes / 2**20:.0f} MiB, {where}")
         if first > 0:
             device = next(backbone.parameters()).device
             embed = backbone.get_input_embeddings()
-            order = sorted(range(len(examples)), key=lambda i: lengths[i])
+            order = sorted(sorted(kept), key=lambda i: lengths[i])
             groups, group = [], []
             for i in order:  # similar lengths together, at most `batch_tokens` padded tokens a forward
                 if group and (len(group) + 1) * lengths[i] > batch_tokens:
@@ -182,7 +190,7 @@ class HiddenStateCache:
             was_training = model.training
             model.eval()
             try:
-                with torch.no_grad(), tqdm(total=len(examples), desc="caching frozen layers", unit="ex",
+                with torch.no_grad(), tqdm(total=len(kept), desc="caching frozen layers", unit="ex",
                                            disable=not bar, leave=False) as progress:
                     for group in groups:
                         width = max(lengths[i] for i in group)
@@ -200,16 +208,20 @@ class HiddenStateCache:
         else:  # every layer is adapted: the cache holds the embeddings
             embed = backbone.get_input_embeddings()
             with torch.no_grad():
-                for i, example in enumerate(examples):
-                    ids = torch.as_tensor(example["input_ids"], device=embed.weight.device)
+                for i in sorted(kept):
+                    ids = torch.as_tensor(examples[i]["input_ids"], device=embed.weight.device)
                     store[offsets[i]:offsets[i] + lengths[i]] = embed(ids).float().cpu()
         if persist_dir is not None and path is not None:
-            path.with_suffix(".done").write_text(f"{len(examples)} examples, {total} tokens\n", encoding="utf-8")
+            path.with_suffix(".done").write_text(f"{len(kept)} examples, {total} tokens\n", encoding="utf-8")
         return cls(store, offsets, lengths, path)
 
     def batch(self, indices: Sequence[int], device: Any = "cpu") -> Any:
         """(len(indices), longest, hidden) right-padded with zeros."""
         import torch
+
+        missing = [i for i in indices if not self.lengths[i]]
+        if missing:
+            raise KeyError(f"examples {missing[:5]} were left out of the cache (`only`)")
 
         width = max(self.lengths[i] for i in indices)
         out = torch.zeros(len(indices), width, self.store.shape[1], dtype=self.store.dtype)

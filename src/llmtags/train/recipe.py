@@ -63,7 +63,7 @@ from ..proposer import CrossFitted, ProposerSettings
 from ..records import Record
 from ..retrieve import load_pool
 from .callbacks import callback_classes
-from .config import TrainConfig, TrainError, resolve_layers
+from .config import DEFAULT_LAYERS, TrainConfig, TrainError, resolve_layers
 from .examples import build_examples, end_of_turn, tokenize_examples
 from .fast import FastLoraTrainer, over_length
 
@@ -284,8 +284,10 @@ def _prepare_run(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     num_layers = model.config.get_text_config().num_hidden_layers
     if config.init_adapter:
-        model, init = warm_start(model, config, resolved, template, tokenizer)
+        model, init = warm_start(model, config, resolved, template, tokenizer, num_layers)
         config = dataclasses.replace(config, **init)
+    elif config.layers is None:
+        config = dataclasses.replace(config, layers=DEFAULT_LAYERS)
     layers = resolve_layers(config.layers, num_layers)
     options = TaggingOptions(template=template, max_new_tokens=config.max_new_tokens, batch_size=config.eval_batch_size,
                              candidates=candidates, pool=pool, retrieve=config.retrieve,
@@ -434,10 +436,17 @@ def _callbacks(config: TrainConfig, dev: Sequence[Record], tokenizer: Any, optio
     return progress_cb, eval_cb
 
 
-def warm_start(model: Any, config: TrainConfig, resolved: Any, template: Any, tokenizer: Any) -> tuple[Any, dict]:
+def warm_start(model: Any, config: TrainConfig, resolved: Any, template: Any, tokenizer: Any,
+               num_layers: int) -> tuple[Any, dict]:
     """Wrap `model` with the trainable weights of `config.init_adapter`, after checking that it was
-    trained on this base with these templates. Returns the model and the LoRA shape it brings."""
-    from peft import PeftModel
+    trained on this base with these templates. Returns the model and the LoRA shape it brings.
+
+    Where `config.layers` is set and names more layers than the adapter has, all of the adapter's among them,
+    the adapter is widened: its layers keep their weights and the others start as LoRA starts (B = 0,
+    so the model's answers are unchanged at step 0). More layers are how a warm-started adapter gets
+    more capacity without losing what it learnt."""
+    from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
 
     path = resolve_adapter(config.init_adapter)
     check_compatible(read_metadata(path), resolved, template, tokenizer)
@@ -449,7 +458,34 @@ def warm_start(model: Any, config: TrainConfig, resolved: Any, template: Any, to
         "target_modules": sorted(lora["target_modules"]),
         "layers": lora.get("layers_to_transform") or "all",
     }
-    return PeftModel.from_pretrained(model, str(path), is_trainable=True), shape
+    wider = widened_layers(shape["layers"], config.layers, num_layers)
+    if wider is None:
+        return PeftModel.from_pretrained(model, str(path), is_trainable=True), shape
+    shape["layers"] = wider
+    print(f"llmtags: widening the warm start {config.init_adapter} from layers {lora['layers_to_transform']} "
+          f"to {wider}; the new layers start at zero", file=sys.stderr)
+    from transformers import set_seed
+
+    set_seed(config.seed)  # the new layers' lora_A, seeded as a new adapter's
+    model = get_peft_model(model, lora_config(dataclasses.replace(config, **shape), wider))
+    loaded = set_peft_model_state_dict(model, load_file(str(path / WEIGHTS_FILE)))
+    if loaded.unexpected_keys:
+        raise TrainError(f"{path / WEIGHTS_FILE}: weights that the widened adapter has no place for: "
+                         f"{loaded.unexpected_keys[:3]}")
+    return model, shape
+
+
+def widened_layers(adapter_layers: list[int] | str, requested: int | str | list[int] | None,
+                   num_layers: int) -> list[int] | None:
+    """The layers of a widened warm start: `requested` where it holds all of the adapter's layers and more
+    (None otherwise: the adapter's own layers stand, as they always did)."""
+    if adapter_layers == "all" or requested is None:
+        return None
+    wanted = resolve_layers(requested, num_layers)
+    wanted = list(range(num_layers)) if wanted is None else wanted
+    if set(adapter_layers) < set(wanted):
+        return sorted(wanted)
+    return None
 
 
 def train(
