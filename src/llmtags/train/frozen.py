@@ -133,8 +133,9 @@ class HiddenStateCache:
 
         _, backbone, _ = decoder_parts(model)
         hidden_size = backbone.config.hidden_size
-        kept = set(range(len(examples))) if only is None else set(only)
-        lengths = [len(e["input_ids"]) if i in kept else 0 for i, e in enumerate(examples)]
+        kept = range(len(examples)) if only is None else sorted(set(only))
+        keep = set(kept)
+        lengths = [len(e["input_ids"]) if i in keep else 0 for i, e in enumerate(examples)]
         offsets = [0]
         for n in lengths[:-1]:
             offsets.append(offsets[-1] + n)
@@ -178,7 +179,7 @@ class HiddenStateCache:
         if first > 0:
             device = next(backbone.parameters()).device
             embed = backbone.get_input_embeddings()
-            order = sorted(sorted(kept), key=lambda i: lengths[i])
+            order = sorted(kept, key=lambda i: lengths[i])
             groups, group = [], []
             for i in order:  # similar lengths together, at most `batch_tokens` padded tokens a forward
                 if group and (len(group) + 1) * lengths[i] > batch_tokens:
@@ -208,7 +209,7 @@ class HiddenStateCache:
         else:  # every layer is adapted: the cache holds the embeddings
             embed = backbone.get_input_embeddings()
             with torch.no_grad():
-                for i in sorted(kept):
+                for i in kept:
                     ids = torch.as_tensor(examples[i]["input_ids"], device=embed.weight.device)
                     store[offsets[i]:offsets[i] + lengths[i]] = embed(ids).float().cpu()
         if persist_dir is not None and path is not None:

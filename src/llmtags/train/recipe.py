@@ -357,12 +357,10 @@ def _trl_trainer(model: Any, examples: list[dict[str, list[int]]], config: Train
 def _fast_trainer(model: Any, examples: list[dict[str, list[int]]], config: TrainConfig, layers: list[int] | None,
                   out: Path, progress_cb: Any, progress: bool, bf16: bool = False) -> FastLoraTrainer:
     """The fast CPU trainer on a peft model: the warm-start adapter, or a new LoRA seeded as trl seeds it."""
-    from peft import PeftModel, get_peft_model
-    from transformers import set_seed
+    from peft import PeftModel
 
     if not isinstance(model, PeftModel):
-        set_seed(config.seed)
-        model = get_peft_model(model, lora_config(config, layers))
+        model = new_lora(model, config, layers)
     return FastLoraTrainer(
         model, examples, lr=config.lr, schedule=config.schedule, warmup_ratio=config.warmup_ratio,
         epochs=config.epochs, max_steps=config.max_steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
@@ -370,6 +368,16 @@ def _fast_trainer(model: Any, examples: list[dict[str, list[int]]], config: Trai
         save_total_limit=config.save_total_limit, log_every=config.log_every, max_length=config.max_length,
         cache_dir=cache_root() / "train-cache", progress=progress_cb.write, cache_bar=progress, bf16=bf16,
     )
+
+
+def new_lora(model: Any, config: TrainConfig, layers: list[int] | None) -> Any:
+    """`model` with a new LoRA adapter of `config`'s shape on `layers`, its lora_A drawn from `config.seed`
+    as trl seeds it (lora_B starts at zero)."""
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    set_seed(config.seed)
+    return get_peft_model(model, lora_config(config, layers))
 
 
 def lora_config(config: TrainConfig, layers: list[int] | None) -> Any:
@@ -445,7 +453,7 @@ def warm_start(model: Any, config: TrainConfig, resolved: Any, template: Any, to
     the adapter is widened: its layers keep their weights and the others start as LoRA starts (B = 0,
     so the model's answers are unchanged at step 0). More layers are how a warm-started adapter gets
     more capacity without losing what it learnt."""
-    from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+    from peft import PeftModel, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     path = resolve_adapter(config.init_adapter)
@@ -464,10 +472,7 @@ def warm_start(model: Any, config: TrainConfig, resolved: Any, template: Any, to
     shape["layers"] = wider
     print(f"llmtags: widening the warm start {config.init_adapter} from layers {lora['layers_to_transform']} "
           f"to {wider}; the new layers start at zero", file=sys.stderr)
-    from transformers import set_seed
-
-    set_seed(config.seed)  # the new layers' lora_A, seeded as a new adapter's
-    model = get_peft_model(model, lora_config(dataclasses.replace(config, **shape), wider))
+    model = new_lora(model, dataclasses.replace(config, **shape), wider)  # the new layers' lora_A, seeded
     loaded = set_peft_model_state_dict(model, load_file(str(path / WEIGHTS_FILE)))
     if loaded.unexpected_keys:
         raise TrainError(f"{path / WEIGHTS_FILE}: weights that the widened adapter has no place for: "
