@@ -186,6 +186,90 @@ def test_a_scaled_lora_matches_peft_at_that_scale_and_scale_zero_is_the_base(tmp
         llama_engine.use_adapter(None)
 
 
+def test_an_adapter_added_again_under_its_name_replaces_it_and_an_uncached_one_leaves_no_file(
+        tmp_path, tiny_model_dir, tiny_engine, llama_engine, prompts, monkeypatch):
+    monkeypatch.setenv("LLMTAGS_CACHE", str(tmp_path / "cache"))
+    first = _tiny_lora(tiny_model_dir, tmp_path / "first", seed=6)
+    second = _tiny_lora(tiny_model_dir, tmp_path / "second", seed=7)
+    llama_engine.add_adapter("second-cached", second)  # the reference: converted and cached as generate does
+    cached = sorted((tmp_path / "cache").rglob("*.gguf"))
+    assert len(cached) == 1
+    try:
+        llama_engine.use_adapter("second-cached")
+        expected_second = llama_engine.generate(prompts, max_new_tokens=MAX_NEW)
+        llama_engine.add_adapter("dev", first, cache=False)
+        llama_engine.use_adapter("dev")
+        got_first = llama_engine.generate(prompts, max_new_tokens=MAX_NEW)
+        assert [g.text for g in got_first] != [e.text for e in expected_second]  # the two adapters differ
+        llama_engine.add_adapter("dev", second, cache=False)  # replaces the one in use
+        llama_engine.use_adapter("dev")
+        _assert_same(expected_second, llama_engine.generate(prompts, max_new_tokens=MAX_NEW))
+        llama_engine.remove_adapter("dev")
+        _assert_same(tiny_engine.generate(prompts, max_new_tokens=MAX_NEW, batch_size=4),
+                     llama_engine.generate(prompts, max_new_tokens=MAX_NEW))
+    finally:
+        llama_engine.use_adapter(None)
+        llama_engine.remove_adapter("second-cached")
+    assert sorted((tmp_path / "cache").rglob("*.gguf")) == cached  # the uncached conversions are gone
+
+
+def test_a_training_runs_dev_evaluation_on_llama_cpp_tags_as_the_transformers_engine_does(tmp_path, tiny_model_dir,
+                                                                                         tiny_gguf):
+    """The trained adapter as it stands at each evaluation, converted for llama.cpp, answers as the training
+    model itself does (same float32 weights), and a later evaluation sees the weights as they are then."""
+    from types import SimpleNamespace
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llmtags.tagger import tag_records
+    from llmtags.train.callbacks import callback_classes
+    from llmtags.train.recipe import _callbacks
+    from llmtags.train.config import TrainConfig
+    from llmtags.models import load_tokenizer, resolve_base_model
+
+    tokenizer = load_tokenizer(resolve_base_model(str(tiny_model_dir)))
+    torch.manual_seed(8)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"],
+                                      init_lora_weights=False, task_type="CAUSAL_LM"))
+    records = [Record(r.id, r.text, r.category, tags=["品牌:理肤泉"]) for r in RECORDS[:4]]
+    options = TaggingOptions(template="auto", max_new_tokens=MAX_NEW, batch_size=4)
+    evals = {kind: callback_classes()["GenerationEval"](records, tokenizer, options, 1, tmp_path / kind,
+                                                        callback_classes()["LossProgress"](enabled=False), False,
+                                                        engine=kind, base_model=str(tiny_gguf))
+             for kind in ("transformers", "llama.cpp")}
+
+    def answers(kind):
+        model.eval()
+        return [r.raw for r in tag_records(records, evals[kind]._engine(model), options)]
+
+    for step in (1, 2):
+        with torch.no_grad():  # the weights a step would have changed, large enough to change the answers
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.5)
+        expected = answers("transformers")
+        assert answers("llama.cpp") == expected
+        entry = evals["llama.cpp"].evaluate(model, SimpleNamespace(global_step=step, epoch=0.1 * step, log_history=[]))
+        assert entry["engine"] == "llama.cpp" and entry["step"] == step
+        if step == 1:
+            first = expected
+    assert first != expected  # the second evaluation saw the new weights
+
+    def pick(base: str, engine: str = "auto") -> str:  # the recipe's choice of engine for a run's evaluations
+        config = TrainConfig(base_model=base, eval_engine=engine)
+        return _callbacks(config, records, tokenizer, options, tmp_path / "run", False, False, "cpu")[1].engine_kind
+
+    # auto: llama.cpp for a GGUF base on CPU (as generate picks), transformers for a model directory
+    assert pick(str(tiny_gguf)) == "llama.cpp"
+    assert pick(str(tiny_model_dir)) == "transformers"
+    assert pick(str(tiny_gguf), "transformers") == "transformers"
+    with pytest.raises(ValueError, match="--eval-engine llama.cpp"):
+        pick(str(tiny_model_dir), "llama.cpp")
+
+
 def test_unconvertible_adapters_are_refused(tmp_path, tiny_model_dir):
     from llmtags.adapters.gguf_export import GgufExportError, lora_to_gguf
 

@@ -34,6 +34,9 @@ _HYPERPARAMETER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--eval-every", {"type": int, "help": "steps between dev evaluations by generation (default 50; 0: at the end)"}),
     ("--eval-limit", {"type": int, "help": "dev records generated per evaluation (default 100)"}),
     ("--eval-batch-size", {"type": int}),
+    ("--eval-engine", {"choices": ["auto", "transformers", "llama.cpp"], "help": "the engine dev evaluations "
+                       "generate with (auto: llama.cpp for a GGUF base on CPU when installed, as generate picks; "
+                       "it measures the adapter on the weights it will tag with)"}),
     ("--max-new-tokens", {"type": int, "help": "generation limit during evaluation (default 64)"}),
     ("--save-every", {"type": int, "help": "steps between checkpoints (default: --eval-every)"}),
     ("--save-total-limit", {"type": int, "help": "checkpoints kept (default 2)"}),

@@ -21,6 +21,9 @@ MAX_NEW_TOKENS = 64
 WEIGHTS = ("q8_0", "as-is")
 DEFAULT_WEIGHTS = "q8_0"
 
+# `--engine` (generate, eval, prompt compare) and `--eval-engine` (train): `select.pick_engine` resolves auto.
+ENGINE_CHOICES = ("auto", "transformers", "llama.cpp")
+
 
 def scaled_adapter_key(key: str, scale: float) -> str:
     """An adapter's key in the generation cache at LoRA scale `scale` (`--adapter-scale`): its generations at

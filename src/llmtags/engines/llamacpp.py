@@ -237,21 +237,42 @@ class LlamaCppEngine(PromptEncoder):
 
     # --- adapters ---------------------------------------------------------------------------------
 
-    def add_adapter(self, name: str, adapter_dir: str | Path) -> None:
-        """Load a peft LoRA adapter (converted to a GGUF LoRA once, cached by its hash)."""
+    def add_adapter(self, name: str, adapter_dir: str | Path, cache: bool = True) -> None:
+        """Load a peft LoRA adapter as `name`, replacing an adapter of that name. It is converted to a GGUF
+        LoRA once and cached by its hash; with `cache=False` (weights seen once, as a training run's dev
+        evaluations see them) the conversion is read and deleted."""
+        import tempfile
+
         adapter_dir = Path(adapter_dir)
-        digest = weights_sha256(adapter_dir)
-        config_digest = sha256_file(adapter_dir / CONFIG_FILE)
-        path = cache_root() / "gguf" / f"lora-{digest[:16]}-{config_digest[:8]}.gguf"
-        if not path.is_file():
-            lora_to_gguf(adapter_dir, path)
+        if cache:
+            digest = weights_sha256(adapter_dir)
+            config_digest = sha256_file(adapter_dir / CONFIG_FILE)
+            path = cache_root() / "gguf" / f"lora-{digest[:16]}-{config_digest[:8]}.gguf"
+            if not path.is_file():
+                lora_to_gguf(adapter_dir, path)
+            adapter = self._load_lora(path, adapter_dir)
+        else:
+            with tempfile.TemporaryDirectory(prefix="llmtags-lora-") as tmp:
+                path = lora_to_gguf(adapter_dir, Path(tmp) / "lora.gguf")
+                adapter = self._load_lora(path, adapter_dir)  # read into llama.cpp's own buffers
+        if name in self._adapters:
+            self.remove_adapter(name)
+        self._adapters[name] = adapter
+
+    def _load_lora(self, path: Path, adapter_dir: Path) -> Any:
         from llama_cpp._utils import suppress_stdout_stderr
 
         with suppress_stdout_stderr(disable=False):  # a line per tensor about buffer types
             adapter = self._llama.llama_adapter_lora_init(self._model.model, str(path).encode("utf-8"))
         if not adapter:
             raise ModelError(f"llama.cpp refused the adapter {adapter_dir} (converted to {path})")
-        self._adapters[name] = adapter
+        return adapter
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload adapter `name` (the base model alone generates next, if it was in use)."""
+        if self._active[0] == name:
+            self.use_adapter(None)
+        self._llama.llama_adapter_lora_free(self._adapters.pop(name))
 
     def use_adapter(self, name: str | None, scale: float = 1.0) -> None:
         """Generate with adapter `name` from now on (None: the base model alone), its LoRA update

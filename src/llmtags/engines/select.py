@@ -6,11 +6,11 @@ import importlib.util
 from typing import Any
 
 from ..models import EMBEDDED, ModelError, base_model_spec, pick_device
-from .base import DEFAULT_WEIGHTS
+from .base import DEFAULT_WEIGHTS, ENGINE_CHOICES
 from .llamacpp import LlamaCppEngine
 from .transformers import TransformersEngine
 
-ENGINE_CHOICES = ("auto", "transformers", "llama.cpp")
+__all__ = ["ENGINE_CHOICES", "load_engine", "pick_engine"]
 
 
 def pick_engine(choice: str = "auto", base_model: str | None = None, device: str = "auto", dtype: str = "auto") -> str:

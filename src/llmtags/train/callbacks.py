@@ -56,14 +56,22 @@ class _LossProgress:
             self.bar = None
 
 
+DEV_ADAPTER = "dev"  # the name the adapter being trained has in a llama.cpp engine
+
+
 class _GenerationEval:
     """Tag dev records by generation every `every` steps; keep the adapter with the best micro F1."""
 
-    def __init__(self, records, tokenizer, options, every, best_dir: Path, progress, resume: bool):
+    def __init__(self, records, tokenizer, options, every, best_dir: Path, progress, resume: bool,
+                 engine: str = "transformers", base_model: str | None = None):
         self.records = list(records)
         self.tokenizer = tokenizer
         self.options = options
         self.every = every
+        # "transformers": the training model itself generates; "llama.cpp": the run's base as a GGUF, with
+        # the adapter as it stands converted at each evaluation (`base_model`: the run's --base-model).
+        self.engine_kind = engine
+        self.base_model = base_model
         self.best_dir = best_dir
         self.progress = progress
         self.history: list[dict[str, Any]] = []
@@ -97,6 +105,25 @@ class _GenerationEval:
         if self.last_step != state.global_step and not any(h["step"] == state.global_step for h in self.history):
             self.evaluate(model, state)
 
+    def _engine(self, model: Any) -> Any:
+        """An engine that generates with `model`'s adapter as it stands. One per run: it keeps per-tokenizer
+        state (stop tokens) and, for llama.cpp, the loaded base between evaluations."""
+        if self.engine_kind == "llama.cpp":
+            import tempfile
+
+            from ..engines.llamacpp import LlamaCppEngine
+
+            if self.engine is None:
+                self.engine = LlamaCppEngine.load(self.base_model)
+            with tempfile.TemporaryDirectory(prefix="llmtags-dev-adapter-") as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)  # the LoRA weights only
+                self.engine.add_adapter(DEV_ADAPTER, tmp, cache=False)
+            self.engine.use_adapter(DEV_ADAPTER)
+            return self.engine
+        if self.engine is None or self.engine.model is not model:
+            self.engine = TransformersEngine(model, self.tokenizer)
+        return self.engine
+
     def evaluate(self, model: Any, state: Any) -> dict[str, Any]:
         self.last_step = state.global_step
         train_seconds = self.trained_before + time.perf_counter() - self.stretch_start
@@ -106,10 +133,7 @@ class _GenerationEval:
         self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left for generation
         start = time.perf_counter()
         try:
-            if self.engine is None or self.engine.model is not model:
-                # One engine per run: it keeps per-tokenizer state (stop tokens) between evaluations.
-                self.engine = TransformersEngine(model, self.tokenizer)
-            results = list(tag_records(self.records, self.engine, self.options))
+            results = list(tag_records(self.records, self._engine(model), self.options))
         finally:
             self.tokenizer.padding_side = padding_side
             if was_training:
@@ -124,6 +148,7 @@ class _GenerationEval:
             "recall": scores.micro.recall,
             "f1": scores.micro.f1,
             "records": len(self.records),
+            "engine": self.engine_kind,
             "seconds": round(time.perf_counter() - start, 2),
             "train_seconds": round(train_seconds, 3),
         }
@@ -139,7 +164,8 @@ class _GenerationEval:
         self.progress.note("dev_f1", f"{entry['f1']:.3f}")
         self.progress.write(f"step {entry['step']}: dev micro F1 {entry['f1']:.3f} "
                             f"(P {entry['precision']:.3f}, R {entry['recall']:.3f}) on {len(self.records)} "
-                            f"records; best {self.best['f1']:.3f} at step {self.best['step']}")
+                            f"records ({self.engine_kind}, {entry['seconds']:.0f} s); best {self.best['f1']:.3f} "
+                            f"at step {self.best['step']}")
         self.trained_before, self.stretch_start = train_seconds, time.perf_counter()  # saving is not training
         return entry
 

@@ -13,7 +13,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from ..engines.base import MAX_NEW_TOKENS
+from ..engines.base import ENGINE_CHOICES, MAX_NEW_TOKENS
 from ..options import OptionsError, check_budget
 from ..proposer import FEATURE_VERSIONS, FEATURES_VERSION
 
@@ -73,6 +73,10 @@ class TrainConfig:
     eval_every: int = 50  # optimizer steps between dev evaluations; 0: only at the end
     eval_limit: int = 100  # dev records generated per evaluation
     eval_batch_size: int = 16
+    # The engine dev evaluations generate with: auto picks llama.cpp where generate would (a GGUF base on CPU,
+    # llama-cpp-python installed), so a run is measured on the engine and weights it will tag with rather than
+    # on the float32 training model; the adapter as it stands is converted for llama.cpp at each evaluation.
+    eval_engine: str = "auto"
     max_new_tokens: int = MAX_NEW_TOKENS
     save_every: int | None = None  # checkpoint interval in steps; None: same as eval_every (or 50)
     save_total_limit: int = 2
@@ -142,6 +146,7 @@ class TrainConfig:
              "max_length, batch_size and grad_accum must be positive"),
             (self.eval_every >= 0 and self.eval_limit >= 0, "eval_every and eval_limit must not be negative"),
             (self.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16"), "dtype: auto, float32 or bfloat16"),
+            (self.eval_engine in ENGINE_CHOICES, f"eval_engine: {', '.join(ENGINE_CHOICES)}"),
             (bool(self.target_modules), "target_modules is empty"),
             (self.retrieve >= 0, "retrieve must not be negative"),
             (not self.retrieve or bool(self.demos), "retrieve needs demos: the labelled records to retrieve from"),

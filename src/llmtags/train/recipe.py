@@ -48,12 +48,15 @@ from ..adapters.registry import (
     write_metadata,
 )
 from ..candidates import candidate_finder
+from ..engines.select import pick_engine
 from ..models import (
+    ModelError,
     cache_root,
     load_model,
     load_tokenizer,
     pick_device,
     resolve_base_model,
+    resolve_gguf_base,
     sha256_file,
     warn_if_slow_dtype,
 )
@@ -293,7 +296,7 @@ def _prepare_run(
                              candidates=candidates, pool=pool, retrieve=config.retrieve,
                              proposer=proposer.full if proposer else None, demo_text=config.demo_text,
                              text_budget=config.text_budget)
-    progress_cb, eval_cb = _callbacks(config, dev, tokenizer, options, out, progress, resume)
+    progress_cb, eval_cb = _callbacks(config, dev, tokenizer, options, out, progress, resume, device)
     if fast:
         trainer = _fast_trainer(model, examples, config, layers, out, progress_cb, progress,
                                 bf16=dtype == torch.bfloat16)
@@ -435,12 +438,21 @@ def _sft_args(config: TrainConfig, out: Path, tokenizer: Any, *, bf16: bool, use
 
 
 def _callbacks(config: TrainConfig, dev: Sequence[Record], tokenizer: Any, options: TaggingOptions, out: Path,
-               progress: bool, resume: bool) -> tuple[Any, Any]:
-    """The progress bar, and the dev evaluation (None without dev records) with the prompts of `options`."""
+               progress: bool, resume: bool, device: str) -> tuple[Any, Any]:
+    """The progress bar, and the dev evaluation (None without dev records) with the prompts of `options`,
+    on the engine `config.eval_engine` picks for this base and device."""
     classes = callback_classes()
     progress_cb = classes["LossProgress"](enabled=progress)
-    eval_cb = (classes["GenerationEval"](dev, tokenizer, options, config.eval_every, out / BEST, progress_cb, resume)
-               if dev and config.eval_limit else None)
+    if not (dev and config.eval_limit):
+        return progress_cb, None
+    try:
+        engine = pick_engine(config.eval_engine, config.base_model, device)
+        if engine == "llama.cpp":
+            resolve_gguf_base(config.base_model)  # a base llama.cpp cannot read fails now, not at the first evaluation
+    except ModelError as exc:
+        raise TrainError(f"--eval-engine {config.eval_engine}: {exc}") from None
+    eval_cb = classes["GenerationEval"](dev, tokenizer, options, config.eval_every, out / BEST, progress_cb, resume,
+                                        engine=engine, base_model=config.base_model)
     return progress_cb, eval_cb
 
 
