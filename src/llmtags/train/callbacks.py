@@ -8,6 +8,7 @@ import functools
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..adapters.registry import WEIGHTS_FILE
+from ..engines.llamacpp import LlamaCppEngine
 from ..engines.transformers import TransformersEngine
 from ..metrics import score
 from ..tagger import tag_records
@@ -109,10 +111,6 @@ class _GenerationEval:
         """An engine that generates with `model`'s adapter as it stands. One per run: it keeps per-tokenizer
         state (stop tokens) and, for llama.cpp, the loaded base between evaluations."""
         if self.engine_kind == "llama.cpp":
-            import tempfile
-
-            from ..engines.llamacpp import LlamaCppEngine
-
             if self.engine is None:
                 self.engine = LlamaCppEngine.load(self.base_model)
             with tempfile.TemporaryDirectory(prefix="llmtags-dev-adapter-") as tmp:
