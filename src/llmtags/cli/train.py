@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.registry import adapters_root, resolve_adapter, validate_adapter_name
+from ..engines.base import ENGINE_CHOICES
 from ..records import Fields, Record, RecordError, interleave, read_records
 from ..train.config import TrainConfig, TrainError
 from ..train.recipe import data_description, train
@@ -34,7 +35,7 @@ _HYPERPARAMETER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--eval-every", {"type": int, "help": "steps between dev evaluations by generation (default 50; 0: at the end)"}),
     ("--eval-limit", {"type": int, "help": "dev records generated per evaluation (default 100)"}),
     ("--eval-batch-size", {"type": int}),
-    ("--eval-engine", {"choices": ["auto", "transformers", "llama.cpp"], "help": "the engine dev evaluations "
+    ("--eval-engine", {"choices": ENGINE_CHOICES, "help": "the engine dev evaluations "
                        "generate with (auto: llama.cpp for a GGUF base on CPU when installed, as generate picks; "
                        "it measures the adapter on the weights it will tag with)"}),
     ("--max-new-tokens", {"type": int, "help": "generation limit during evaluation (default 64)"}),
