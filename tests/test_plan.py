@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from llmtags.adapters import registry
+from llmtags.adapters.routing import load_adapter_set
 from llmtags.adapters.pack import POOL_FILE, PROPOSER_FEATURES_FILE, PROPOSER_FILE, VOCABULARY_FILE, pack_adapter
 from llmtags.candidates import candidate_finder
 from llmtags.cli import main
@@ -88,9 +89,20 @@ def test_the_plan_resolves_each_adapter_once(root, tmp_path, monkeypatch):
     for module in [m for name, m in sys.modules.items() if name.startswith("llmtags")]:
         if getattr(module, "resolve_adapter", None) is real:
             monkeypatch.setattr(module, "resolve_adapter", counting)
+    read = Counter[str]()
+    real_read = registry.read_metadata
+
+    def counting_reads(path):
+        read[Path(str(path)).name] += 1
+        return real_read(path)
+
+    for module in [m for name, m in sys.modules.items() if name.startswith("llmtags")]:
+        if getattr(module, "read_metadata", None) is real_read:
+            monkeypatch.setattr(module, "read_metadata", counting_reads)
     plan = plan_run(Settings(adapter="zh-tuned", adapters_root=str(root), min_confidence="calibrated"))
     run_settings(plan)
-    assert calls == {"zh-tuned": 1}
+    load_adapter_set(plan)  # the engine attaches what the plan resolved, without reading it again
+    assert calls == {"zh-tuned": 1} and read == {"zh-tuned": 1}
     assert plan.options.min_confidence == 0.2  # read from the metadata the plan holds
     adapter_map = tmp_path / "map.toml"
     adapter_map.write_text('[languages]\nzh = "zh-tuned"\nen = "plain"\n', encoding="utf-8")
@@ -288,7 +300,8 @@ def test_a_malformed_metadata_field_is_named(tmp_path, meta, extra, field):
         plan_run(Settings(adapter=str(adapter), **extra))
 
 
-def test_another_catalogues_sample_brings_its_own_proposer_trained_once(root, tmp_path, monkeypatch, capsys):
+def test_another_catalogues_sample_brings_its_own_proposer_trained_once(root, tiny_model_dir, tmp_path, monkeypatch,
+                                                                       capsys):
     """`--demos SAMPLE` serves retrieval, candidates and the proposer: a CRF trained on the sample on first
     use and cached by its content, not the adapter's own."""
     from llmtags.cli.eval import sample_texts
@@ -315,6 +328,13 @@ def test_another_catalogues_sample_brings_its_own_proposer_trained_once(root, tm
     assert plan_run(settings.replace(retrieve=0, no_candidates=True)).sample == str(sample)
     # ... and a run that draws nothing from it scores no record optimistically.
     assert plan_run(settings.replace(retrieve=0, no_candidates=True, no_proposer=True)).sample is None
+    # An adapter trained without neighbours (as zh-taobao): the sample serves its proposer, and the prompt
+    # shows no fixed shots it never saw in training.
+    spans = random_adapter(tiny_model_dir, tmp_path / "spans", seed=7, template="tuned")
+    pack_adapter(spans, proposer={"model": str(SpanProposer.train(_labelled(60), tmp_path / "own.crfsuite").path)})
+    by_spans = plan_run(Settings(adapter=str(spans), demos=str(sample)))
+    assert by_spans.options.proposer.path == plan.options.proposer.path and by_spans.sample == str(sample)
+    assert not by_spans.options.demos and by_spans.options.pool is None and by_spans.settings.retrieve == 0
 
 
 def test_an_adapter_scale_is_checked_recorded_and_keeps_its_generations_apart_in_the_cache(root, tmp_path):

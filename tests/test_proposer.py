@@ -258,6 +258,11 @@ def test_adapters_pack_trains_and_ships_a_proposer(tmp_path):
     assert main(["adapters", "pack", str(adapter), "--confirm-below", "0"]) == 0
     assert "confirm_below" not in meta_of(adapter)["proposer"] and meta_of(adapter)["proposer"]["fill"] == 0.7
     assert main(["adapters", "pack", str(adapter), "--confirm-below", "0.4"]) == 0
+    # What eval/fill.py prints as its choice is accepted as written: off, none.
+    assert main(["adapters", "pack", str(adapter), "--fill", "off", "--proposer-decides", "none"]) == 0
+    assert "fill" not in meta_of(adapter)["proposer"] and not meta_of(adapter)["proposer"].get("decides")
+    assert meta_of(adapter)["proposer"]["confirm_below"] == 0.4
+    assert main(["adapters", "pack", str(adapter), "--fill", "0.7", "--proposer-decides", "产品词,品牌"]) == 0
     # eval/fill.py records the fusion chosen on dev whole: "no fill" and "no attributes" clear what was there.
     record_fusion(adapter, None, ["品牌"])
     assert "fill" not in meta_of(adapter)["proposer"] and meta_of(adapter)["proposer"]["decides"] == ["品牌"]
@@ -721,3 +726,29 @@ def test_an_answer_that_used_every_new_token_is_counted_as_cut():
     summary.add(cut)
     summary.add(whole)
     assert summary.cut == 1 and any("--max-new-tokens" in line for line in summary.lines())
+
+
+def test_the_proposer_alone_tags_a_whole_file_without_a_model(zh_proposer, tmp_path, monkeypatch):
+    """`--proposer-alone`: the CRF as the tagger (a new catalogue's fallback, README "A new catalogue"); no
+    engine is loaded, and every record, of any category, gets the CRF's spans."""
+    from llmtags import run
+    from llmtags.cli import main
+    from llmtags.options import OptionsError
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(run, "load_engine", no_model)
+    monkeypatch.setattr(run, "adapter_tagger", no_model)
+    records = [Record(f"r{i}", r.text, category="unheard-of") for i, r in enumerate(synthetic(6, seed=9))]
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"id": r.id, "text": r.text, "category": r.category}, ensure_ascii=False)
+                              + "\n" for r in records), encoding="utf-8")
+    assert main(["generate", str(source), "-o", str(out), "--proposer", str(zh_proposer.path), "--proposer-alone",
+                 "-q"]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [row["id"] for row in rows] == [r.id for r in records] and all(row["by"] == "proposer" for row in rows)
+    assert [row["tags"] for row in rows] == [[p.tag for p in zh_proposer.propose(r)] for r in records]
+    assert any(row["tags"] for row in rows)
+    with pytest.raises(OptionsError, match="--proposer-alone"):
+        tagging_options(Settings(proposer_alone=True))

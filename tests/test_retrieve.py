@@ -314,6 +314,8 @@ def test_retrieval_needs_a_template_that_shows_demonstrations(tmp_path):
     pool = _write(tmp_path / "pool.jsonl", POOL)
     with pytest.raises(OptionsError, match="does not show demonstrations"):
         tagging_options(Settings(demos=str(pool), retrieve=2))  # auto: zh.j2 and en.j2 show none
+    with pytest.raises(OptionsError, match="does not show demonstrations"):
+        tagging_options(Settings(template="zh", demos=str(pool), retrieve=2))  # it names `demos` in a comment only
     none = tagging_options(Settings(template="tuned", demos=str(pool), retrieve=0))
     assert none.pool is None and not none.demos  # --retrieve 0: no demonstrations at all
 

@@ -6,6 +6,7 @@ short prompt template (`SHORT_TEMPLATE`) and few steps to stay well under a minu
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from llmtags.records import Record, load_labelled
 from llmtags.options import TaggingOptions
 from llmtags.prompts import load_template
 from llmtags.tagger import build_prompt, tag_records
-from llmtags.train.config import TrainConfig, TrainError, parse_layers, resolve_layers
+from llmtags.train.config import TrainConfig, TrainError, parse_layers, resolve_layers, warm_start_defaults
 from llmtags.train.examples import build_examples
 from llmtags.train.recipe import prepare_run, train, widened_layers
 
@@ -388,9 +389,32 @@ def test_warm_start_continues_an_adapters_weights_with_its_shape(tiny_model_dir,
               overwrite=True, progress=False)
     other_template = tmp_path / "other.j2"
     other_template.write_text(SHORT_TEMPLATE.replace("抽取标签。", "抽取全部标签。"), encoding="utf-8")
-    with pytest.raises(ValueError, match="prompt template"):
+    with pytest.raises(ValueError, match="prompt template") as refused:
         train(RECORDS, [], _config(tiny_model_dir, str(other_template), max_steps=1, init_adapter=str(first)),
               tmp_path / "third", progress=False)
+    assert "uses it anyway" not in str(refused.value)  # train has no flag that forces a mismatched warm start
+
+
+def test_a_warm_start_takes_the_adapters_prompt_where_the_run_sets_none(tmp_path):
+    """Workflow (b): `train SAMPLE --init-adapter en-products` trains on en-products' prompt (template, budget,
+    length, proposer features), its candidates and neighbours drawn from the sample; what the run sets stays."""
+    from llmtags.adapters.registry import read_metadata
+    from llmtags.cli.train import given_settings
+
+    meta = read_metadata(Path(__file__).parents[1] / "adapters" / "en-products")
+    config, lines = warm_start_defaults(TrainConfig(), set(), meta, "sample.jsonl")
+    assert (config.base_model, config.template, config.retrieve, config.demos, config.candidates) == (
+        "embedded", "tuned", 2, "sample.jsonl", "sample.jsonl")
+    assert (config.max_length, config.proposer_features) == (512, 2)
+    assert "--template tuned" in lines and "--candidates the training records" in lines
+
+    toml = tmp_path / "run.toml"
+    toml.write_text("[train]\nretrieve = 0\n", encoding="utf-8")
+    given = given_settings(argparse.Namespace(train_config=str(toml), template="zh", max_length=None))
+    assert given >= {"retrieve", "template"} and "max_length" not in given
+    kept, lines = warm_start_defaults(TrainConfig(template="zh"), given, meta, "sample.jsonl")
+    assert (kept.template, kept.retrieve, kept.demos, kept.candidates) == ("zh", 0, None, "sample.jsonl")
+    assert not any(line.startswith(("--template", "--retrieve", "--demos")) for line in lines)
 
 
 def test_a_warm_start_widens_to_more_layers_keeping_its_weights_and_starting_the_new_ones_at_zero(

@@ -65,6 +65,8 @@ class TaggingOptions:
     # The cascade: a record whose labelling the span proposer is at least this sure of (its Viterbi
     # path's probability) is tagged by the proposer alone, without generation (None: every record is generated).
     cascade: float | None = None
+    # Every record tagged by the proposer alone (--proposer-alone): the CRF as a tagger, no model loaded.
+    proposer_alone: bool = False
     # Fusion: the proposer's spans of at least this marginal that the model's answer leaves out (no tag
     # over their words) are added to it (None: the answer stands as written).
     fill: float | None = None
@@ -116,6 +118,7 @@ class Settings:
     constrain_vocab: str | None = None
     min_confidence: str | None = None  # a number in [0, 1], or "calibrated"
     cascade: float | None = None  # P in (0, 1]: the proposer alone tags records it is this sure of
+    proposer_alone: bool = False  # the proposer alone tags every record: no model
     fill: float | None = None  # P in (0, 1]: add the proposer's spans this likely that the answer leaves out
     proposer_decides: str | None = None  # comma-joined attributes whose tags are the proposer's spans
     confirm_below: float | None = None  # C in (0, 1]: the model's tags under C stand only where the proposer found them
@@ -169,7 +172,7 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
     demos: Sequence[Demo] = ()
     pool = None
     if settings.demos and retrieve:
-        if not any("demos" in t.source for t in templates):
+        if not any(t.renders("demos") for t in templates):
             check_shows_demos(template)
         pool = load_pool(settings.demos)
     elif settings.demos and settings.retrieve is None:  # no --retrieve: fixed shots (--retrieve 0: none at all)
@@ -199,6 +202,10 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
         if proposer is None and not settings.adapter_map:
             raise OptionsError(f"{flag} needs a span proposer: an --adapter that ships one, --demos SAMPLE with such an "
                                "adapter, or --proposer MODEL (and not --no-proposer)")
+    if settings.proposer_alone and (proposer is None or settings.adapter_map):
+        raise OptionsError("--proposer-alone tags with a span proposer alone: give one --adapter that ships one, "
+                           "--demos SAMPLE with such an adapter, or --proposer MODEL (not --adapter-map or "
+                           "--no-proposer)")
     for flag, given in (("--proposer-decides", decides), ("--confirm-below", settings.confirm_below is not None)):
         if given and settings.no_fill:
             raise OptionsError(f"{flag} and --no-fill do not go together: --no-fill keeps the answers as written")
@@ -219,7 +226,8 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
     return TaggingOptions(template, demos, pool, retrieve, settings.max_new_tokens, settings.batch_size,
                           settings.chunk_size, candidates=candidates, proposer=proposer, constrain=settings.constrain,
                           constrain_vocab=constrain_vocab, min_confidence=min_confidence(settings, calibration),
-                          cascade=settings.cascade, fill=None if settings.no_fill else settings.fill,
+                          cascade=settings.cascade, proposer_alone=settings.proposer_alone,
+                          fill=None if settings.no_fill else settings.fill,
                           proposer_decides=frozenset() if settings.no_fill else decides,
                           confirm_below=None if settings.no_fill else settings.confirm_below,
                           demo_text=settings.demo_text or "full", text_budget=settings.text_budget or None,
@@ -251,7 +259,7 @@ def check_decided(decides: frozenset[str], proposer: Any, source: str) -> None:
 
 def check_shows_demos(template: str | PromptTemplate) -> None:
     """Retrieved demonstrations need a template that renders `demos`; the zh and en defaults do not."""
-    if template == "auto" or "demos" not in template.source:
+    if template == "auto" or not template.renders("demos"):
         name = "auto (zh/en)" if template == "auto" else template.name
         raise OptionsError(f"--retrieve: template {name} does not show demonstrations; use --template tuned or "
                            "few_shot, or a .j2 file whose user block renders `demos`")

@@ -155,8 +155,9 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
     `--demos FILE` points the adapter at another catalogue's labelled sample: retrieval then draws from
     FILE (with the adapter's K unless --retrieve is given), and so do the candidates and, for an adapter
     that reads proposals, the span proposer (trained on the sample on first use, then cached by its
-    hash), because the adapter's own vocabulary and CRF belong to its own catalogue. With --retrieve 0
-    the sample still supplies candidates and proposer, only no neighbours are shown."""
+    hash), because the adapter's own vocabulary and CRF belong to its own catalogue. With --retrieve 0,
+    and for an adapter trained without demonstrations, the sample still supplies candidates and proposer,
+    only no neighbours are shown."""
     name = adapter.name
     template = adapter.field("template.spec", str) if settings.template == "auto" else None
     retrieval = adapter.field("retrieval", dict)
@@ -167,10 +168,14 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
             demos, retrieve = pool, settings.retrieve or adapter.field("retrieval.k", int, required=True)
     elif retrieval and settings.demos and settings.retrieve is None:
         retrieve = adapter.field("retrieval.k", int, required=True)
+    elif settings.demos and settings.retrieve is None:
+        # An adapter trained without demonstrations (`train` shows none without --retrieve): --demos is a new
+        # catalogue's sample, for candidates and proposer; shown as fixed shots it would make a prompt the
+        # adapter never saw.
+        retrieve = 0
     source = adapter.field("vocabulary.candidates.path", str)
-    # Another catalogue's sample serves candidates and the proposer, with or without neighbours (--retrieve 0);
-    # --demos without retrieval on either side is a fixed set of shots, and the adapter keeps its own.
-    sample_given = bool(settings.demos) and (retrieve is not None or settings.retrieve is not None)
+    # Another catalogue's sample serves candidates and the proposer, with or without neighbours (--retrieve 0).
+    sample_given = bool(settings.demos)
     from_sample = False  # whether the sample supplies candidates or proposer (besides neighbours)
     if not source or settings.candidates or settings.no_candidates:
         source = None
@@ -221,7 +226,8 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
     found = AdapterDefaults(template, source, demos, retrieve, proposer, fill, decides, confirm_below,
                             None if demo_text == "full" else demo_text, text_budget or None,
                             settings.demos if from_sample else None)
-    if found.candidates or found.demos or found.retrieve or found.proposer or found.demo_text or found.text_budget:
+    if (found.candidates or found.demos or found.retrieve is not None or found.proposer or found.demo_text
+            or found.text_budget):
         print(f"llmtags: adapter {name}: " + "; ".join(
             [f"span proposer {found.proposer}"] * bool(found.proposer)
             + [f"its spans of marginal >= {found.fill} that answers leave out added (--fill; --no-fill: not)"]
@@ -233,6 +239,8 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
             + [f"candidates from {found.candidates}"] * bool(found.candidates)
             + [f"{found.retrieve or settings.retrieve} demonstrations retrieved from {found.demos or settings.demos}"]
             * bool(found.demos or (settings.demos and found.retrieve))
+            + [f"no demonstrations shown (it was trained without; --demos serves candidates and proposer)"]
+            * (settings.demos is not None and found.retrieve == 0)
             + [f"neighbours shown by their {found.demo_text} (--demo-text)"] * bool(found.demo_text)
             + [f"texts over {found.text_budget} characters shown as title + windows (--text-budget; 0: whole)"]
             * bool(found.text_budget)),

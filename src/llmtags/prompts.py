@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError
+from jinja2 import StrictUndefined, TemplateError, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .budget import demo_text
@@ -54,6 +54,14 @@ class PromptError(ValueError):
 @functools.lru_cache(maxsize=64)
 def _compile(source: str) -> Any:
     return _ENV.from_string(source)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_variables(source: str) -> frozenset[str]:
+    try:
+        return frozenset(meta.find_undeclared_variables(_ENV.parse(source)))
+    except TemplateError as exc:
+        raise PromptError(f"template: {exc}") from exc
 
 
 def neutralise(text: str) -> str:
@@ -91,6 +99,11 @@ class PromptTemplate:
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.source.encode("utf-8")).hexdigest()
+
+    def renders(self, variable: str) -> bool:
+        """Whether the template reads `variable` (a name in a comment does not count): `demos` for retrieval,
+        `proposals` for the span proposer."""
+        return variable in _read_variables(self.source)
 
     def _render_block(self, block: str, variables: dict[str, Any]) -> str:
         try:

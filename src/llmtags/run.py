@@ -299,7 +299,10 @@ def run_only_record(plan: RunPlan) -> dict[str, Any]:
 
 def make_tagger(plan: RunPlan) -> Tagger:
     """The `tag(records, on_batch)` callable that `tag_file` takes: the engine the plan names, with its
-    adapter or adapter map (each record routed to its own), loaded once."""
+    adapter or adapter map (each record routed to its own), loaded once; none for --proposer-alone, whose
+    records all go to the span proposer."""
+    if plan.options.proposer_alone:
+        return lambda records, on_batch: tag_chunks(records, None, plan.options, plan.normaliser, on_batch)
     if plan.settings.wants_adapters:
         return adapter_tagger(plan)
     settings = plan.settings

@@ -137,8 +137,9 @@ class PromptParts:
     known: bool = True
 
     def cascaded(self, options: TaggingOptions) -> bool:
-        """Whether the proposer alone tags this record (`--cascade P`): a product of a known category only."""
-        return (options.cascade is not None and self.known and self.confidence is not None
+        """Whether the proposer alone tags this record: all with `--proposer-alone`, else (`--cascade P`) a
+        product of a known category it is that sure of."""
+        return options.proposer_alone or (options.cascade is not None and self.known and self.confidence is not None
                 and self.confidence >= options.cascade)
 
 

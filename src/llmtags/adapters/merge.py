@@ -41,7 +41,7 @@ def merge_adapter(
     resolved = resolve_base_model(base or meta.get("base_model", {}).get("spec"))
     tokenizer = load_tokenizer(resolved)
     # Merging needs the right base weights; the prompt is the merged model's user's business (recorded below).
-    check_compatible(meta, resolved, None, tokenizer, force=force)
+    check_compatible(meta, resolved, None, tokenizer, force=force, force_flag="--force")
     model = load_model(resolved, device=device, dtype=dtype, load_in_4bit=load_in_4bit)
     if load_in_4bit or getattr(model, "is_loaded_in_4bit", False):
         warnings.warn(

@@ -271,12 +271,14 @@ def check_compatible(
     template: str | PromptTemplate | None,
     tokenizer: Any,
     force: bool = False,
+    force_flag: str | None = "--force-adapter",
 ) -> list[str]:
     """Refuse an adapter trained for another base model, prompt template or chat template.
 
     `template` is the run's choice ('auto', a name, a path or a PromptTemplate); None skips the prompt
     checks (merging weights needs only the right base). Returns the list of differences (empty when
-    compatible); with `force`, differences are warned about and returned instead of raised.
+    compatible); with `force`, differences are warned about and returned instead of raised. `force_flag` is
+    the command's flag for that, named in the error (None: the command has none).
     """
     problems = []
     base = meta.get("base_model") or {}
@@ -300,10 +302,11 @@ def check_compatible(
         )
     if problems and not force:
         raise AdapterMismatch(
-            "adapter does not match this run:\n  - " + "\n  - ".join(problems) + "\n(--force uses it anyway)"
+            "adapter does not match this run:\n  - " + "\n  - ".join(problems)
+            + (f"\n({force_flag} uses it anyway)" if force_flag else "")
         )
     for problem in problems:
-        warnings.warn(f"adapter used despite a mismatch (--force): {problem}", stacklevel=2)
+        warnings.warn(f"adapter used despite a mismatch ({force_flag}): {problem}", stacklevel=2)
     return problems
 
 

@@ -98,7 +98,7 @@ def load_adapter_set(plan: RunPlan) -> BaseAdapterSet:
         # The directory the plan resolved (absolute: a bare relative one would read as a registry name).
         options = plan.options_for(name)
         adapter_set.add(adapter.path.absolute(), name=name, template=options.template, force=settings.force_adapter,
-                        scale=options.adapter_scale)
+                        scale=options.adapter_scale, meta=adapter.meta)
     return adapter_set
 
 

@@ -54,12 +54,13 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
     p.add_argument("--proposer-features", type=int, default=ProposerSettings.features, metavar="V",
                    help=f"the proposer's feature set (default {ProposerSettings.features}; 1: the set adapters "
                    "trained before 2026-12-06 saw)")
-    p.add_argument("--fill", type=float, metavar="P", help="record P as the adapter's default --fill (choose it on dev "
-                   "records: eval/fill.py; 0: none); the adapter must ship a span proposer")
+    p.add_argument("--fill", type=share_or_off, metavar="P", help="record P as the adapter's default --fill (choose it "
+                   "on dev records: eval/fill.py; 0 or off: none); the adapter must ship a span proposer")
     p.add_argument("--proposer-decides", metavar="ATTRS", help="record these comma-joined attributes as the ones whose "
-                   "tags the adapter's span proposer decides by default (chosen on dev records: eval/fill.py)")
-    p.add_argument("--confirm-below", type=float, metavar="C", help="record C as the adapter's default --confirm-below "
-                   "(chosen on dev records: eval/fill.py; 0: none)")
+                   "tags the adapter's span proposer decides by default (chosen on dev records: eval/fill.py; "
+                   "none: no attribute)")
+    p.add_argument("--confirm-below", type=share_or_off, metavar="C", help="record C as the adapter's default "
+                   "--confirm-below (chosen on dev records: eval/fill.py; 0 or off: none)")
     p.add_argument("--licence", "--license", dest="licence", help="licence of the shipped data, for the metadata")
     add_root(p)
     p.set_defaults(func=cmd_adapters_pack)
@@ -105,9 +106,15 @@ def cmd_adapters_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def share_or_off(text: str) -> float:
+    """A share as --fill and --confirm-below take it, or off / none (0), as eval/fill.py prints its choice."""
+    return 0.0 if text.strip().lower() in ("off", "none") else float(text)
+
+
 def cmd_adapters_pack(args: argparse.Namespace) -> int:
-    decides = sorted(decided_attributes(args.proposer_decides))
-    fusion = args.fill is not None or decides or args.confirm_below is not None
+    no_decides = (args.proposer_decides or "").strip().lower() == "none"  # clears the recorded attributes
+    decides = [] if no_decides else sorted(decided_attributes(args.proposer_decides))
+    fusion = args.fill is not None or decides or no_decides or args.confirm_below is not None
     if not args.candidates and not args.demos and not args.proposer and not fusion:
         raise CliError("give --candidates VOCAB, --demos LABELLED --retrieve K, --proposer LABELLED, --fill P, "
                        "--proposer-decides ATTRS and/or --confirm-below C")
@@ -139,12 +146,12 @@ def cmd_adapters_pack(args: argparse.Namespace) -> int:
             return recorded.get(key) if share is None else share or None  # 0: none
 
         try:
-            record_fusion(path, given(args.fill, "fill"), decides or recorded.get("decides") or [],
+            record_fusion(path, given(args.fill, "fill"), [] if no_decides else decides or recorded.get("decides") or [],
                           given(args.confirm_below, "confirm_below"))
         except AdapterError as exc:
             raise CliError(str(exc)) from exc
         shipped += [f"--fill {args.fill or 'none'} by default"] * (args.fill is not None)
-        shipped += [f"its proposer deciding {', '.join(decides)} by default"] * bool(decides)
+        shipped += [f"its proposer deciding {', '.join(decides) or 'no attribute'} by default"] * bool(decides or no_decides)
         shipped += [f"--confirm-below {args.confirm_below or 'none'} by default"] * (args.confirm_below is not None)
     if args.candidates:
         shipped.append(f"{meta['vocabulary']['candidates']['size']} candidate tags")

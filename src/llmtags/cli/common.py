@@ -138,6 +138,9 @@ def add_generation(p: argparse.ArgumentParser) -> None:
                    help="let the span proposer alone tag the records whose labelling it is at least P sure of "
                    "(0-1; its CRF's probability of the whole labelling) and generate only the rest: faster on large "
                    "catalogues (eval/cascade_*.md measures what each P costs); such records are marked \"by\": \"proposer\"")
+    p.add_argument("--proposer-alone", action="store_true",
+                   help="tag every record with the span proposer alone (its CRF, no model loaded): hundreds of "
+                   "products a second; with --adapter A --demos SAMPLE, the CRF of a new catalogue's sample")
     fill = p.add_mutually_exclusive_group()
     fill.add_argument("--fill", type=float, metavar="P",
                       help="add to the model's answer the span proposer's spans of marginal probability at least P (in "

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..adapters.registry import adapters_root, resolve_adapter, validate_adapter_name
+from ..adapters.registry import adapters_root, read_metadata, resolve_adapter, validate_adapter_name
 from ..engines.base import ENGINE_CHOICES
 from ..records import Fields, Record, RecordError, interleave, read_records
-from ..train.config import TrainConfig, TrainError
+from ..train.config import TrainConfig, TrainError, warm_start_defaults
 from ..train.recipe import data_description, train
 from .common import add_fields, add_format, add_root, command_line, fields_from
 
@@ -52,7 +52,9 @@ _HYPERPARAMETER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--template", {"help": "auto (default), zh, en, few_shot, or a .j2 file"}),
     ("--init-adapter", {"metavar": "ADAPTER", "help": "warm start: continue training this adapter's weights "
                         "(its rank, alpha, modules and layers replace the flags, but --layers naming its layers and more "
-                        "widens it, the new layers starting at zero; base and templates must match)"}),
+                        "widens it, the new layers starting at zero; base and templates must match). Its prompt "
+                        "carries over where no flag sets it: base, template, prompt budget, --max-length, proposer "
+                        "features, and its candidates and K neighbours, drawn from the training files"}),
     ("--candidates", {"metavar": "VOCAB", "help": "offer vocabulary entries found in the text in the prompt, "
                       "as generate --candidates (a vocabulary, or a labelled file whose tags are collected)"}),
     ("--demos", {"metavar": "LABELLED", "help": "with --retrieve K: each example shows its K most similar records "
@@ -130,6 +132,14 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config.merged(**overrides)
 
 
+def given_settings(args: argparse.Namespace) -> set[str]:
+    """The TrainConfig fields this command sets: by a flag or in --train-config."""
+    given = {_dest(flag) for flag, _ in _HYPERPARAMETER_FLAGS if getattr(args, _dest(flag), None) is not None}
+    if getattr(args, "train_config", None):
+        given |= {key.replace("-", "_") for key in TrainConfig.toml_table(args.train_config)}
+    return given
+
+
 def train_out_dir(args: argparse.Namespace) -> Path:
     if args.out:
         return Path(args.out)
@@ -146,7 +156,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.limit is not None:
         train_records = train_records[: args.limit]
     if config.init_adapter:
-        config = config.merged(init_adapter=str(resolve_adapter(config.init_adapter, args.adapters_root)))
+        name, init = config.init_adapter, resolve_adapter(config.init_adapter, args.adapters_root)
+        config, inherited = warm_start_defaults(config.merged(init_adapter=str(init)), given_settings(args),
+                                                read_metadata(init), ",".join(args.train))
+        if inherited:
+            print(f"llmtags: --init-adapter {name}: its prompt where no flag sets it: "
+                  + ", ".join(inherited), file=sys.stderr)
     dev_records = interleave([read_labelled(path, args.format, fields, "dev") for path in args.dev or []])
     one_or_all = lambda paths: paths[0] if paths and len(paths) == 1 else paths  # noqa: E731
     data = data_description(train_records, dev_records, one_or_all(args.train), one_or_all(args.dev), args.licence)

@@ -71,11 +71,17 @@ class BaseAdapterSet:
         root: str | Path | None = None,
         name: str | None = None,
         scale: float = 1.0,
+        meta: dict[str, Any] | None = None,
     ) -> str:
         """Attach an adapter (registry name or directory) after checking it fits; returns its name.
-        `scale` multiplies its LoRA update whenever it is active (1: as trained; 0: the base model)."""
-        path = resolve_adapter(name_or_path, root)
-        meta = read_metadata(path)
+        `scale` multiplies its LoRA update whenever it is active (1: as trained; 0: the base model).
+        `meta`: its llmtags.json as the caller read it, `name_or_path` then the directory it resolved (the
+        run plan resolves each adapter once); else both are done here."""
+        if meta is None:
+            path = resolve_adapter(name_or_path, root)
+            meta = read_metadata(path)
+        else:
+            path = Path(name_or_path)
         name = name or path.name
         if name in self.infos:
             if self.infos[name].path.resolve() == path.resolve() and self.scales[name] == scale:

@@ -112,14 +112,18 @@ class TrainConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> TrainConfig:
         """Read a TOML file: its `[train]` table if it has one, else its top-level keys."""
+        return cls.from_dict(cls.toml_table(path), source=str(path))
+
+    @staticmethod
+    def toml_table(path: str | Path) -> dict[str, Any]:
+        """The values a TOML file sets: its `[train]` table if it has one, else its top-level keys."""
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise TrainError(f"cannot read training config {path}: {exc}") from exc
-        table = data["train"] if isinstance(data.get("train"), dict) else {
-            k: v for k, v in data.items() if not isinstance(v, dict)
-        }
-        return cls.from_dict(table, source=str(path))
+        if isinstance(data.get("train"), dict):
+            return data["train"]
+        return {k: v for k, v in data.items() if not isinstance(v, dict)}
 
     def merged(self, **overrides: Any) -> TrainConfig:
         """A copy with every override that is not None applied (so unset CLI flags keep file values)."""
@@ -173,6 +177,47 @@ class TrainConfig:
     @property
     def checkpoint_every(self) -> int:
         return self.save_every if self.save_every else (self.eval_every or 50)
+
+
+def warm_start_defaults(config: TrainConfig, given: set[str], meta: dict[str, Any],
+                        training_files: str) -> tuple[TrainConfig, list[str]]:
+    """The prompt a warm start continues from, for every setting the run does not set (`given`: the
+    TrainConfig fields set by a flag or --train-config): the init adapter's base (an embedded one), template,
+    prompt budget, max length and proposer features, and, where it read them, candidates and K retrieved
+    neighbours, drawn now from `training_files` (the new catalogue's sample, comma-joined): its prompts keep
+    their shape, filled from the sample. Returns the config and one line per inherited setting, as flags.
+
+    `llmtags train SAMPLE --init-adapter en-products` is workflow (b) of a new catalogue; without this the
+    run would train the adapter on prompts of another template and shape than it learnt."""
+    def unset(name: str) -> bool:
+        return name not in given
+
+    hyper = meta.get("hyperparameters") or {}
+    changes: dict[str, Any] = {}
+    base = (meta.get("base_model") or {}).get("spec")
+    if unset("base_model") and config.base_model is None and isinstance(base, str) and base.startswith("embedded"):
+        changes["base_model"] = base
+    template = (meta.get("template") or {}).get("spec")
+    if unset("template") and isinstance(template, str):
+        changes["template"] = template
+    k = (meta.get("retrieval") or {}).get("k")
+    if unset("retrieve") and isinstance(k, int) and k > 0:
+        changes["retrieve"] = k
+        if unset("demos"):
+            changes["demos"] = training_files
+    if unset("candidates") and ((meta.get("vocabulary") or {}).get("candidates")):
+        changes["candidates"] = training_files
+    for name in ("demo_text", "text_budget", "max_length"):
+        if unset(name) and hyper.get(name) is not None:
+            changes[name] = hyper[name]
+    proposer = (meta.get("proposer") or {}).get("settings") or {}
+    for name, key in (("proposer_features", "features"), ("proposer_iterations", "max_iterations")):
+        if unset(name) and proposer.get(key) is not None:
+            changes[name] = proposer[key]
+    changes = {name: value for name, value in changes.items() if getattr(config, name) != value}
+    lines = [f"--{name.replace('_', '-')} {'the training records' if value == training_files else value}"
+             for name, value in changes.items()]
+    return config.merged(**changes), lines
 
 
 def _auto_or_bool(value: bool | str, name: str) -> bool | str:

@@ -262,6 +262,9 @@ def _prepare_run(
     resolved = resolve_base_model(config.base_model)
     tokenizer = load_tokenizer(resolved)
     template = template_choice(config.template)
+    if config.init_adapter:  # before the proposer and the model: a mismatch fails at once
+        check_compatible(read_metadata(resolve_adapter(config.init_adapter)), resolved, template, tokenizer,
+                         force_flag=None)
     candidates = candidate_finder(config.candidates) if config.candidates else None
     pool = load_pool(config.demos) if config.retrieve else None
     if not any(r.tags is not None for r in train_records):
@@ -317,7 +320,7 @@ def wants_proposer(config: TrainConfig, template: str | PromptTemplate) -> bool:
     """`span_proposer` auto: a proposer only where the template shows its spans (a default zh/en
     template would ship a CRF that no prompt reads)."""
     if config.span_proposer == "auto":
-        return isinstance(template, PromptTemplate) and "proposals" in template.source
+        return isinstance(template, PromptTemplate) and template.renders("proposals")
     return bool(config.span_proposer)
 
 
@@ -469,7 +472,7 @@ def warm_start(model: Any, config: TrainConfig, resolved: Any, template: Any, to
     from safetensors.torch import load_file
 
     path = resolve_adapter(config.init_adapter)
-    check_compatible(read_metadata(path), resolved, template, tokenizer)
+    check_compatible(read_metadata(path), resolved, template, tokenizer, force_flag=None)  # as _prepare_run did
     lora = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     shape = {
         "rank": lora["r"],
