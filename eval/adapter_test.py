@@ -1,13 +1,13 @@
-"""A shipped adapter on the test split of a benchmark set, beside the dictionary baseline on the same
-records.
+"""A shipped adapter on the test split of a benchmark set, beside the dictionary baseline and its CRF peer
+(the adapter's span proposer alone) on the same records.
 
     .venv/bin/python eval/adapter_test.py --adapter zh-taobao --set zh-taobao-ner [--limit N]
     .venv/bin/python eval/adapter_test.py --adapter en-products --set en-oa-mine --set en-ae-110k --set en-wdc-pave
 
 For each set: `llmtags generate TEST --adapter NAME` (resumable; predictions under <llmtags cache>/eval/
 SET/), then the same scoring as `llmtags eval --gold TEST --pred PRED` (typed and value-only micro
-P/R/F1 with bootstrap intervals, per attribute), candidate recall, and the dictionary baseline on the
-same records. Writes eval/adapter_NAME_test.{json,md}; with --record, stores the figures as the
+P/R/F1 with bootstrap intervals, per attribute), candidate recall, and the dictionary baseline and the
+CRF peer on the same records. Writes eval/adapter_NAME_test.{json,md}; with --record, stores the figures as the
 adapter's test metrics in its llmtags.json.
 """
 
@@ -27,6 +27,7 @@ from llmtags.evaluate import read_predictions, score_predictions
 from llmtags.models import cache_root
 from llmtags.options import Settings
 from llmtags.plan import adapter_defaults, resolved_adapter
+from llmtags.proposer import SpanProposer
 from llmtags.records import load_labelled
 from llmtags.report import EvalReport
 
@@ -59,30 +60,36 @@ def evaluate_set(name: str, adapter: str, data: Path, limit: int | None) -> dict
     dictionary = DictionaryTagger.from_records(load_labelled(train_path))
     baseline = EvalReport.from_records(test, dictionary.tag_many([r.text for r in test]), protocol=protocol)
     # Candidate recall of what the prompts offer: the adapter's own candidates (else the set's train values).
-    finder = candidate_finder(adapter_defaults(resolved_adapter(adapter), Settings()).candidates or str(train_path))
+    defaults = adapter_defaults(resolved_adapter(adapter), Settings())
+    finder = candidate_finder(defaults.candidates or str(train_path))
+    # The CRF peer: the adapter's span proposer alone, as `llmtags eval` shows it.
+    crf = (EvalReport.from_records(test, [[p.tag for p in SpanProposer(defaults.proposer).propose(r)] for r in test],
+                                   protocol=protocol) if defaults.proposer else None)
     report.candidate_recall = candidate_recall([r.tags for r in test],
                                                [finder.tags(r.text, attributes=r.schema) for r in test])
     return {"set": name, "records": len(test), "of": len(labelled),
-            "adapter": _figures(report), "dictionary": _figures(baseline), "candidate_recall": report.candidate_recall,
+            "adapter": _figures(report), "dictionary": _figures(baseline), "crf": _figures(crf) if crf else None,
+            "candidate_recall": report.candidate_recall,
             "generation_seconds": round(seconds, 1), "report": report}
 
 
 def markdown(adapter: str, results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"# Adapter `{adapter}` on test splits", "", *meta_lines(meta),
              "- scoring: strict typed micro P/R/F1 over `Attribute:value` tags (every predicted tag counts), 95% CI "
-             "by percentile bootstrap over records; the dictionary baseline (train values found in the text) on the "
-             "same records; where the set has `targets`, also the ExtractGPT protocol (`llmtags eval --protocol "
+             "by percentile bootstrap over records; the dictionary baseline (train values found in the text) and the "
+             "CRF peer (the adapter's span proposer alone) on the same records; where the set has `targets`, also the ExtractGPT protocol (`llmtags eval --protocol "
              "extractgpt`)",
              "- data: ../shared/datasets as of its 2026-12-01 change (category-level `schema`)", "",
-             "| set | records | adapter P | adapter R | adapter F1 | 95% CI | value F1 | dictionary F1 | Δ F1 | "
-             "candidate recall | ExtractGPT protocol F1 (dictionary) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| set | records | adapter P | adapter R | adapter F1 | 95% CI | value F1 | CRF peer F1 | dictionary F1 | "
+             "Δ F1 (dictionary) | candidate recall | ExtractGPT protocol F1 (dictionary) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         a, d = r["adapter"], r["dictionary"]
         protocol = (f"{a['extractgpt']['f1']:.3f} [{a['extractgpt']['f1_ci95'][0]:.3f}–"
                     f"{a['extractgpt']['f1_ci95'][1]:.3f}] ({d['extractgpt']['f1']:.3f})" if "extractgpt" in a else "–")
+        crf = f"{r['crf']['f1']:.3f}" if r.get("crf") else "–"
         lines.append(f"| {r['set']} | {r['records']} of {r['of']} | {a['precision']:.3f} | {a['recall']:.3f} | "
-                     f"**{a['f1']:.3f}** | {a['f1_ci95'][0]:.3f}–{a['f1_ci95'][1]:.3f} | {a['value_f1']:.3f} | "
+                     f"**{a['f1']:.3f}** | {a['f1_ci95'][0]:.3f}–{a['f1_ci95'][1]:.3f} | {a['value_f1']:.3f} | {crf} | "
                      f"{d['f1']:.3f} | {a['f1'] - d['f1']:+.3f} | {r['candidate_recall']:.3f} | {protocol} |")
     for r in results:
         lines += ["", r["report"].to_markdown(categories=False, worst=10)]

@@ -40,3 +40,17 @@ def test_page_titles_name_the_file_not_the_machines_directories():
     page = eval_page(report)  # a report named by its data file: the title names the file only
     assert "<title>dev.jsonl</title>" in page and "shared/datasets" not in page.split("</h1>")[0]
     assert "<title>a/b title</title>" in _page("a/b title", {}, [])  # a title the caller gave stays as it is
+
+
+def test_the_eval_page_shows_the_crf_peer_per_attribute_in_the_chart_and_the_table():
+    from llmtags.records import Record
+    from llmtags.report import EvalReport
+
+    records = [Record("1", "耐克跑鞋", tags=["品牌:耐克", "产品词:跑鞋"]), Record("2", "李宁篮球鞋", tags=["品牌:李宁"])]
+    report = EvalReport.from_records(records, [["品牌:耐克", "产品词:跑鞋"], ["品牌:李宁"]], n_boot=10, name="dev")
+    report.add_peer("CRF peer", [["品牌:耐克"], []])
+    page = eval_page(report)
+    table = page.split("F1 per attribute")[1]
+    assert "F1 of CRF peer" in table and "+0.333" in table and "+1.000" in table  # 品牌 1.0 vs 0.667; 产品词 1.0 vs 0
+    assert "CRF peer" in _texts(page[page.index("<svg", page.index("chart-attributes")):
+                                     page.index("</svg>", page.index("chart-attributes")) + 6])

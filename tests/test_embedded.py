@@ -38,15 +38,18 @@ def test_embedded_model_tags_two_example_products(tmp_path, capsys, monkeypatch,
 # must get. Products of categories the adapters' data does not know are prompted with the catalogue's
 # core attributes plus those of really similar neighbours (retrieve.LEND_SIMILARITY).
 MUST_NOT_ATTRIBUTES = {
-    "en-003": {"Flavor", "Scent", "Age", "Caffeine content"},  # jeans
-    "en-004": {"Flavor", "Sport Type", "Scent"},  # a stand mixer
-    "en-006": {"Stove Type", "Flavor", "Scent", "Age"},  # a power bank
+    "en-003": {"Flavor", "Scent", "Age", "Caffeine content", "Sport Type"},  # jeans
+    "en-004": {"Flavor", "Sport Type", "Scent", "Gender"},  # a stand mixer
+    "en-006": {"Stove Type", "Flavor", "Scent", "Age", "Gender"},  # a power bank
     "en-008": {"Sport Type", "Sport", "Flavor", "Age"},  # a LEGO set
-    "en-002": {"Flavor", "Scent", "Stove Type"},  # a phone
+    "en-002": {"Flavor", "Scent", "Stove Type", "Gender"},  # a phone
+    "en-009": {"Flavor", "Scent", "Sport Type", "Shoe type", "Stove Type"},  # a fleece jacket
 }
-MUST_NOT_TAGS = {"zh-002": {"型号:手机"}, "zh-003": {"产品词:Air", "产品词:Zoom", "产品词:Pegasus"}}
+MUST_NOT_TAGS = {"zh-002": {"型号:手机"}, "zh-003": {"产品词:Air", "产品词:Zoom", "产品词:Pegasus"},
+                 "en-004": {"Brand Name:KSM150PSER", "Brand:KSM150PSER"}}
 MUST_TAGS = {"zh-003": {"品牌:耐克", "产品词:跑步鞋"}, "en-008": {"Brand:LEGO"}, "en-004": {"Brand:KitchenAid"},
-             "zh-001": {"品牌:理肤泉"}, "en-001": {"Brand:Diesel"},
+             "zh-001": {"品牌:理肤泉"}, "en-001": {"Brand:Diesel"}, "en-009": {"Brand:Patagonia"},
+             "en-006": {"Brand:Anker"}, "zh-004": {"品牌:美的"}, "zh-007": {"品牌:小米"},
              # Model numbers of categories en-products' data lacks: its CRF, silent there, must not drop them.
              "en-002": {"Model Number:S24 Ultra"}, "en-003": {"Model Number:501"}}
 

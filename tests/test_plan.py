@@ -23,7 +23,7 @@ from llmtags.options import OptionsError, Settings, TaggingOptions
 from llmtags.plan import plan_run
 from llmtags.prompts import load_template
 from llmtags.proposer import SpanProposer
-from llmtags.records import Record
+from llmtags.records import Record, load_labelled
 from llmtags.retrieve import load_pool
 from llmtags.run import run_settings
 from llmtags.tagger import build_prompt
@@ -279,8 +279,16 @@ def test_prompt_compare_checks_every_variant_against_the_adapter(root, cli_dev, 
     with pytest.warns(UserWarning, match="--force"):
         assert main(["prompt", "compare", "tuned", str(variant), *flags, "--force-adapter", "--report",
                      str(report)]) == 0
-    variants = json.loads(report.read_text(encoding="utf-8"))["variants"]
-    assert [v["template"] for v in variants] == ["tuned", "tuned_variant"]
+    compared = json.loads(report.read_text(encoding="utf-8"))
+    assert [v["template"] for v in compared["variants"]] == ["tuned", "tuned_variant"]
+    # The CRF peer beside the variants, on the same records: the adapter's span proposer alone.
+    from llmtags.metrics import score
+
+    records = load_labelled(str(cli_dev))
+    crf = SpanProposer(root / "zh-tuned" / PROPOSER_FILE)
+    expected = score([r.tags for r in records], [[p.tag for p in crf.propose(r)] for r in records]).micro.f1
+    assert compared["peer"]["name"].startswith("CRF peer") and compared["peer"]["f1"] == pytest.approx(expected)
+    assert "first_vs_peer" in compared["peer"]
 
 
 @pytest.mark.parametrize("meta, extra, field", [

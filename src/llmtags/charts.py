@@ -58,12 +58,19 @@ def _no_math(ax: Any) -> None:
         label.set_parse_math(False)
 
 
-def attribute_f1_chart(names: Sequence[str], f1s: Sequence[float], supports: Sequence[int]) -> str:
-    """Horizontal bars of F1 per attribute, each labelled with its support (gold tags)."""
+def attribute_f1_chart(names: Sequence[str], f1s: Sequence[float], supports: Sequence[int],
+                       peer: tuple[str, Sequence[float | None]] | None = None) -> str:
+    """Horizontal bars of F1 per attribute, each labelled with its support (gold tags); `peer` (a name and
+    its F1 per attribute, None where it has none) is drawn as a marker on each bar."""
     height = max(1.6, 0.32 * len(names) + 0.8)
     fig, ax = _pyplot().subplots(figsize=(7.5, height))
     positions = range(len(names))
-    ax.barh(list(positions), list(f1s), color=_BAR)
+    ax.barh(list(positions), list(f1s), color=_BAR, label="this run" if peer else None)
+    if peer:
+        marked = [(y, f1) for y, f1 in zip(positions, peer[1]) if f1 is not None]
+        ax.plot([f1 for _, f1 in marked], [y for y, _ in marked], linestyle="none", marker="|", markersize=14,
+                markeredgewidth=2.5, color="black", label=peer[0])
+        ax.legend(loc="lower right", fontsize=8)
     ax.set_yticks(list(positions), labels=[f"{n} ({s})" for n, s in zip(names, supports)])
     ax.invert_yaxis()
     ax.set_xlim(0, 1)

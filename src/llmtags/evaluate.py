@@ -216,9 +216,12 @@ class Comparison:
     variants: list[VariantResult]
     paired: list[dict[str, Any]]  # each variant against the first
     disagreements: list[dict[str, Any]]
+    # The CRF peer on the same records (the span proposer alone, `peer_of`), where the run has a proposer.
+    peer: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"variants": [v.row() for v in self.variants], "paired": self.paired, "disagreements": self.disagreements}
+        return {"variants": [v.row() for v in self.variants], "paired": self.paired, "disagreements": self.disagreements,
+                "peer": self.peer}
 
     def to_markdown(self, disagreements: int = 10) -> str:
         def ci(v: VariantResult, key: str) -> str:
@@ -232,10 +235,17 @@ class Comparison:
         for v in self.variants:
             lines.append(f"| {v.name} ({v.template_sha256[:8]}) | {ci(v, 'f1')} | {ci(v, 'precision')} | "
                          f"{ci(v, 'recall')} | {v.prompt_tokens:.0f} | {v.new_tokens:.1f} | {v.seconds_per_product:.2f} |")
-        if self.paired:
+        paired = [(p["b"], p["a"], p) for p in self.paired]
+        if self.peer:  # the CRF alone on the same records, and the first variant against it
+            peer = self.peer
+            lines.append(f"| {peer['name']} | " + " | ".join(
+                f"{peer[k]:.3f} [{peer['ci95'][k][0]:.3f}, {peer['ci95'][k][1]:.3f}]" for k in ("f1", "precision", "recall"))
+                + " | – | – | – |")
+            paired.append((self.variants[0].name, "CRF peer", peer["first_vs_peer"]))
+        if paired:
             lines += ["", "| comparison | ΔF1 | 95% CI | p | significant |", "|---|---|---|---|---|"]
-            for p in self.paired:
-                lines.append(f"| {p['b']} − {p['a']} | {p['delta_f1']:+.3f} | [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] "
+            for b, a, p in paired:
+                lines.append(f"| {b} − {a} | {p['delta_f1']:+.3f} | [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] "
                              f"| {p['p_value']:.3f} | {'yes' if p['significant'] else 'no'} |")
         if self.disagreements:
             lines += ["", f"Records where the variants disagree ({len(self.disagreements)}; "
@@ -271,7 +281,27 @@ def compare_templates(
             sum(r.new_tokens for r in results) / max(len(results), 1),
             bootstrap_prf_counts(counts, seed=seed),
         ))
-    return comparison_of(records, variants, seed)
+    comparison = comparison_of(records, variants, seed)
+    comparison.peer = peer_of(records, options, comparison.variants[0], seed)
+    return comparison
+
+
+PEER_NAME = "CRF peer (the span proposer alone)"
+
+
+def peer_of(records: Sequence[Record], options: TaggingOptions, first: VariantResult, seed: int = 0) -> dict | None:
+    """The classical peer on the same records, as `eval` shows it: the run's span proposer alone, its P/R/F1
+    with intervals and the first variant against it by paired bootstrap (None without a proposer)."""
+    if options.proposer is None:
+        return None
+    spans = [[p.tag for p in options.proposer.propose(record)] for record in records]
+    report = score_predictions(records, spans, None, PEER_NAME)
+    micro = report.scores("raw", "typed").micro
+    golds = [r.tags or [] for r in records]
+    return {"name": PEER_NAME, "precision": micro.precision, "recall": micro.recall, "f1": micro.f1,
+            "ci95": {k: list(v) for k, v in bootstrap_prf_counts(report.views["raw"]["typed"].counts, seed=seed).items()},
+            "first_vs_peer": paired_bootstrap(golds, spans, first.report.preds[first.report.final_view],
+                                              seed=seed).to_json()}
 
 
 def comparison_of(records: Sequence[Record], variants: list[VariantResult], seed: int = 0) -> Comparison:

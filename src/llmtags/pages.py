@@ -183,10 +183,21 @@ def _attribute_section(report: Any) -> list[str]:
     if not rows:
         return []
     shown = rows[:MAX_CHART_ATTRIBUTES]
-    chart = attribute_f1_chart([n for n, _ in shown], [p.f1 for _, p in shown], [p.support for _, p in shown])
-    table = _table(["attribute", "P", "R", "F1", "support", "tp", "fp", "fn"],
-                   [[esc(n), _f(p.precision), _f(p.recall), _f(p.f1), str(p.support), str(p.tp), str(p.fp), str(p.fn)]
-                    for n, p in rows], numeric=[False] + [True] * 7)
+    # Each peer's F1 per attribute beside the model's (the CRF alone: where the model adds to it, where it loses).
+    peers = {name: peer.scores("raw", "typed").per_attribute for name, peer in report.peers.items()}
+    first = next(iter(peers.items()), None)  # the chart marks one peer; the table lists them all
+    chart = attribute_f1_chart([n for n, _ in shown], [p.f1 for _, p in shown], [p.support for _, p in shown],
+                               peer=(first[0], [first[1][n].f1 if n in first[1] else None for n, _ in shown])
+                               if first else None)
+
+    def peer_cells(name: str, mine: Any) -> list[str]:
+        return [cell for per in peers.values()
+                for cell in ((_f(per[name].f1), f"{mine.f1 - per[name].f1:+.3f}") if name in per else ("–", "–"))]
+
+    table = _table(["attribute", "P", "R", "F1", "support", "tp", "fp", "fn",
+                    *[h for name in peers for h in (f"F1 of {name}", "Δ")]],
+                   [[esc(n), _f(p.precision), _f(p.recall), _f(p.f1), str(p.support), str(p.tp), str(p.fp), str(p.fn),
+                     *peer_cells(n, p)] for n, p in rows], numeric=[False] + [True] * (7 + 2 * len(peers)))
     note = f" (the {len(shown)} with the most gold tags)" if len(rows) > len(shown) else ""
     return [f"<h2>F1 per attribute{esc(note)}</h2>", f'<div class="chart" id="chart-attributes">{chart}</div>',
             "<details><summary>table</summary>", table, "</details>"]
@@ -246,6 +257,13 @@ def _variant_rows(comparison: Any) -> list[list[str]]:
         rows.append([esc(v.name), esc(v.template_sha256[:12]), f"<b>{_f(row['f1'])}</b> [{_f(low)}, {_f(high)}]",
                      _f(row["precision"]), _f(row["recall"]), delta, f"{v.prompt_tokens:.0f}", f"{v.new_tokens:.1f}",
                      f"{v.seconds_per_product:.2f}"])
+    peer = comparison.peer
+    if peer:  # the CRF peer on the same records; ΔF1 is the first variant's against it
+        d = peer["first_vs_peer"]
+        rows.append([esc(peer["name"]), "–", f"<b>{_f(peer['f1'])}</b> [{_f(peer['ci95']['f1'][0])}, "
+                     f"{_f(peer['ci95']['f1'][1])}]", _f(peer["precision"]), _f(peer["recall"]),
+                     f"{esc(comparison.variants[0].name)} − peer: {d['delta_f1']:+.3f} [{d['ci95'][0]:+.3f}, "
+                     f"{d['ci95'][1]:+.3f}]", "–", "–", "–"])
     return rows
 
 

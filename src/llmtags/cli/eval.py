@@ -12,6 +12,7 @@ from ..adapters.registry import set_metadata_entry
 from ..calibrate import read_scored_predictions
 from ..candidates import labelled_sources
 from ..evaluate import (
+    PEER_NAME,
     add_candidate_recall,
     generate_and_score,
     headline_metrics,
@@ -89,9 +90,6 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
     return {"eval": p}
-
-
-PEER_NAME = "CRF peer (the span proposer alone)"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
