@@ -752,3 +752,9 @@ def test_the_proposer_alone_tags_a_whole_file_without_a_model(zh_proposer, tmp_p
     assert any(row["tags"] for row in rows)
     with pytest.raises(OptionsError, match="--proposer-alone"):
         tagging_options(Settings(proposer_alone=True))
+    # No prompt is read, so no candidates are built (a minute and more for a large sample).
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps({"id": r.id, "text": r.text, "tags": r.tags}, ensure_ascii=False) + "\n"
+                                for r in synthetic(6, seed=9)), encoding="utf-8")
+    alone = tagging_options(Settings(proposer=str(zh_proposer.path), proposer_alone=True, candidates=str(labelled)))
+    assert alone.proposer_alone and alone.candidates is None

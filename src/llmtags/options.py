@@ -180,7 +180,8 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
     if template != "auto" and template.name == "few_shot" and not demos and pool is None:
         raise OptionsError(f"template {template.name!r} shows demonstrations: give --demos FILE")
     candidates = None
-    if settings.candidates and not settings.no_candidates:
+    # The proposer alone reads no prompt: building the candidates (a minute and more for a large sample) is skipped.
+    if settings.candidates and not settings.no_candidates and not settings.proposer_alone:
         candidates = candidate_finder(settings.candidates)
     proposer = SpanProposer(settings.proposer) if settings.proposer and not settings.no_proposer else None
     check_budget(settings.demo_text or "full", settings.text_budget, "--demo-text", "--text-budget")
