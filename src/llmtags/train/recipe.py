@@ -290,7 +290,7 @@ def _prepare_run(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     num_layers = model.config.get_text_config().num_hidden_layers
     if config.init_adapter:
-        model, init = warm_start(model, config, resolved, template, tokenizer, num_layers)
+        model, init = warm_start(model, config, num_layers)
         config = dataclasses.replace(config, **init)
     elif config.layers is None:
         config = dataclasses.replace(config, layers=DEFAULT_LAYERS)
@@ -459,10 +459,9 @@ def _callbacks(config: TrainConfig, dev: Sequence[Record], tokenizer: Any, optio
     return progress_cb, eval_cb
 
 
-def warm_start(model: Any, config: TrainConfig, resolved: Any, template: Any, tokenizer: Any,
-               num_layers: int) -> tuple[Any, dict]:
-    """Wrap `model` with the trainable weights of `config.init_adapter`, after checking that it was
-    trained on this base with these templates. Returns the model and the LoRA shape it brings.
+def warm_start(model: Any, config: TrainConfig, num_layers: int) -> tuple[Any, dict]:
+    """Wrap `model` with the trainable weights of `config.init_adapter` (`_prepare_run` has checked that it
+    was trained on this base with these templates). Returns the model and the LoRA shape it brings.
 
     Where `config.layers` is set and names more layers than the adapter has, all of the adapter's among them,
     the adapter is widened: its layers keep their weights and the others start as LoRA starts (B = 0,
@@ -472,7 +471,6 @@ def warm_start(model: Any, config: TrainConfig, resolved: Any, template: Any, to
     from safetensors.torch import load_file
 
     path = resolve_adapter(config.init_adapter)
-    check_compatible(read_metadata(path), resolved, template, tokenizer, force_flag=None)  # as _prepare_run did
     lora = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     shape = {
         "rank": lora["r"],
