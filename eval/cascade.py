@@ -4,11 +4,13 @@
     .venv/bin/python eval/cascade.py --set en-wdc-pave --adapter en-products --demos ../shared/datasets/en-wdc-pave/train.jsonl
 
 Every threshold is one real `llmtags generate --adapter ADAPTER --cascade P` run over the first --limit
-test records (kept under --work and resumed, like eval/ablation_proposer.py), so its products/s is that
-run's own tagging rate, model loading excluded; the first row is the run without the cascade. The
-proposer's confidence in a record is its CRF's probability of its whole labelling; the calibration table
-checks it: of the records in each confidence band, the share whose CRF tags are exactly their gold tags.
-Writes eval/cascade_SET.json and .md.
+test records with the adapter's defaults (its fusion included; kept under --work and resumed, like
+eval/ablation_proposer.py), so its products/s is that run's own tagging rate, model loading excluded; the
+first row is the run without the cascade. The proposer's confidence in a record is its CRF's probability
+of its whole labelling, calibrated on the out-of-fold records of its training data (proposer.py) where
+the proposer has a calibration; the calibration table checks it on these test records: of the records in
+each confidence band, the share whose CRF tags are exactly their gold tags, and the mean gap (ECE) of the
+raw and the calibrated confidence. Writes eval/cascade_SET.json and .md.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from common import (REPO, generated, meta_lines, predictions_file, run_meta, run_parser, run_settings, settings_label,
                     split_paths, write_result)
 
+from llmtags.isotonic import mean_gap
 from llmtags.metrics import match_record, paired_bootstrap
 from llmtags.options import Settings
 from llmtags.plan import plan_run
@@ -36,17 +39,31 @@ def skipped_ids(path: Path) -> set[str]:
         return {str(row["id"]) for row in map(json.loads, f) if row.get("by") == "proposer"}
 
 
+def exactly_right(record: Record, part: Any) -> bool:
+    counts = match_record(record.tags, [p.tag for p in part.proposals])
+    return counts.fp == 0 and counts.fn == 0
+
+
 def calibration(records: list[Record], parts: list[Any]) -> list[dict[str, Any]]:
     """Per confidence band: how many records, their mean confidence, and the share the CRF gets exactly right."""
     rows = []
     for low, high in zip(BANDS, BANDS[1:]):
-        inside = [(r, p) for r, p in zip(records, parts) if low <= p.confidence < high]
-        counts = [match_record(record.tags, [p.tag for p in part.proposals]) for record, part in inside]
-        exact = [c.fp == 0 and c.fn == 0 for c in counts]
+        inside = [(r, p) for r, p in zip(records, parts) if p.confidence is not None and low <= p.confidence < high]
+        exact = [exactly_right(record, part) for record, part in inside]
         rows.append({"band": [low, min(high, 1.0)], "records": len(inside),
                      "mean_confidence": sum(p.confidence for _, p in inside) / len(inside) if inside else None,
                      "exactly_right": sum(exact) / len(exact) if exact else None})
     return rows
+
+
+def calibration_gaps(records: list[Record], parts: list[Any], proposer: Any) -> dict[str, Any]:
+    """The ECE of the confidence the cascade reads and of the CRF's raw probability, on the same records."""
+    scored = [(r, p) for r, p in zip(records, parts) if p.confidence is not None]
+    exact = [exactly_right(r, p) for r, p in scored]
+    raw = [proposer.read(p.record, raw=True)[1] for _, p in scored]
+    return {"calibrated": proposer.calibration is not None, "records": len(scored),
+            "ece": mean_gap([(p.confidence, ok) for (_, p), ok in zip(scored, exact)]),
+            "raw_ece": mean_gap(list(zip(raw, exact)))}
 
 
 def run(args: Any) -> dict[str, Any]:
@@ -55,14 +72,16 @@ def run(args: Any) -> dict[str, Any]:
         sys.exit(0)
     data_path = paths[0]
     records = [r for r in load_labelled(data_path) if r.tags is not None][: args.limit]
-    base = {**run_settings(args), "no_fill": True}  # the answers as written (fusion: eval/fill.py, same runs)
-    plan = plan_run(Settings(adapter=args.adapter, **base))
+    base = run_settings(args)  # the adapter's defaults, as a user runs it (--option no_fill=true: as written)
+    thresholds = [None, *(float(t) for t in args.thresholds.split(","))]
+    # Planned as a cascade run plans (the first P stands for any): a sample's proposer is then the
+    # calibrated one the runs read.
+    plan = plan_run(Settings(adapter=args.adapter, **base, cascade=thresholds[1]))
     if plan.options.proposer is None:
         sys.exit(f"adapter {args.adapter} brings no span proposer: the cascade needs one")
     parts = [prompt_parts(r, plan.options) for r in records]
     work = args.work or REPO.parent / "runs" / "eval" / args.set
     label = settings_label(base)
-    thresholds = [None, *(float(t) for t in args.thresholds.split(","))]
     rows, full_preds = [], None
     for threshold in thresholds:
         changes = {**base, **({"cascade": threshold} if threshold is not None else {})}
@@ -88,6 +107,7 @@ def run(args: Any) -> dict[str, Any]:
     return {"set": args.set, "split": args.split, "adapter": args.adapter, "demos": str(args.demos or ""),
             "settings": {k: v for k, v in base.items() if k != "demos"},
             "records": len(records), "rows": rows, "crf_f1": crf_report.f1, "calibration": calibration(records, parts),
+            "calibration_gaps": calibration_gaps(records, parts, plan.options.proposer),
             "meta": run_meta()}
 
 
@@ -109,9 +129,18 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['threshold'] if r['threshold'] is not None else 'off'} | {r['skipped']:.0%} | "
                      f"{r['precision']:.3f} | {r['recall']:.3f} | **{r['f1']:.3f}** | {r['f1_ci95'][0]:.3f}–"
                      f"{r['f1_ci95'][1]:.3f} | {delta} | {rate} |")
+    gaps = result.get("calibration_gaps")
+    what = ("its CRF's probability of the whole labelling, calibrated on the out-of-fold records of the proposer's "
+            "training data" if gaps and gaps["calibrated"] else "its CRF's probability of the whole labelling, "
+            "uncalibrated")
     lines += ["", "## Is the confidence calibrated?", "",
-              "The proposer's confidence in a record (its CRF's probability of the whole labelling), against the "
-              "share of the records in that band whose CRF tags are exactly their gold tags.", "",
+              f"The proposer's confidence in a record ({what}), against the share of the records in that band whose "
+              "CRF tags are exactly their gold tags.", ""]
+    if gaps:
+        lines += [f"Mean gap between confidence and that share (ECE, 10 bins, {gaps['records']} records): "
+                  f"**{gaps['ece']:.3f}** for the confidence the cascade reads, {gaps['raw_ece']:.3f} for the raw "
+                  "probability.", ""]
+    lines += [
               "| confidence | records | mean confidence | exactly right |", "|---|---:|---:|---:|"]
     for c in result["calibration"]:
         mean = f"{c['mean_confidence']:.3f}" if c["mean_confidence"] is not None else "–"
@@ -123,7 +152,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = run_parser(__doc__)
     parser.add_argument("--split", default="test")
-    parser.add_argument("--thresholds", default="0.95,0.9,0.8,0.7,0.5")
+    parser.add_argument("--thresholds", default="0.9,0.8,0.7,0.5,0.3")
     args = parser.parse_args()
     result = run(args)
     write_result(args.out or REPO / "eval" / f"cascade_{args.set.replace('-', '_')}", result, markdown(result))

@@ -93,7 +93,10 @@ def split_run(args: Any, set_name: str, split: str) -> SplitRun | None:
     if not records:
         return None
     base = {**run_settings(args), "no_fill": True}  # the answers as the model wrote them: fusion is computed here
-    plan = plan_run(Settings(adapter=args.adapter, **base))
+    # Planned as a cascade run plans where cascades are scored: a sample's proposer is then the calibrated
+    # one `generate --cascade` reads (the first P stands for any).
+    first = [float(c) for c in args.cascades.split(",") if c.strip()][:1]
+    plan = plan_run(Settings(adapter=args.adapter, **base, **({"cascade": first[0]} if first else {})))
     if plan.options.proposer is None:
         sys.exit(f"adapter {args.adapter} brings no span proposer: --fill and --cascade need one")
     parts = [prompt_parts(r, plan.options) for r in records]

@@ -123,3 +123,40 @@ def test_eval_protocol_extractgpt_scores_target_attributes_and_is_stored(tmp_pat
     assert stored["f1"] == pytest.approx(2 * 1 / (2 * 1 + 3 + 2), abs=1e-4)  # strict: tp 1, fp 3, fn 2
     assert main(["eval", "--gold", str(gold), "--pred", str(pred)]) == 0
     assert "| extractgpt |" not in capsys.readouterr().out  # the default stays strict
+
+
+def test_isotonic_map_pools_adjacent_violators_and_interpolates_between_blocks():
+    from llmtags.isotonic import IsotonicMap, mean_gap
+
+    # Scores 0.1..0.6 with successes 0,1,0,0,1,1: (0.2, 0.3, 0.4) violate order and pool to 1/3.
+    pairs = [(0.1, False), (0.2, True), (0.3, False), (0.4, False), (0.5, True), (0.6, True)]
+    fitted = IsotonicMap.fit(pairs)
+    assert fitted.pairs == 6
+    assert [round(fitted(s), 4) for s, _ in pairs] == [0.0, 0.3333, 0.3333, 0.3333, 1.0, 1.0]
+    # Linear between blocks, flat outside the scores seen.
+    assert fitted(0.15) == pytest.approx(1 / 6, abs=1e-5) and fitted(0.0) == 0.0 and fitted(0.99) == 1.0
+    # Its mean over the pairs it was fitted on is their success rate (what PAV preserves).
+    assert sum(fitted(s) for s, _ in pairs) / 6 == pytest.approx(0.5)
+    # Equal scores share one block; a constant outcome gives a constant map.
+    tied = IsotonicMap.fit([(0.9, True), (0.9, False), (0.2, False)])
+    assert tied(0.9) == 0.5 and tied(0.2) == 0.0
+    assert IsotonicMap.from_json(json.loads(json.dumps(fitted.to_json()))) == fitted
+    with pytest.raises(ValueError, match="at least one"):
+        IsotonicMap.fit([])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        IsotonicMap((0.1, 0.2), (0.5, 0.4), 2)
+    # Raw scores of 0.9 that are right half the time are off by 0.4; the map's own output is not.
+    raw = [(0.9, True), (0.9, False)] * 5
+    assert mean_gap(raw) == pytest.approx(0.4)
+    assert mean_gap([(IsotonicMap.fit(raw)(s), ok) for s, ok in raw]) == pytest.approx(0.0)
+
+
+def test_isotonic_map_weighs_tied_scores_together():
+    from llmtags.isotonic import IsotonicMap
+
+    # 0.1 is right half the time, 0.2 two times in three: already in order, nothing to pool. Added one pair
+    # at a time, 0.2's first (failing) pair would have pooled both into one flat 0.6.
+    fitted = IsotonicMap.fit([(0.1, False), (0.1, True), (0.2, False), (0.2, True), (0.2, True)])
+    assert fitted(0.1) == 0.5 and fitted(0.2) == pytest.approx(2 / 3, abs=1e-5)
+    with pytest.raises(ValueError, match="shares"):
+        IsotonicMap((0.1,), (1.5,), 1)

@@ -327,6 +327,15 @@ def test_another_catalogues_sample_brings_its_own_proposer_trained_once(root, ti
     assert again.options.proposer.path == plan.options.proposer.path
     assert "trained the span proposer" not in capsys.readouterr().err
     assert plan_run(settings.replace(no_proposer=True)).options.proposer is None
+    assert plan.options.proposer.calibration is None  # no cascade: no fold models trained for its calibration
+    # With the cascade the same proposer is calibrated once (fold models of the sample), which a resumed run's
+    # hashes see.
+    cascading = plan_run(settings.replace(cascade=0.5))
+    assert cascading.options.proposer.path == plan.options.proposer.path
+    assert cascading.options.proposer.calibration is not None and "trained and calibrated" in capsys.readouterr().err
+    assert "proposer calibration sha256" in cascading.content_hashes()
+    assert plan_run(settings.replace(cascade=0.5)).options.proposer.calibration == cascading.options.proposer.calibration
+    assert "trained" not in capsys.readouterr().err
     # Without neighbours (--retrieve 0) the sample still serves the proposer: not the adapter's own CRF.
     alone = plan_run(settings.replace(retrieve=0))
     assert alone.options.proposer.path == plan.options.proposer.path and alone.options.pool is None

@@ -20,6 +20,7 @@ from llmtags.proposer import (
     ProposerSettings,
     SpanProposer,
     bio_labels,
+    calibration_path,
     features_path,
     fold_of,
     proposal_quality,
@@ -127,6 +128,61 @@ def test_cross_fitting_proposes_for_a_training_record_from_a_crf_that_never_saw_
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "folds").glob("*.crfsuite")} != stamps
 
 
+def implicit(records: list[Record], every: int = 3) -> list[Record]:
+    """`records` where every `every`-th also has a value its text does not hold: a span tagger, however sure
+    of the spans, cannot get those records exactly right."""
+    return [dataclasses.replace(r, tags=[*r.tags, "功效:保湿"]) if i % every == 0 else r for i, r in enumerate(records)]
+
+
+def test_cross_fitting_calibrates_the_confidence_on_records_its_folds_never_saw(tmp_path):
+    records = implicit(synthetic(150))
+    fitted = CrossFitted.train(records, k=3, workdir=tmp_path / "folds")
+    sure = Record("t", "包邮小米新款耳机")
+    raw = fitted.full.read(sure)[1]
+    assert fitted.full.calibration is None and raw > 0.5  # sure of the labelling, not of the record
+    shipped = fitted.shipped(records)["calibration"]
+    assert shipped["records"] == 150 and 0.55 < shipped["exactly_right"] < 0.75 and shipped["raw_ece"] > 0.1
+    assert calibration_path(fitted.full.path).is_file()
+    # The confidence is now the share of such records exactly right, on folds that never saw them.
+    assert fitted.full.read(sure)[1] < raw and fitted.full.read(sure, raw=True)[1] == raw
+    loaded = SpanProposer(fitted.full.path)
+    assert loaded.calibration == fitted.full.calibration and loaded.read(sure) == fitted.full.read(sure)
+    # A model trained anew in its place drops the calibration of the one before.
+    SpanProposer.train(records, fitted.full.path)
+    assert not calibration_path(fitted.full.path).is_file() and SpanProposer(fitted.full.path).calibration is None
+
+
+def test_a_samples_proposer_is_calibrated_once_where_the_cascade_needs_it(tmp_path, capsys):
+    from llmtags.proposer import sample_proposer
+
+    said: list[str] = []
+    sample = implicit(synthetic(90))
+    plain = sample_proposer(sample, tmp_path, log=said.append)
+    assert plain.calibration is None and not list(tmp_path.glob("llmtags-calibration-*"))
+    calibrated = sample_proposer(sample, tmp_path, log=said.append, calibrate=True)
+    assert calibrated.path == plain.path and calibrated.calibration is not None
+    assert "calibrated" in said[-1] and not list(tmp_path.glob("llmtags-calibration-*"))  # folds not kept
+    stamp = calibrated.path.stat().st_mtime_ns
+    again = sample_proposer(sample, tmp_path, log=said.append, calibrate=True)
+    assert again.calibration == calibrated.calibration and again.path.stat().st_mtime_ns == stamp and len(said) == 2
+    # The cascade warns where a proposer's confidence is uncalibrated, and not where it is.
+    other = sample_proposer(synthetic(60, seed=3), tmp_path)
+    capsys.readouterr()
+    tagging_options(Settings(proposer=str(other.path), cascade=0.9))
+    tagging_options(Settings(proposer=str(calibrated.path), cascade=0.9))
+    tagging_options(Settings(proposer=str(other.path)))
+    err = capsys.readouterr().err
+    assert err.count("no confidence calibration") == 1 and str(other.path) in err
+    # A P outside the calibrated range would cascade every record or none: said so.
+    from llmtags.isotonic import IsotonicMap
+
+    calibrated.calibrate(IsotonicMap((0.1, 0.9), (0.2, 0.6), 10))
+    for p, said_of in ((0.1, "every record"), (0.7, "no record"), (0.4, None)):
+        tagging_options(Settings(proposer=str(calibrated.path), cascade=p))
+        err = capsys.readouterr().err
+        assert (said_of in err) if said_of else "warning" not in err
+
+
 def test_proposals_reach_the_prompt_parts_and_renaming_renames_them(zh_proposer):
     options = TaggingOptions(template="tuned", proposer=zh_proposer)
     record = Record("t", "包邮耐克新款篮球鞋热卖", tags=["品牌:耐克", "产品词:篮球鞋"])
@@ -226,6 +282,14 @@ def test_adapters_pack_trains_and_ships_a_proposer(tmp_path):
     assert meta["in_fold"]["f1"] >= meta["out_of_fold"]["f1"] > 0.5
     shipped = adapter_defaults(resolved_adapter(str(adapter)), Settings(adapter=str(adapter))).proposer
     assert [p.tag for p in SpanProposer(shipped).propose(Record("t", "包邮小米新款耳机"))] == ["品牌:小米", "产品词:耳机"]
+    # Its confidence calibration ships beside it (fitted on the 80 records out of fold), checked like the model.
+    assert meta["calibration"]["records"] == 80 and SpanProposer(shipped).calibration is not None
+    calibration = adapter / "proposer.calibration.json"
+    assert meta["calibration_sha256"] and calibration.is_file()
+    kept = calibration.read_text(encoding="utf-8")
+    calibration.write_text(kept.replace("[", "[0.0, ", 1), encoding="utf-8")
+    assert adapter_defaults(resolved_adapter(str(adapter)), Settings(adapter=str(adapter))).proposer is None
+    calibration.write_text(kept, encoding="utf-8")
     # The --fill P chosen on dev is recorded beside the proposer and becomes the adapter's default.
     assert main(["adapters", "pack", str(adapter), "--fill", "0.7"]) == 0
     assert adapter_defaults(resolved_adapter(str(adapter)), Settings(adapter=str(adapter))).fill == 0.7
@@ -278,16 +342,22 @@ def meta_of(adapter):
     return json.loads((adapter / "llmtags.json").read_text(encoding="utf-8"))
 
 
-def test_prompt_render_shows_what_an_adapter_prompts_with(zh_proposer, tmp_path, tiny_model_dir, capsys):
+def adapter_with(proposer, adapter):
+    """An adapter directory (empty weights, the `tuned` template) that ships `proposer` as packed by hand."""
     from llmtags.adapters.pack import pack_adapter
-    from llmtags.cli import main
 
-    adapter = tmp_path / "demo"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     (adapter / "llmtags.json").write_text(json.dumps({"format": 1, "template": {"spec": "tuned"}}), encoding="utf-8")
-    pack_adapter(adapter, proposer={"model": zh_proposer.path, "folds": 5})
+    pack_adapter(adapter, proposer={"model": proposer.path, "folds": 5})
+    return adapter
+
+
+def test_prompt_render_shows_what_an_adapter_prompts_with(zh_proposer, tmp_path, tiny_model_dir, capsys):
+    from llmtags.cli import main
+
+    adapter = adapter_with(zh_proposer, tmp_path / "demo")
     assert main(["prompt", "render", "--text", "包邮小米新款耳机", "--adapter", str(adapter), "--base-model",
                  str(tiny_model_dir)]) == 0
     captured = capsys.readouterr()
@@ -758,3 +828,24 @@ def test_the_proposer_alone_tags_a_whole_file_without_a_model(zh_proposer, tmp_p
                                 for r in synthetic(6, seed=9)), encoding="utf-8")
     alone = tagging_options(Settings(proposer=str(zh_proposer.path), proposer_alone=True, candidates=str(labelled)))
     assert alone.proposer_alone and alone.candidates is None
+
+
+def test_adapters_pack_calibrates_a_proposer_shipped_before_calibration_and_keeps_its_fusion(zh_proposer, tmp_path):
+    from llmtags.cli import main
+    from llmtags.plan import adapter_defaults, resolved_adapter
+
+    adapter = adapter_with(zh_proposer, tmp_path / "demo")
+    record_fusion(adapter, 0.7, ["品牌"])
+    model = (adapter / "proposer.crfsuite").read_bytes()
+    assert SpanProposer(adapter / "proposer.crfsuite").calibration is None
+    sample = tmp_path / "sample.jsonl"
+    sample.write_text("".join(json.dumps({"id": r.id, "text": r.text, "tags": r.tags}, ensure_ascii=False) + "\n"
+                              for r in implicit(synthetic(90))), encoding="utf-8")
+    assert main(["adapters", "pack", str(adapter), "--calibrate", str(sample), "--proposer-folds", "3"]) == 0
+    meta = meta_of(adapter)["proposer"]
+    assert meta["calibration"]["records"] == 90 and meta["calibration"]["from"] == str(sample)
+    assert meta["fill"] == 0.7 and meta["decides"] == ["品牌"]  # the fusion chosen on dev stays
+    assert (adapter / "proposer.crfsuite").read_bytes() == model  # the model itself is not trained again
+    shipped = adapter_defaults(resolved_adapter(str(adapter)), Settings(adapter=str(adapter))).proposer
+    assert SpanProposer(shipped).calibration is not None
+    assert main(["adapters", "pack", str(adapter), "--calibrate", str(sample), "--proposer", str(sample)]) != 0

@@ -168,9 +168,11 @@ def test_training_lowers_the_loss_saves_an_adapter_and_reloads_it_identically(ti
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     meta = read_metadata(out)
     if trainer == "fast":  # trained on the 6 labelled records, cross-fitted in 5 folds, shipped
-        assert files == ["adapter_config.json", "adapter_model.safetensors", "llmtags.json", "proposer.crfsuite",
-                         "proposer.features.json"]
+        assert files == ["adapter_config.json", "adapter_model.safetensors", "llmtags.json",
+                         "proposer.calibration.json", "proposer.crfsuite", "proposer.features.json"]
         assert meta["proposer"]["texts"] == 6 and meta["proposer"]["folds"] == 5
+        # Its confidence calibrated on the records its fold models read, the file's sha256 recorded.
+        assert meta["proposer"]["calibration"]["records"] > 0 and meta["proposer"]["calibration_sha256"]
         assert set(meta["proposer"]["out_of_fold"]) == {"precision", "recall", "f1"}
     else:
         assert files == ["adapter_config.json", "adapter_model.safetensors", "llmtags.json"] and "proposer" not in meta

@@ -62,8 +62,9 @@ class TaggingOptions:
     constrain: str = "free"
     constrain_vocab: Vocabulary | None = None  # for "closed"
     min_confidence: float | None = None  # drop tags the model is less sure of (grounding.py)
-    # The cascade: a record whose labelling the span proposer is at least this sure of (its Viterbi
-    # path's probability) is tagged by the proposer alone, without generation (None: every record is generated).
+    # The cascade: a record whose labelling the span proposer is at least this sure of (its Viterbi path's
+    # probability, calibrated: the share of such records exactly right) is tagged by the proposer alone,
+    # without generation (None: every record is generated).
     cascade: float | None = None
     # Every record tagged by the proposer alone (--proposer-alone): the CRF as a tagger, no model loaded.
     proposer_alone: bool = False
@@ -183,7 +184,7 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
     # The proposer alone reads no prompt: building the candidates (a minute and more for a large sample) is skipped.
     if settings.candidates and not settings.no_candidates and not settings.proposer_alone:
         candidates = candidate_finder(settings.candidates)
-    proposer = SpanProposer(settings.proposer) if settings.proposer and not settings.no_proposer else None
+    proposer = load_proposer(settings.proposer, settings.cascade) if settings.proposer and not settings.no_proposer else None
     check_budget(settings.demo_text or "full", settings.text_budget, "--demo-text", "--text-budget")
     decides = decided_attributes(settings.proposer_decides)
     for flag, value, meaning in (("--cascade", settings.cascade, "the proposer's confidence above which it tags a "
@@ -233,6 +234,27 @@ def tagging_options(settings: Settings, templates: Sequence[PromptTemplate] = ()
                           confirm_below=None if settings.no_fill else settings.confirm_below,
                           demo_text=settings.demo_text or "full", text_budget=settings.text_budget or None,
                           adapter_scale=scale)
+
+
+def load_proposer(path: str, cascade: float | None) -> SpanProposer:
+    """The span proposer at `path`; with the cascade on, a warning where its confidence is uncalibrated (a
+    proposer trained before calibration existed, or by hand): --cascade P then compares P with the CRF's
+    raw probability of the whole labelling, which overstates how often such records are right."""
+    proposer = SpanProposer(path)
+    calibration = proposer.calibration
+    if cascade is None:
+        return proposer
+    if calibration is None:
+        print(f"llmtags: warning: the span proposer {path} has no confidence calibration: --cascade {cascade} is "
+              "compared with its raw probability of the whole labelling, which overstates how often such records "
+              "are right; an adapter's is calibrated by llmtags adapters pack ADAPTER --calibrate TRAIN (the files "
+              "it was trained on)", file=sys.stderr)
+    elif cascade <= calibration.rates[0] or cascade > calibration.rates[-1]:
+        # The map is flat outside the confidences it was fitted on: every record, or none, reaches P.
+        print(f"llmtags: warning: --cascade {cascade} lets the span proposer alone tag "
+              f"{'every record' if cascade <= calibration.rates[0] else 'no record'}: its calibrated confidence "
+              f"runs from {calibration.rates[0]:.3f} to {calibration.rates[-1]:.3f}", file=sys.stderr)
+    return proposer
 
 
 def check_budget(demo_text: str, text_budget: int | None, demo_name: str, budget_name: str) -> None:

@@ -20,19 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from .adapters.maps import AdapterMap, load_adapter_map
-from .adapters.pack import POOL_FILE, PROPOSER_FEATURES_FILE, PROPOSER_FILE, VOCABULARY_FILE
+from .adapters.pack import POOL_FILE, PROPOSER_CALIBRATION_FILE, PROPOSER_FEATURES_FILE, PROPOSER_FILE, VOCABULARY_FILE
 from .adapters.registry import METADATA_FILE, AdapterError, read_metadata, resolve_adapter, weights_sha256
 from .candidates import candidate_finder, candidate_sources, labelled_sources
 from .models import base_model_spec, cache_root, sha256_file
 from .options import (OptionsError, Settings, TaggingOptions, check_budget, check_decided, check_shows_demos,
-                      decided_attributes, is_share, normaliser_for, tagging_options)
+                      decided_attributes, is_share, load_proposer, normaliser_for, tagging_options)
 from .prompts import PromptTemplate, template_choice
-from .proposer import FEATURE_VERSIONS, ProposerSettings, SpanProposer, features_path, sample_proposer
+from .proposer import FEATURE_VERSIONS, ProposerSettings, calibration_path, features_path, sample_proposer
 from .retrieve import load_pool
 from .vocab import Normaliser
 
 # What an adapter ships for its prompts (adapters/pack.py): re-packing it changes the tags too.
-SHIPPED_FILES = (POOL_FILE, VOCABULARY_FILE, PROPOSER_FILE, PROPOSER_FEATURES_FILE)
+SHIPPED_FILES = (POOL_FILE, VOCABULARY_FILE, PROPOSER_FILE, PROPOSER_FEATURES_FILE, PROPOSER_CALIBRATION_FILE)
 # Settings that name files whose content decides the tags (comma-joined where several).
 HASHED_SETTINGS = ("candidates", "vocab", "constrain_vocab", "demos", "adapter_map", "template", "proposer")
 
@@ -135,8 +135,8 @@ def _shipped_proposer(adapter: ResolvedAdapter) -> str | None:
         _say(f"warning: adapter {adapter.name} was trained with a span proposer, but {path} is absent: tagging "
              f"without it; give --proposer MODEL, or llmtags adapters pack {adapter.name} --proposer LABELLED")
         return None
-    features = features_path(path)
-    for file, field in ((path, "proposer.sha256"), (features, "proposer.features_sha256")):
+    for file, field in ((path, "proposer.sha256"), (features_path(path), "proposer.features_sha256"),
+                        (calibration_path(path), "proposer.calibration_sha256")):
         recorded = adapter.field(field, str)
         if recorded is None:
             continue
@@ -199,7 +199,9 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
             proposer_settings = ProposerSettings(**{k: v for k, v in recorded.items()
                                                     if k in ProposerSettings.__dataclass_fields__})
             try:
-                proposer = str(sample_proposer(records, cache_root() / "proposers", proposer_settings, log=_say).path)
+                # Calibrated where the cascade reads its confidence (once per sample: k fold models, cached).
+                proposer = str(sample_proposer(records, cache_root() / "proposers", proposer_settings, log=_say,
+                                               calibrate=settings.cascade is not None).path)
                 from_sample = True
             except ValueError as exc:
                 _say(f"warning: no span proposer from {settings.demos} ({exc}): tagging without one")
@@ -274,7 +276,7 @@ def _with_defaults(options: TaggingOptions, found: AdapterDefaults, settings: Se
     if found.candidates:
         changes["candidates"] = candidate_finder(found.candidates)
     if found.proposer:
-        changes["proposer"] = SpanProposer(found.proposer)
+        changes["proposer"] = load_proposer(found.proposer, settings.cascade)
     if found.fill is not None:
         changes["fill"] = found.fill
     if found.confirm_below is not None:
@@ -344,6 +346,11 @@ class RunPlan:
             if parts and all(Path(part).is_file() for part in parts):
                 digests = [sha256_file(part) for part in parts]
                 hashes[f"{key} sha256"] = digests[0] if len(digests) == 1 else digests
+        # A proposer's calibration decides only which records the cascade skips: a run without the cascade
+        # tags the same with or without it (and resumes after an adapter is calibrated).
+        cascade = self.settings.cascade is not None
+        if cascade and self.settings.proposer and calibration_path(self.settings.proposer).is_file():
+            hashes["proposer calibration sha256"] = sha256_file(calibration_path(self.settings.proposer))
         for name, adapter in self.adapters.items():
             hashes[f"adapter {name} sha256"] = adapter.weights_sha256
             if name in self.options_by_adapter:  # a map: each adapter's own fusion and budget decide its tags too
@@ -357,7 +364,8 @@ class RunPlan:
                 if options.demo_text != "full" or options.text_budget:
                     hashes[f"adapter {name} prompt budget"] = [options.demo_text, options.text_budget]
             for file, digest in adapter.shipped_sha256.items():
-                hashes[f"adapter {name} {file} sha256"] = digest
+                if file != PROPOSER_CALIBRATION_FILE or cascade:
+                    hashes[f"adapter {name} {file} sha256"] = digest
         return hashes
 
 

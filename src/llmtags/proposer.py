@@ -18,6 +18,10 @@ model number ends.
 - `SpanProposer.train` / `SpanProposer(path)`: one crfsuite model file; `propose(record)` gives the
   Viterbi spans, each with the least marginal probability of its tokens' labels (a lower bound on the
   span's own probability), limited to the record's schema when it has one.
+- Calibration: the CRF's probability of a record's whole labelling orders records well but is no
+  probability of being right. `CrossFitted.calibrate` fits, on out-of-fold records, an isotonic map from it
+  to the share of records whose proposals are exactly their gold tags (`proposer.calibration.json` beside
+  the model); a proposer that has one reports that as its confidence, which the cascade reads.
 - `CrossFitted`: training prompts must look like test prompts. A CRF applied to its own training records
   proposes almost exactly their gold tags, so a model trained on such prompts learns to copy proposals.
   `CrossFitted` cuts the training records into k folds and proposes for each record with the CRF trained
@@ -26,6 +30,7 @@ model number ends.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,7 +48,8 @@ import pycrfsuite
 from .atomic import write_text
 from .baselines import DictionaryTagger
 from .hygiene import name_key
-from .metrics import canonical, gold_forms, score, split_tag
+from .isotonic import IsotonicMap, mean_gap
+from .metrics import canonical, gold_forms, match_record, score, split_tag
 from .records import Record
 from .spans import ValueIndex, is_cjk, is_word_char, value_key
 
@@ -60,6 +66,11 @@ GAZETTEER_FOLDS = 5  # a training record's gazetteer features come from the valu
 # proposers (`sample_proposer`) made before are then trained again.
 FOLDS_VERSION = 1
 OUTSIDE = "O"
+# Folds for calibrating a catalogue sample's proposer (`sample_proposer(calibrate=True)`): on 2 cores, 3 fold
+# models and the whole sample's train in two rounds, as the whole sample's alone would take one.
+SAMPLE_CALIBRATION_FOLDS = 3
+# Bump when what calibration fits on, or how, changes: calibrations of an earlier version are not read.
+CALIBRATION_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -236,6 +247,13 @@ class Features:
             raise ValueError(f"cannot read the span proposer's features {path}: {exc}") from exc
 
 
+def calibration_path(model_path: str | Path) -> Path:
+    """The file of a proposer's confidence calibration (an `IsotonicMap`), beside its model:
+    `proposer.crfsuite` → `proposer.calibration.json`."""
+    model_path = Path(model_path)
+    return model_path.with_name(f"{model_path.stem}.calibration.json")
+
+
 def features_path(model_path: str | Path) -> Path:
     """The file of a proposer's feature version and gazetteer, beside its model: `proposer.crfsuite` →
     `proposer.features.json`."""
@@ -326,6 +344,12 @@ class SpanProposer:
             raise ValueError(f"cannot read the proposer model {path}: {exc}") from exc
         self.labels = list(self._tagger.labels())
         self.attributes = {canonical(label.partition("-")[2]) for label in self.labels if label != OUTSIDE}
+        self.calibration = load_calibration(self.path)  # None: confidences are the raw path probability
+
+    def calibrate(self, calibration: IsotonicMap) -> None:
+        """Write `calibration` beside the model (atomically) and report confidences through it from now on."""
+        write_text(calibration_path(self.path), json.dumps({**calibration.to_json(), "version": CALIBRATION_VERSION}))
+        self.calibration = calibration
 
     @classmethod
     def train(cls, records: Iterable[Record], path: str | Path,
@@ -348,6 +372,7 @@ class SpanProposer:
             trainer.train(str(tmp))
             # At test time the gazetteer holds every training value.
             Features.of_records([r for r in records if r.tags], settings.features).save(path)
+            calibration_path(path).unlink(missing_ok=True)  # a new model: an earlier one's calibration is not its
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -360,11 +385,13 @@ class SpanProposer:
         return self.read_text(text, attributes, category)[0]
 
     def read_text(self, text: str, attributes: Sequence[str] | None = None,
-                  category: str | None = None) -> tuple[list[Proposal], float | None]:
-        """`propose_text`, and the CRF's probability that its whole labelling of `text` is right (the
-        Viterbi path's probability). The cascade (`--cascade P`) lets the proposer alone tag a record whose
-        labelling is at least that likely. None where the CRF cannot vouch for the record: a text without
-        tokens, or `attributes` naming one it never learnt (its "nothing here" means nothing there)."""
+                  category: str | None = None, raw: bool = False) -> tuple[list[Proposal], float | None]:
+        """`propose_text`, and the proposer's confidence in the record: the CRF's probability of its whole
+        labelling (the Viterbi path's), mapped through the proposer's calibration where it has one (and not
+        `raw`) to the share of such records whose proposals are exactly right. The cascade (`--cascade P`)
+        lets the proposer alone tag a record it is at least that sure of. None where the CRF cannot vouch
+        for the record: a text without tokens, or `attributes` naming one it never learnt (its "nothing
+        here" means nothing there)."""
         spans = tokenize(text)
         if not spans:
             return [], None
@@ -373,6 +400,8 @@ class SpanProposer:
         allowed = {canonical(a) for a in attributes} if attributes else None
         known = allowed is None or allowed <= self.attributes
         confidence = round(float(self._tagger.probability(labels)), 4) if known else None
+        if confidence is not None and self.calibration is not None and not raw:
+            confidence = round(self.calibration(confidence), 4)  # mapped as rounded, as it was fitted
         best: dict[str, Proposal] = {}
         for attribute, first, last in spans_of(labels):
             if allowed is not None and canonical(attribute) not in allowed:
@@ -391,26 +420,69 @@ class SpanProposer:
         it was cut) matters only to `CrossFitted`, which picks the fold by it."""
         return self.propose_text(record.text, record.schema, record.category)
 
-    def read(self, record: Record) -> tuple[list[Proposal], float | None]:
+    def read(self, record: Record, raw: bool = False) -> tuple[list[Proposal], float | None]:
         """`propose` and the confidence of `read_text`, for tagging (not training: no folds here)."""
-        return self.read_text(record.text, record.schema, record.category)
+        return self.read_text(record.text, record.schema, record.category, raw)
+
+
+def load_calibration(model_path: Path) -> IsotonicMap | None:
+    """The calibration beside the model; None where there is none, or one of an earlier `CALIBRATION_VERSION`
+    (a sample's is then fitted again on its next --cascade run)."""
+    path = calibration_path(model_path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return IsotonicMap.from_json(data) if data.get("version") == CALIBRATION_VERSION else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"cannot read the span proposer's calibration {path}: {exc}") from exc
+
+
+def exactly_right(model: SpanProposer, record: Record) -> tuple[float, bool] | None:
+    """(`model`'s raw confidence in labelled `record`, whether its proposals are exactly the gold tags), the
+    pair calibration learns from; None where the model cannot vouch for the record."""
+    proposals, confidence = model.read(record, raw=True)
+    if confidence is None:
+        return None
+    counts = match_record(record.tags or [], [p.tag for p in proposals])
+    return confidence, counts.fp == 0 and counts.fn == 0
 
 
 def sample_proposer(records: Sequence[Record], cache_dir: str | Path,
-                    settings: ProposerSettings = ProposerSettings(), log: Any = None) -> SpanProposer:
+                    settings: ProposerSettings = ProposerSettings(), log: Any = None,
+                    calibrate: bool = False) -> SpanProposer:
     """The proposer of a catalogue's labelled sample (`generate --demos SAMPLE`): trained on first use and
     kept in `cache_dir` under the hash of the sample's texts and tags and the settings, so the next run
-    of the same sample loads it in milliseconds."""
+    of the same sample loads it in milliseconds. With `calibrate` (the cascade reads its confidence), it
+    is calibrated on first use too, on the out-of-fold records of `SAMPLE_CALIBRATION_FOLDS` fold models."""
     labelled = [r for r in records if r.tags]
     key = hashlib.sha256(f"{sha256_texts(labelled)}:{json.dumps(asdict(settings), sort_keys=True)}:"
                          f"{FOLDS_VERSION}".encode())
     path = Path(cache_dir) / f"{key.hexdigest()[:24]}.crfsuite"
-    if path.is_file():
+    if path.is_file() and (not calibrate or load_calibration(path) is not None):
         return SpanProposer(path, settings)
     started = time.perf_counter()
-    proposer = SpanProposer.train(labelled, path, settings)
+    what = "trained"
+    if not calibrate:
+        proposer = SpanProposer.train(labelled, path, settings)
+    else:
+        # The fold models are needed once: trained in a scratch directory, only the calibration is kept.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="llmtags-calibration-", dir=path.parent) as work:
+            fitted = CrossFitted.train(labelled, k=SAMPLE_CALIBRATION_FOLDS, settings=settings, workdir=work,
+                                       progress=log is not None)
+            if fitted.calibrate(labelled)["records"]:
+                what = "trained and calibrated"
+            else:  # it is tagged uncalibrated (load_proposer warns), and tried again on the next run
+                what = "trained (not calibrated: it can vouch for none of its records)"
+            # The features file and the calibration first: the model's presence marks a complete proposer.
+            for beside in (features_path, calibration_path):
+                if beside(fitted.full.path).is_file():
+                    os.replace(beside(fitted.full.path), beside(path))
+            os.replace(fitted.full.path, path)
+        proposer = SpanProposer(path, settings)
     if log is not None:
-        log(f"trained the span proposer on {len(labelled)} labelled records in {time.perf_counter() - started:.0f} s "
+        log(f"{what} the span proposer on {len(labelled)} labelled records in {time.perf_counter() - started:.0f} s "
             f"(kept in {path})")
     return proposer
 
@@ -493,17 +565,49 @@ class CrossFitted:
         model = self.folds[fold]
         return model.propose(record) if model is not None else []
 
+    def calibrate(self, records: Sequence[Record]) -> dict[str, Any]:
+        """Calibrate `full`'s confidence on the training `records`, each read by the fold model that did
+        not see it (so the map learns how sure the CRF is of texts it never saw), and write the map beside
+        `full`. Returns what the adapter records of it: the records fitted on, the share of them exactly
+        right, and the expected calibration error of the raw confidence there."""
+        pairs = []
+        for record in records:
+            fold = self._texts.get(record.text)
+            model = self.folds[fold] if fold is not None else None
+            pair = exactly_right(model, record) if model is not None and record.tags is not None else None
+            if pair is not None:
+                pairs.append(pair)
+        if not pairs:
+            return {"records": 0}
+        self.full.calibrate(IsotonicMap.fit(pairs))
+        return {"records": len(pairs), "exactly_right": round(sum(ok for _, ok in pairs) / len(pairs), 4),
+                "raw_ece": round(mean_gap(pairs), 4)}
+
     def shipped(self, records: Sequence[Record]) -> dict[str, Any]:
         """What an adapter records about its proposer (`adapters.pack.pack_adapter(proposer=...)`): the model
-        file to ship, its settings, the records and folds it was trained on, and the cross-fitting gap."""
+        file to ship (calibrated here), its settings, the records and folds it was trained on, the
+        cross-fitting gap and the calibration."""
         # train_seconds: None where a resumed run reused the model it had trained before.
         return {"model": self.full.path, "settings": asdict(self.full.settings), "texts": len(self._texts),
                 "folds": len(self.folds), "train_seconds": round(self.full_seconds, 1) if self.full_seconds else None,
-                **self.quality(records)}
+                **self.quality(records), "calibration": self.calibrate(records)}
 
     def in_fold(self, record: Record) -> list[Proposal]:
         """What the CRF trained on every record proposes: the leak cross-fitting avoids (for the report)."""
         return self.full.propose(record)
+
+
+def calibrate_trained(proposer: SpanProposer, records: Sequence[Record], k: int = 5,
+                      workdir: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Calibrate an already trained `proposer` (an adapter's, shipped before calibration existed) on the
+    labelled `records` it was trained on, with k fold models trained here as `CrossFitted.train` trains
+    them (reused from `workdir` where a training run left them; none: trained in a scratch directory and
+    removed after). Returns `CrossFitted.calibrate`'s summary."""
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="llmtags-calibration-") as work:
+            return calibrate_trained(proposer, records, k, work, progress)
+    fitted = CrossFitted.train(records, k=k, settings=proposer.settings, workdir=workdir, progress=progress)
+    return dataclasses.replace(fitted, full=proposer).calibrate(records)
 
 
 def _train_one(path: Path, records: list[Record], settings: ProposerSettings) -> float:

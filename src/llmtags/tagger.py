@@ -128,8 +128,9 @@ class PromptParts:
     demos: Sequence[Demo]
     candidates: Sequence[str]
     proposals: Sequence[Proposal] = ()
-    # The proposer's probability that its labelling of the whole text is right (None: no proposer, or
-    # training); the cascade skips the model where it reaches `TaggingOptions.cascade`.
+    # The proposer's confidence in its labelling of the whole text (`SpanProposer.read_text`: calibrated
+    # where it has a calibration; None: no proposer, or training); the cascade skips the model where it
+    # reaches `TaggingOptions.cascade`.
     confidence: float | None = None
     # False for a product whose category the demo pool does not know (`DemoPool.knows`): the proposer,
     # trained on that catalogue, did not see its like either, so it decides nothing there (`proposer.fuse`)

@@ -23,7 +23,7 @@ from ..atomic import copy_file, write_text
 from ..candidates import candidate_sources, load_candidate_vocabulary
 from ..models import sha256_file
 from ..options import OptionsError, check_decided, is_share
-from ..proposer import SpanProposer, features_path
+from ..proposer import SpanProposer, calibration_path, features_path
 from ..records import load_labelled
 from .registry import AdapterError, read_metadata, write_metadata
 
@@ -31,6 +31,7 @@ VOCABULARY_FILE = "vocabulary.jsonl"
 POOL_FILE = "pool.jsonl"
 PROPOSER_FILE = "proposer.crfsuite"
 PROPOSER_FEATURES_FILE = features_path(PROPOSER_FILE).name  # its feature version and gazetteer (version 2 on)
+PROPOSER_CALIBRATION_FILE = calibration_path(PROPOSER_FILE).name  # its confidence calibration (--cascade reads it)
 POOL_FIELDS = ("id", "text", "lang", "category", "schema", "tags")
 
 
@@ -76,16 +77,33 @@ def pack_adapter(adapter_dir: str | Path, *, candidates: str | None = None, pool
         model = Path(proposer["model"])
         # The features file first: a model copied beside a stale one would read with the wrong features,
         # while the pair is checked by the sha256 of both (plan.py) before it is used.
-        features = features_path(model)
-        if features.is_file():
-            copy_file(features, adapter_dir / PROPOSER_FEATURES_FILE)
-        else:  # version 1: no features file
-            (adapter_dir / PROPOSER_FEATURES_FILE).unlink(missing_ok=True)
+        beside = ((features_path(model), PROPOSER_FEATURES_FILE, "features_sha256"),  # absent: version 1
+                  (calibration_path(model), PROPOSER_CALIBRATION_FILE, "calibration_sha256"))  # absent: raw
+        for source, name, _ in beside:
+            if source.is_file():
+                copy_file(source, adapter_dir / name)
+            else:
+                (adapter_dir / name).unlink(missing_ok=True)
         copy_file(model, adapter_dir / PROPOSER_FILE)
         meta["proposer"] = {**{k: v for k, v in proposer.items() if k != "model"}, "path": PROPOSER_FILE,
                             "sha256": sha256_file(adapter_dir / PROPOSER_FILE)}
-        if features.is_file():
-            meta["proposer"]["features_sha256"] = sha256_file(adapter_dir / PROPOSER_FEATURES_FILE)
+        for source, name, field in beside:
+            if source.is_file():
+                meta["proposer"][field] = sha256_file(adapter_dir / name)
+    write_metadata(adapter_dir, meta)
+    return meta
+
+
+def record_calibration(adapter_dir: str | Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Record the calibration just written beside the adapter's proposer (`SpanProposer.calibrate`): what
+    it was fitted on (`summary`) and its sha256, which `plan.py` checks before the proposer is used."""
+    adapter_dir = Path(adapter_dir)
+    meta = read_metadata(adapter_dir)
+    shipped = meta.get("proposer")
+    if not shipped:
+        raise AdapterError(f"{adapter_dir} ships no span proposer to calibrate; pack one with --proposer LABELLED")
+    shipped["calibration"] = summary
+    shipped["calibration_sha256"] = sha256_file(adapter_dir / PROPOSER_CALIBRATION_FILE)
     write_metadata(adapter_dir, meta)
     return meta
 

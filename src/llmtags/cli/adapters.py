@@ -9,7 +9,7 @@ import tempfile
 from typing import Any
 
 from ..adapters.merge import merge_adapter
-from ..adapters.pack import pack_adapter, record_fusion
+from ..adapters.pack import pack_adapter, record_calibration, record_fusion
 from ..adapters.registry import (
     AdapterError,
     adapters_root,
@@ -20,7 +20,7 @@ from ..adapters.registry import (
 )
 from ..candidates import labelled_sources
 from ..options import decided_attributes, is_share
-from ..proposer import CrossFitted, ProposerSettings
+from ..proposer import CrossFitted, ProposerSettings, SpanProposer, calibrate_trained
 from .common import CliError, add_root
 
 
@@ -47,8 +47,12 @@ def add_parser(commands: Any) -> dict[str, argparse.ArgumentParser]:
     p.add_argument("--retrieve", type=int, metavar="K", help="demonstrations retrieved per product (with --demos)")
     p.add_argument("--proposer", metavar="LABELLED", help="labelled file(s): train the span proposer (a CRF) on them "
                    "and ship it as proposer.crfsuite; its spans then go into every prompt of this adapter")
+    p.add_argument("--calibrate", metavar="LABELLED", help="labelled file(s) the adapter's span proposer was trained "
+                   "on: calibrate its confidence, which --cascade reads, on their records out of fold (K fold models; "
+                   "a proposer packed or trained by this llmtags is calibrated already)")
     p.add_argument("--proposer-folds", type=int, default=5, metavar="K",
-                   help="folds of the cross-fitting whose proposal quality the metadata records (default 5)")
+                   help="folds of the cross-fitting whose proposal quality and calibration the metadata records "
+                   "(default 5)")
     p.add_argument("--proposer-iterations", type=int, default=ProposerSettings.max_iterations, metavar="N",
                    help=f"the proposer's training iterations (default {ProposerSettings.max_iterations})")
     p.add_argument("--proposer-features", type=int, default=ProposerSettings.features, metavar="V",
@@ -115,9 +119,11 @@ def cmd_adapters_pack(args: argparse.Namespace) -> int:
     no_decides = (args.proposer_decides or "").strip().lower() == "none"  # clears the recorded attributes
     decides = [] if no_decides else sorted(decided_attributes(args.proposer_decides))
     fusion = args.fill is not None or decides or no_decides or args.confirm_below is not None
-    if not args.candidates and not args.demos and not args.proposer and not fusion:
+    if not args.candidates and not args.demos and not args.proposer and not fusion and not args.calibrate:
         raise CliError("give --candidates VOCAB, --demos LABELLED --retrieve K, --proposer LABELLED, --fill P, "
-                       "--proposer-decides ATTRS and/or --confirm-below C")
+                       "--proposer-decides ATTRS, --confirm-below C and/or --calibrate LABELLED")
+    if args.calibrate and args.proposer:
+        raise CliError("--proposer LABELLED calibrates the proposer it trains: --calibrate is for one trained before")
     if bool(args.demos) != bool(args.retrieve):
         raise CliError("--demos and --retrieve K go together: the pool and how many of it each prompt shows")
     for flag, share in (("--fill", args.fill), ("--confirm-below", args.confirm_below)):
@@ -139,6 +145,20 @@ def cmd_adapters_pack(args: argparse.Namespace) -> int:
                                 licence=args.licence, proposer=proposer)
     else:
         meta = pack_adapter(path, candidates=args.candidates, pool=args.demos, k=args.retrieve, licence=args.licence)
+    if args.calibrate:
+        recorded = read_metadata(path).get("proposer")
+        if not recorded:
+            raise CliError(f"{path} ships no span proposer to calibrate; pack one with --proposer LABELLED")
+        settings = {k: v for k, v in (recorded.get("settings") or {}).items() if k in ProposerSettings.__dataclass_fields__}
+        # None where none are recorded: the proposer then reads its feature version from the file beside it.
+        trained = SpanProposer(path / recorded["path"], ProposerSettings(**settings) if settings else None)
+        summary = calibrate_trained(trained, labelled_sources(args.calibrate), k=args.proposer_folds, progress=True)
+        if not summary["records"]:
+            raise CliError(f"no record of {args.calibrate} could calibrate the proposer (none labelled, or none "
+                           "of the attributes it knows)")
+        record_calibration(path, {**summary, "from": args.calibrate, "folds": args.proposer_folds})
+        shipped.append(f"its span proposer calibrated on {summary['records']} records out of fold (exactly right: "
+                       f"{summary['exactly_right']:.0%}; the raw confidence was off by {summary['raw_ece']:.3f} on average)")
     if fusion:
         # What is not given stays as recorded; all are checked before any is written.
         recorded = read_metadata(path).get("proposer") or {}

@@ -136,7 +136,8 @@ def add_generation(p: argparse.ArgumentParser) -> None:
                    "`llmtags calibrate` stored in the --adapter; dropped tags are listed as below_confidence")
     p.add_argument("--cascade", type=float, metavar="P",
                    help="let the span proposer alone tag the records whose labelling it is at least P sure of "
-                   "(0-1; its CRF's probability of the whole labelling) and generate only the rest: faster on large "
+                   "(0-1; its CRF's probability of the whole labelling, calibrated where the proposer has a calibration: "
+                   "the share of such records whose spans were exactly right, out of fold) and generate only the rest: faster on large "
                    "catalogues (eval/cascade_*.md measures what each P costs); such records are marked \"by\": \"proposer\"")
     p.add_argument("--proposer-alone", action="store_true",
                    help="tag every record with the span proposer alone (its CRF, no model loaded): hundreds of "

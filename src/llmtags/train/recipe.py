@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapters.pack import POOL_FILE, PROPOSER_FEATURES_FILE, PROPOSER_FILE, VOCABULARY_FILE, pack_adapter
+from ..adapters.pack import (POOL_FILE, PROPOSER_CALIBRATION_FILE, PROPOSER_FEATURES_FILE, PROPOSER_FILE, VOCABULARY_FILE,
+                             pack_adapter)
 from ..adapters.registry import (
     CONFIG_FILE,
     METADATA_FILE,
@@ -157,7 +158,7 @@ def _prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
             raise TrainError(f"{out} already holds {what}: pass --resume to continue from its last checkpoint, "
                              "or --overwrite to start afresh")
         for owned in (CHECKPOINTS, BEST, METADATA_FILE, WEIGHTS_FILE, "adapter_config.json", PROPOSER_FILE,
-                      PROPOSER_FEATURES_FILE):
+                      PROPOSER_FEATURES_FILE, PROPOSER_CALIBRATION_FILE):
             target = out / owned
             if target.is_dir():
                 shutil.rmtree(target)
