@@ -195,9 +195,7 @@ def adapter_defaults(adapter: ResolvedAdapter, settings: Settings) -> AdapterDef
                   f"llmtags adapters pack {name} --proposer LABELLED", file=sys.stderr)
         elif sample_given:  # another catalogue's sample: a CRF of its own, trained as the adapter's was
             records = labelled_sources(settings.demos)
-            recorded = adapter.field("proposer.settings", dict) or {}
-            proposer_settings = ProposerSettings(**{k: v for k, v in recorded.items()
-                                                    if k in ProposerSettings.__dataclass_fields__})
+            proposer_settings = ProposerSettings.recorded(adapter.field("proposer.settings", dict) or {})
             try:
                 # Calibrated where the cascade reads its confidence (once per sample: k fold models, cached).
                 proposer = str(sample_proposer(records, cache_root() / "proposers", proposer_settings, log=_say,

@@ -99,6 +99,12 @@ class ProposerSettings:
     def __post_init__(self) -> None:
         check_features_version(self.features)
 
+    @classmethod
+    def recorded(cls, values: Mapping[str, Any]) -> ProposerSettings:
+        """The settings an adapter's `llmtags.json` records (`proposer.settings`); keys this llmtags does not
+        know are left out, so an adapter packed by a later version still loads."""
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+
 
 def check_features_version(version: int) -> None:
     if version not in FEATURE_VERSIONS:

@@ -149,9 +149,9 @@ def cmd_adapters_pack(args: argparse.Namespace) -> int:
         recorded = read_metadata(path).get("proposer")
         if not recorded:
             raise CliError(f"{path} ships no span proposer to calibrate; pack one with --proposer LABELLED")
-        settings = {k: v for k, v in (recorded.get("settings") or {}).items() if k in ProposerSettings.__dataclass_fields__}
+        settings = recorded.get("settings")
         # None where none are recorded: the proposer then reads its feature version from the file beside it.
-        trained = SpanProposer(path / recorded["path"], ProposerSettings(**settings) if settings else None)
+        trained = SpanProposer(path / recorded["path"], ProposerSettings.recorded(settings) if settings else None)
         summary = calibrate_trained(trained, labelled_sources(args.calibrate), k=args.proposer_folds, progress=True)
         if not summary["records"]:
             raise CliError(f"no record of {args.calibrate} could calibrate the proposer (none labelled, or none "
