@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .evaluate import read_prediction_rows
+from .isotonic import equal_width_bins, mean_gap
 from .metrics import GoldTag, match_record, prf
 from .records import load_labelled
 
@@ -103,20 +104,8 @@ def tag_outcomes(golds: Sequence[Sequence[GoldTag]], preds: Sequence[Sequence[st
 
 def reliability(outcomes: Sequence[Outcome], n_bins: int = 10) -> tuple[list[ReliabilityBin], float]:
     """The reliability table and the ECE over outcomes that have a confidence."""
-    scored = [o for o in outcomes if o.confidence is not None]
-    bins: list[ReliabilityBin] = []
-    ece = 0.0
-    for b in range(n_bins):
-        low, high = b / n_bins, (b + 1) / n_bins
-        inside = [o for o in scored if low <= o.confidence < high or (b == n_bins - 1 and o.confidence == 1.0)]  # type: ignore[operator]
-        if not inside:
-            bins.append(ReliabilityBin(low, high, 0, 0.0, 0.0))
-            continue
-        mean = sum(o.confidence for o in inside) / len(inside)  # type: ignore[misc]
-        accuracy = sum(o.correct for o in inside) / len(inside)
-        bins.append(ReliabilityBin(low, high, len(inside), mean, accuracy))
-        ece += len(inside) / len(scored) * abs(mean - accuracy)
-    return bins, ece
+    pairs = [(o.confidence, o.correct) for o in outcomes if o.confidence is not None]
+    return [ReliabilityBin(*row) for row in equal_width_bins(pairs, n_bins)], mean_gap(pairs, n_bins)
 
 
 def at_threshold(outcomes: Sequence[Outcome], gold_total: int, threshold: float) -> ThresholdPoint:

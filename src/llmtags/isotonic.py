@@ -84,14 +84,21 @@ class IsotonicMap:
         return cls(tuple(float(s) for s in data["scores"]), tuple(float(r) for r in data["rates"]), int(data["pairs"]))
 
 
+def equal_width_bins(pairs: Sequence[tuple[float, bool]], bins: int = 10) -> list[tuple[float, float, int, float, float]]:
+    """The reliability table of scores read as probabilities: per equal-width bin of [0, 1] (a score of
+    1 in the last), (low, high, pairs inside, their mean score, their success rate); empty bins read 0."""
+    table = []
+    for b in range(bins):
+        low, high = b / bins, (b + 1) / bins
+        inside = [(s, ok) for s, ok in pairs if low <= s < high or (b == bins - 1 and s >= 1.0)]
+        n = len(inside)
+        table.append((low, high, n, sum(s for s, _ in inside) / n if n else 0.0, sum(ok for _, ok in inside) / n if n else 0.0))
+    return table
+
+
 def mean_gap(pairs: Sequence[tuple[float, bool]], bins: int = 10) -> float:
-    """The expected calibration error of scores read as probabilities: over equal-width bins, the
-    pair-weighted mean of |mean score − success rate|."""
+    """The expected calibration error: the pair-weighted mean over `equal_width_bins` of |mean score −
+    success rate|."""
     if not pairs:
         return 0.0
-    total = 0.0
-    for b in range(bins):
-        inside = [(s, ok) for s, ok in pairs if b / bins <= s < (b + 1) / bins or (b == bins - 1 and s >= 1.0)]
-        if inside:
-            total += len(inside) * abs(sum(s for s, _ in inside) / len(inside) - sum(ok for _, ok in inside) / len(inside))
-    return total / len(pairs)
+    return sum(n * abs(mean - rate) for _, _, n, mean, rate in equal_width_bins(pairs, bins)) / len(pairs)
