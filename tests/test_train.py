@@ -407,15 +407,17 @@ def test_a_warm_start_takes_the_adapters_prompt_where_the_run_sets_none(tmp_path
     config, lines = warm_start_defaults(TrainConfig(), set(), meta, "sample.jsonl")
     assert (config.base_model, config.template, config.retrieve, config.demos, config.candidates) == (
         "embedded", "tuned", 2, "sample.jsonl", "sample.jsonl")
-    assert (config.max_length, config.proposer_features) == (512, 2)
+    assert (config.max_length, config.proposer_features, config.batch_size, config.grad_accum) == (512, 2, 8, 1)
+    assert "--template tuned" in lines and "--batch-size 8" in lines and "--grad-accum 1" in lines
     assert "--template tuned" in lines and "--candidates the training records" in lines
 
     toml = tmp_path / "run.toml"
     toml.write_text("[train]\nretrieve = 0\n", encoding="utf-8")
-    given = given_settings(argparse.Namespace(train_config=str(toml), template="zh", max_length=None))
-    assert given >= {"retrieve", "template"} and "max_length" not in given
-    kept, lines = warm_start_defaults(TrainConfig(template="zh"), given, meta, "sample.jsonl")
+    given = given_settings(argparse.Namespace(train_config=str(toml), template="zh", max_length=None, batch_size=4))
+    assert given >= {"retrieve", "template", "batch_size"} and "max_length" not in given
+    kept, lines = warm_start_defaults(TrainConfig(template="zh", batch_size=4), given, meta, "sample.jsonl")
     assert (kept.template, kept.retrieve, kept.demos, kept.candidates) == ("zh", 0, None, "sample.jsonl")
+    assert (kept.batch_size, kept.grad_accum) == (4, 4)  # one of the pair set: the run chose its batch
     assert not any(line.startswith(("--template", "--retrieve", "--demos")) for line in lines)
 
 

@@ -54,7 +54,8 @@ _HYPERPARAMETER_FLAGS: list[tuple[str, dict[str, Any]]] = [
                         "(its rank, alpha, modules and layers replace the flags, but --layers naming its layers and more "
                         "widens it, the new layers starting at zero; base and templates must match). Its prompt "
                         "carries over where no flag sets it: base, template, prompt budget, --max-length, proposer "
-                        "features, and its candidates and K neighbours, drawn from the training files"}),
+                        "features, its candidates and K neighbours, drawn from the training files, and its batch (--batch-size and "
+                        "--grad-accum, unless one is set)"}),
     ("--candidates", {"metavar": "VOCAB", "help": "offer vocabulary entries found in the text in the prompt, "
                       "as generate --candidates (a vocabulary, or a labelled file whose tags are collected)"}),
     ("--demos", {"metavar": "LABELLED", "help": "with --retrieve K: each example shows its K most similar records "

@@ -40,9 +40,11 @@ def _causal_masks(backbone: Any, hidden: Any, position_ids: Any) -> dict[str, An
         params = inspect.signature(function).parameters
         kwargs: dict[str, Any] = {"config": config, "attention_mask": None, "position_ids": position_ids}
         kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = hidden
+        # one of the two names: newer transformers take `cache` and warn when the deprecated one is passed too
         for name in ("cache", "past_key_values"):
             if name in params:
                 kwargs[name] = None
+                break
         if "cache_position" in params:  # transformers < 5
             kwargs["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
         return function(**kwargs)
