@@ -119,7 +119,9 @@ def markdown(result: dict[str, Any]) -> str:
              f"- records: the first {result['records']} {result['split']} records; strict typed micro P/R/F1, "
              "95% interval by bootstrap over records",
              "- products/s: the tagging rate of the run that made the predictions (model loading excluded), "
-             "llama.cpp engine; no other job on the machine", "",
+             "llama.cpp engine; no other job on the machine",
+             "- every adapter variant runs with --no-fill: its answers as written, what the proposals add to the prompt "
+             "(what the fusion then adds to the answer: eval/fill.py)", "",
              "| variant | P | R | F1 | 95% CI | products/s |" + (" ExtractGPT F1 |" if "extractgpt_f1" in
                                                                result["rows"][0] else ""),
              "|---|---:|---:|---:|---|---:|" + ("---:|" if "extractgpt_f1" in result["rows"][0] else "")]
